@@ -1,0 +1,5 @@
+"""``python -m edgekd`` is the ``edgekd`` command."""
+
+from edgekd.cli import main
+
+main()

@@ -1,0 +1,288 @@
+"""One adapter over transformers' LLaVA family: the pieces Switch-KD and the exporters need.
+
+A LLaVA-style VLM is vision tower -> projector -> language model. ``VLM`` exposes each stage
+separately so that the distiller can route the student's vision features through the teacher's
+projector (the visual switch) and the exporters can trace each part on its own:
+
+    feats  = vlm.vision_features(pixel_values)     # (B, N, D_vision), before the projector
+    visual = vlm.project(feats)                     # (B, N, D_text)
+    embeds = vlm.merge(vlm.embed(input_ids), visual, input_ids)
+    logits = vlm.language_logits(embeds, attention_mask)   # == model(...).logits
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgekd.errors import ModelError
+
+SUPPORTED_MODEL_TYPES = ("llava",)
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """Map a dtype name ('fp32', 'bf16', 'auto', ...) to a torch dtype; 'auto' passes through."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class VLM:
+    """A LLaVA-family model with its processor, split into the stages distillation needs."""
+
+    model: Any  # transformers.LlavaForConditionalGeneration
+    processor: Any  # transformers.LlavaProcessor (tokenizer + image processor + chat template)
+
+    # ---- loading and saving -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype | None = "float32",
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
+    ) -> VLM:
+        """Load a checkpoint from a local directory or a hub id.
+
+        Args:
+            path_or_id: A directory holding ``config.json``, weights and processor files, or a
+                hub id (``org/name``) that transformers can resolve (offline: from its cache).
+            dtype: ``float32`` (default), ``float16``, ``bfloat16`` or ``auto`` (as saved).
+            device: Where to put the weights.
+            trust_remote_code: Run code shipped with the checkpoint. Off unless asked for.
+
+        Raises:
+            ModelError: The path does not exist, is not a LLaVA-family checkpoint, or fails to load.
+        """
+        from transformers import (
+            AutoConfig, AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig,
+        )
+
+        src = str(path_or_id)
+        if Path(src).expanduser().exists():
+            src = str(Path(src).expanduser())
+        elif not _HUB_ID.fullmatch(src):
+            raise ModelError(f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)")
+        try:
+            raw, _ = PretrainedConfig.get_config_dict(src)
+            check_llava_config(raw, src)
+            AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            if isinstance(e, ModelError):
+                raise
+            raise ModelError(f"cannot read a model config from '{src}': {_first_line(e)}") from None
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                src, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+            processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load '{src}': {_first_line(e)}") from None
+        return cls(model.to(device), processor)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a standard transformers checkpoint (safetensors) with its processor, atomically."""
+        from edgekd.io import atomic_dir
+
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.processor.save_pretrained(tmp)
+        return Path(out_dir)
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.text_config.vocab_size)
+
+    @property
+    def vision_hidden_size(self) -> int:
+        layers = self.config.vision_feature_layer
+        n = 1 if isinstance(layers, int) else len(layers)
+        return int(self.config.vision_config.hidden_size) * n
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder without its output head (``lm_head`` is :attr:`lm_head`)."""
+        return self.model.model.language_model
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def num_image_tokens(self) -> int:
+        """Visual tokens one image becomes, as the processor expands ``<image>``."""
+        vc = self.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n - 1 if self.config.vision_feature_select_strategy == "default" else n
+
+    # ---- the stages ---------------------------------------------------------------------
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision-tower output at the configured layer(s) and select strategy, before the projector.
+
+        Args:
+            pixel_values: (B, 3, H, W) preprocessed images.
+
+        Returns:
+            (B, N, D_vision) features; with several feature layers they are concatenated on the
+            last dimension, and the ``default`` strategy drops the first token (as LLaVA does).
+        """
+        layers = self.config.vision_feature_layer
+        out = self.vision_tower(
+            pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True
+        )
+        hs = out.hidden_states
+        picked = [hs[layers]] if isinstance(layers, int) else [hs[i] for i in layers]
+        if self.config.vision_feature_select_strategy == "default":
+            picked = [h[:, 1:] for h in picked]
+        return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Map vision features (B, N, D_vision) to visual tokens (B, N, D_text)."""
+        return self.projector(features)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, D_text)."""
+        return self.language_model.get_input_embeddings()(input_ids)
+
+    def merge(
+        self, embeds: torch.Tensor, visual_tokens: torch.Tensor, input_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Write visual tokens into the ``<image>`` positions of ``embeds`` (row-major order).
+
+        Raises:
+            ModelError: The number of ``<image>`` tokens differs from the number of visual tokens.
+        """
+        mask = input_ids == self.image_token_id
+        n_slots, n_feats = int(mask.sum()), visual_tokens.shape[0] * visual_tokens.shape[1]
+        if n_slots != n_feats:
+            raise ModelError(
+                f"the prompt has {n_slots} image tokens but the images give {n_feats} visual tokens;"
+                " build inputs with the model's processor"
+            )
+        visual = visual_tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        return embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), visual)
+
+    def language_logits(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the language model and its head on embeddings: (B, L, D) -> (B, L, V) logits."""
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            return_dict=True,
+        )
+        return self.lm_head(out.last_hidden_state)
+
+    def forward_stages(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The full forward pass composed from the stages; equals ``model(...).logits``."""
+        embeds = self.embed(input_ids)
+        if pixel_values is not None:
+            embeds = self.merge(embeds, self.project(self.vision_features(pixel_values)), input_ids)
+        return self.language_logits(embeds, attention_mask)
+
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary and image-token setup (equal for compatible models)."""
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        blob = json.dumps([vocab, self.image_token_id, self.vocab_size]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_llava_config(config: dict[str, Any], src: str) -> None:
+    """Refuse checkpoints that are not LLaVA-family VLMs, with a hint for TinyLLaVA ones.
+
+    Args:
+        config: The checkpoint's raw ``config.json`` as a dict.
+        src: Where it came from, for the message.
+    """
+    model_type = config.get("model_type")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    if model_type == "tinyllava" or "TinyLlava" in str(config.get("architectures", "")):
+        raise ModelError(
+            f"'{src}' is a TinyLLaVA Factory checkpoint; convert it first: "
+            f"edgekd convert tinyllava {src} OUT"
+        )
+    raise ModelError(
+        f"'{src}' is not a LLaVA-family VLM (model_type '{model_type}'); edgekd takes "
+        "LlavaForConditionalGeneration checkpoints"
+    )
+
+
+def check_compatible(teacher: VLM, student: VLM) -> None:
+    """Teacher and student must share the vocabulary and the image token for logit distillation.
+
+    Raises:
+        ModelError: naming both values and the fix.
+    """
+    fix = "distil between models that share one tokenizer (same vocabulary and image token)"
+    if teacher.vocab_size != student.vocab_size:
+        raise ModelError(
+            f"teacher vocabulary size {teacher.vocab_size} != student vocabulary size "
+            f"{student.vocab_size}; {fix}"
+        )
+    if teacher.image_token_id != student.image_token_id:
+        raise ModelError(
+            f"teacher image token id {teacher.image_token_id} != student image token id "
+            f"{student.image_token_id}; {fix}"
+        )
+    t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        diff = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))[:3]
+        raise ModelError(f"teacher and student tokenizers differ (e.g. {diff}); {fix}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
