@@ -8,9 +8,10 @@ as one line on stderr with exit code 2, never as a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,11 +27,13 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 data_app = typer.Typer(help="Write built-in datasets in LLaVA format.", no_args_is_help=True)
-convert_app = typer.Typer(help="Convert other checkpoint layouts to transformers' Llava.",
-                          no_args_is_help=True)
+convert_app = typer.Typer(
+    help="Convert other checkpoint layouts to transformers' Llava.", no_args_is_help=True
+)
 profiles_app = typer.Typer(help="List and show device and recipe profiles.", no_args_is_help=True)
-models_app = typer.Typer(help="Create tiny or shape-faithful models and inspect checkpoints.",
-                         no_args_is_help=True)
+models_app = typer.Typer(
+    help="Create tiny or shape-faithful models and inspect checkpoints.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(convert_app, name="convert")
 app.add_typer(profiles_app, name="profiles")
@@ -53,10 +56,127 @@ def _version() -> str:
 
 
 # ---- stages ---------------------------------------------------------------------------------
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def distill() -> None:
-    """Distil a teacher VLM into a student with Switch-KD (or a baseline method)."""
-    _not_landed("distill", "Switch-KD distillation")
+@app.command()
+def distill(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Run directory (model/, checkpoints/, logs).")
+    ],
+    recipe: Annotated[str, typer.Option(help="Recipe name or YAML file.")] = "easyvqa-cpu",
+    teacher: Annotated[str | None, typer.Option(help="Teacher checkpoint dir or hub id.")] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(help="Student checkpoint dir or hub id, or tiny:SIZE for a fresh tiny model."),
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="LLaVA-format training JSON.")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Image root (default: the JSON's folder).")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help="sft, kd, rkl, bild, dbild or switch-kd (default: the recipe's)."),
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    global_batch_size: Annotated[
+        int | None, typer.Option(help="Samples per optimizer step.")
+    ] = None,
+    per_device_batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per sample.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (data order, fresh weights).")] = None,
+    w_ce: Annotated[float | None, typer.Option(help="Weight of CE.")] = None,
+    w_align: Annotated[float | None, typer.Option(help="Weight of L_Align.")] = None,
+    w_vsd: Annotated[float | None, typer.Option(help="Weight of L_VSD (switch-kd).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Distillation temperature.")] = None,
+    top_n: Annotated[int | None, typer.Option(help="Kneedle window (top-N logits).")] = None,
+    k_min: Annotated[int | None, typer.Option(help="Smallest dynamic k.")] = None,
+    k_max: Annotated[int | None, typer.Option(help="Largest dynamic k.")] = None,
+    bf16: Annotated[
+        bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (GPU).")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
+    ] = None,
+    vsd_adapter: Annotated[
+        str,
+        typer.Option(
+            help="none (the paper) or linear: a learned map for vision towers of other widths."
+        ),
+    ] = "none",
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    logging_steps: Annotated[int, typer.Option(help="Log every N steps.")] = 10,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Any recipe key, e.g. --set training.warmup_ratio=0.1 (repeatable)."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint.")
+    ] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Distil a teacher VLM into a student with Switch-KD (or a baseline method).
+
+    Multi-GPU: launch this command with torchrun or accelerate launch; the recipe's
+    distributed.strategy (ddp, fsdp, deepspeed-zero3) configures the parallelism.
+    """
+    from edgekd.distill.run import DistillJob, run
+
+    flags = {
+        "training.max_steps": max_steps,
+        "training.learning_rate": lr,
+        "training.global_batch_size": global_batch_size,
+        "training.per_device_batch_size": per_device_batch_size,
+        "training.max_length": max_length,
+        "training.seed": seed,
+        "training.bf16": bf16,
+        "training.gradient_checkpointing": gradient_checkpointing,
+        "loss.w_ce": w_ce,
+        "loss.w_align": w_align,
+        "loss.w_vsd": w_vsd,
+        "loss.temperature": temperature,
+        "loss.top_n": top_n,
+        "loss.k_min": k_min,
+        "loss.k_max": k_max,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(_parse_sets(set_ or []))
+    job = DistillJob(
+        output=output,
+        recipe=recipe,
+        teacher=teacher,
+        student=student,
+        data=data,
+        images=images,
+        method=method,
+        overrides=overrides,
+        vsd_adapter=vsd_adapter,
+        resume=resume,
+        overwrite=overwrite,
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    summary = run(job, console=console)
+    console.print(
+        f"[green]✓[/green] {summary['method']}: {summary['global_step']} steps, "
+        f"student saved to {summary['model']}"
+    )
+
+
+def _parse_sets(items: list[str]) -> dict[str, object]:
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EdgeKDError(f"--set '{item}': expected KEY=VALUE, e.g. training.max_steps=100")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -73,7 +193,9 @@ def bench() -> None:
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option(help="Working directory of the demo.")] = Path("runs/demo"),
+    output: Annotated[Path, typer.Option(help="Working directory of the demo.")] = Path(
+        "runs/demo"
+    ),
 ) -> None:
     """Run the offline end-to-end demo on CPU (finished stages are reused)."""
     from edgekd.demo import run_demo
@@ -85,8 +207,10 @@ def demo(
 @data_app.command("easy-vqa")
 def data_easy_vqa(
     out: Annotated[Path, typer.Argument(help="Output directory.")],
-    limit_train: Annotated[Optional[int], typer.Option(help="Keep the first N train questions.")] = None,
-    limit_test: Annotated[Optional[int], typer.Option(help="Keep the first N test questions.")] = None,
+    limit_train: Annotated[
+        int | None, typer.Option(help="Keep the first N train questions.")
+    ] = None,
+    limit_test: Annotated[int | None, typer.Option(help="Keep the first N test questions.")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Write the easy-vqa dataset (PyPI package) as LLaVA-format train/test splits."""
@@ -102,14 +226,15 @@ def data_fashion_grid(
     n_train: Annotated[int, typer.Option(help="Training grids.")] = 4000,
     n_test: Annotated[int, typer.Option(help="Test grids.")] = 500,
     seed: Annotated[int, typer.Option(help="Generator seed (same seed, same data).")] = 0,
-    source: Annotated[Optional[Path], typer.Option(help="Fashion-MNIST IDX folder.")] = None,
+    source: Annotated[Path | None, typer.Option(help="Fashion-MNIST IDX folder.")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Write 2x2 Fashion-MNIST grids with position, count and category questions."""
     from edgekd.data import write_fashion_grid
 
-    meta = write_fashion_grid(out, n_train=n_train, n_test=n_test, seed=seed, source=source,
-                              overwrite=overwrite)
+    meta = write_fashion_grid(
+        out, n_train=n_train, n_test=n_test, seed=seed, source=source, overwrite=overwrite
+    )
     _print_dataset_summary(out, meta)
 
 
@@ -119,10 +244,11 @@ def _print_dataset_summary(out: Path, meta: dict) -> None:
     table = Table(title=f"{out}")
     table.add_column("split")
     table.add_column("samples", justify="right")
-    for split in ("train", "test"):
-        key = f"n_{split}"
-        if key in meta:
-            table.add_row(split, str(meta[key]))
+    table.add_column("images", justify="right")
+    table.add_column("per type")
+    for split, info in meta.get("splits", {}).items():
+        per_type = ", ".join(f"{k} {v}" for k, v in info.get("per_type", {}).items())
+        table.add_row(split, str(info["n_samples"]), str(info.get("n_images", "")), per_type)
     console.print(table)
 
 
@@ -143,26 +269,36 @@ def convert_tinyllava(
 # ---- models ---------------------------------------------------------------------------------
 @models_app.command("create")
 def models_create(
-    size: Annotated[str, typer.Argument(help="tiny, small, base, or a preset such as "
-                                             "qwen2-0.5b-siglip-so400m.")],
+    size: Annotated[
+        str, typer.Argument(help="tiny, small, base, or a preset such as qwen2-0.5b-siglip-so400m.")
+    ],
     out: Annotated[Path, typer.Argument(help="Output checkpoint directory.")],
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
-    tokenizer: Annotated[Optional[Path], typer.Option(
-        help="Take the tokenizer of this checkpoint (teacher and student must share one).")] = None,
-    corpus: Annotated[Optional[Path], typer.Option(
-        help="LLaVA JSON whose text trains the tokenizer (when no --tokenizer).")] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Take the tokenizer of this checkpoint (teacher and student must share one)."
+        ),
+    ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="LLaVA JSON whose text trains the tokenizer (when no --tokenizer)."),
+    ] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Create a randomly initialised VLM of a named size and save it as a checkpoint."""
     from edgekd.models.factory import create_checkpoint
 
-    info = create_checkpoint(size, out, seed=seed, tokenizer_from=tokenizer, corpus=corpus,
-                             overwrite=overwrite)
+    info = create_checkpoint(
+        size, out, seed=seed, tokenizer_from=tokenizer, corpus=corpus, overwrite=overwrite
+    )
     console.print(f"[green]✓[/green] {size} -> {out} ({info['total'] / 1e6:.2f}M parameters)")
 
 
 @models_app.command("info")
-def models_info(ckpt: Annotated[str, typer.Argument(help="Checkpoint directory or hub id.")]) -> None:
+def models_info(
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint directory or hub id.")],
+) -> None:
     """Show a checkpoint's shapes, parameter counts and tokenizer."""
     from rich.table import Table
 
@@ -173,10 +309,16 @@ def models_info(ckpt: Annotated[str, typer.Argument(help="Checkpoint directory o
     for key, value in count_parameters(vlm).items():
         table.add_row(f"params.{key}", f"{value:,}")
     cfg = vlm.config
-    table.add_row("vision", f"{cfg.vision_config.model_type} {cfg.vision_config.hidden_size}d "
-                  f"x{cfg.vision_config.num_hidden_layers}, {cfg.vision_config.image_size}px")
-    table.add_row("text", f"{cfg.text_config.model_type} {cfg.text_config.hidden_size}d "
-                  f"x{cfg.text_config.num_hidden_layers}, vocab {vlm.vocab_size}")
+    table.add_row(
+        "vision",
+        f"{cfg.vision_config.model_type} {cfg.vision_config.hidden_size}d "
+        f"x{cfg.vision_config.num_hidden_layers}, {cfg.vision_config.image_size}px",
+    )
+    table.add_row(
+        "text",
+        f"{cfg.text_config.model_type} {cfg.text_config.hidden_size}d "
+        f"x{cfg.text_config.num_hidden_layers}, vocab {vlm.vocab_size}",
+    )
     table.add_row("visual tokens / image", str(vlm.num_image_tokens()))
     table.add_row("image token id", str(vlm.image_token_id))
     table.add_row("tokenizer fingerprint", vlm.fingerprint())
@@ -198,8 +340,14 @@ def profiles_list() -> None:
     for name in list_profiles("device"):
         p = load_device_profile(name)
         fp16 = p.peak_tflops.get("fp16")
-        devices.add_row(name, p.kind, f"{p.memory_gb:g}", f"{p.memory_bandwidth_gbps:g}",
-                        "-" if fp16 is None else f"{fp16:g}", p.preferred_target)
+        devices.add_row(
+            name,
+            p.kind,
+            f"{p.memory_gb:g}",
+            f"{p.memory_bandwidth_gbps:g}",
+            "-" if fp16 is None else f"{fp16:g}",
+            p.preferred_target,
+        )
     console.print(devices)
     recipes = Table(title="recipe profiles")
     recipes.add_column("name", no_wrap=True)
@@ -221,6 +369,9 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or YAML
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    # edgekd draws its own progress (rich); the libraries' tqdm bars and info logs are noise here.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except EdgeKDError as e:

@@ -37,13 +37,21 @@ def demo_stages(root: Path) -> list[Stage]:
     data = root / "data" / "easy-vqa"
     teacher_init, student_init = root / "models" / "teacher-init", root / "models" / "student-init"
     return [
-        Stage("data", data, lambda out: write_easy_vqa(out), "easy-vqa as LLaVA-format JSON + images"),
-        Stage("teacher-init", teacher_init,
-              lambda out: create_checkpoint(TEACHER_SIZE, out, seed=0, corpus=data / "train.json"),
-              f"'{TEACHER_SIZE}' VLM with a tokenizer trained on the data"),
-        Stage("student-init", student_init,
-              lambda out: create_checkpoint(STUDENT_SIZE, out, seed=0, tokenizer_from=teacher_init),
-              f"'{STUDENT_SIZE}' VLM sharing the teacher's tokenizer"),
+        Stage(
+            "data", data, lambda out: write_easy_vqa(out), "easy-vqa as LLaVA-format JSON + images"
+        ),
+        Stage(
+            "teacher-init",
+            teacher_init,
+            lambda out: create_checkpoint(TEACHER_SIZE, out, seed=0, corpus=data / "train.json"),
+            f"'{TEACHER_SIZE}' VLM with a tokenizer trained on the data",
+        ),
+        Stage(
+            "student-init",
+            student_init,
+            lambda out: create_checkpoint(STUDENT_SIZE, out, seed=0, tokenizer_from=teacher_init),
+            f"'{STUDENT_SIZE}' VLM sharing the teacher's tokenizer",
+        ),
     ]
 
 
@@ -58,16 +66,28 @@ def run_demo(root: str | Path, console: Console | None = None) -> list[dict]:
         label = f"[{i}/{len(stages)}] {stage.name}"
         if stage.output.exists():
             console.print(f"{label}: [dim]reused[/dim] {stage.output}")
-            rows.append({"stage": stage.name, "status": "reused", "seconds": 0.0,
-                         "output": str(stage.output)})
+            rows.append(
+                {
+                    "stage": stage.name,
+                    "status": "reused",
+                    "seconds": 0.0,
+                    "output": str(stage.output),
+                }
+            )
             continue
         start = time.perf_counter()
         with console.status(f"{label}: {stage.description} ..."):
             stage.run(stage.output)
         seconds = time.perf_counter() - start
         console.print(f"{label}: [green]done[/green] in {seconds:.1f}s -> {stage.output}")
-        rows.append({"stage": stage.name, "status": "done", "seconds": round(seconds, 1),
-                     "output": str(stage.output)})
+        rows.append(
+            {
+                "stage": stage.name,
+                "status": "done",
+                "seconds": round(seconds, 1),
+                "output": str(stage.output),
+            }
+        )
     table = Table(title="edgekd demo")
     for col in ("stage", "status", "seconds", "output"):
         table.add_column(col)

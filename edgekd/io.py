@@ -71,11 +71,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def safe_join(root: str | os.PathLike, relative: str) -> Path:
-    """Resolve ``relative`` under ``root``; refuse absolute paths and ``..`` escapes (and symlinks out)."""
+    """Resolve ``relative`` under ``root``; refuse ``..`` escapes and symlinks leading out."""
     base = Path(root).resolve()
     target = (base / relative).resolve()
     if not target.is_relative_to(base):
-        raise DataError(f"path '{relative}' escapes its root '{base}'; keep data paths inside the root")
+        raise DataError(
+            f"path '{relative}' escapes its root '{base}'; keep data paths inside the root"
+        )
     return target
 
 

@@ -133,7 +133,9 @@ def show_profile(name_or_path: str | Path) -> str:
     if text in list_profiles("recipe"):
         return profile_to_yaml(load_recipe(text))
     if text.endswith((".yaml", ".yml")) or "/" in text:
-        data = _read_yaml(Path(text).read_text(encoding="utf-8"), text) if Path(text).is_file() else {}
+        data = (
+            _read_yaml(Path(text).read_text(encoding="utf-8"), text) if Path(text).is_file() else {}
+        )
         loader = load_recipe if "method" in data else load_device_profile
         return profile_to_yaml(loader(text))
     raise ProfileError(

@@ -19,8 +19,12 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 Method = Literal["sft", "kd", "rkl", "bild", "dbild", "switch-kd"]
 # Loss weights a method ignores: set to 0 when left out, an error when given > 0.
 _UNUSED_WEIGHTS: dict[str, tuple[str, ...]] = {
-    "sft": ("w_align", "w_vsd"), "kd": ("w_vsd",), "rkl": ("w_vsd",), "bild": ("w_vsd",),
-    "dbild": ("w_vsd",), "switch-kd": (),
+    "sft": ("w_align", "w_vsd"),
+    "kd": ("w_vsd",),
+    "rkl": ("w_vsd",),
+    "bild": ("w_vsd",),
+    "dbild": ("w_vsd",),
+    "switch-kd": (),
 }
 
 _NAME = r"^[a-z0-9][a-z0-9._-]*$"
@@ -194,8 +198,10 @@ class DeviceProfile(_Model):
             out.append(("tensorrt", "only for kind 'jetson' or 'gpu'"))
         if self.tensorrt is not None and self.tensorrt.workspace_gb >= self.memory_gb:
             out.append(
-                ("tensorrt.workspace_gb", f"must be < memory_gb ({self.memory_gb:g}), "
-                 f"got {self.tensorrt.workspace_gb:g}")
+                (
+                    "tensorrt.workspace_gb",
+                    f"must be < memory_gb ({self.memory_gb:g}), got {self.tensorrt.workspace_gb:g}",
+                )
             )
         return out
 
@@ -217,10 +223,14 @@ class DeviceProfile(_Model):
         names = [m.name for m in self.power_modes]
         ids = [m.id for m in self.power_modes if m.id is not None]
         valid = ", ".join(dict.fromkeys(names)) or "none, power_modes is empty"
-        out = [("power_modes", f"name '{n}' appears twice") for n in sorted(set(names))
-               if names.count(n) > 1]
-        out += [("power_modes", f"id {i} appears twice") for i in sorted(set(ids))
-                if ids.count(i) > 1]
+        out = [
+            ("power_modes", f"name '{n}' appears twice")
+            for n in sorted(set(names))
+            if names.count(n) > 1
+        ]
+        out += [
+            ("power_modes", f"id {i} appears twice") for i in sorted(set(ids)) if ids.count(i) > 1
+        ]
         if self.kind == "jetson" and not names:
             out.append(("power_modes", "a Jetson profile lists its nvpmodel modes"))
         default = self.default_power_mode
@@ -380,26 +390,47 @@ class RecipeProfile(_Model):
         if train.train_vision_tower is None:
             train.train_vision_tower = method == "switch-kd"
         elif method == "switch-kd" and not train.train_vision_tower:
-            out.append(("training.train_vision_tower", "switch-kd updates the student vision tower "
-                        "through the visual switch; set true"))
+            out.append(
+                (
+                    "training.train_vision_tower",
+                    "switch-kd updates the student vision tower "
+                    "through the visual switch; set true",
+                )
+            )
         return out
 
     def _batch_problems(self) -> list[tuple[str, str]]:
         """Check the batch arithmetic and derive gradient_accumulation_steps when absent."""
         train, dist = self.training, self.distributed
         if dist.strategy == "none" and dist.num_processes > 1:
-            return [("distributed.num_processes", f"strategy 'none' runs 1 process, got "
-                     f"{dist.num_processes}; choose ddp, fsdp or deepspeed-zero3")]
+            return [
+                (
+                    "distributed.num_processes",
+                    f"strategy 'none' runs 1 process, got "
+                    f"{dist.num_processes}; choose ddp, fsdp or deepspeed-zero3",
+                )
+            ]
         micro = train.per_device_batch_size * dist.num_processes
-        formula = (f"per_device_batch_size x num_processes = "
-                   f"{train.per_device_batch_size} x {dist.num_processes}")
+        formula = (
+            f"per_device_batch_size x num_processes = "
+            f"{train.per_device_batch_size} x {dist.num_processes}"
+        )
         if train.global_batch_size % micro:
-            return [("training.global_batch_size", f"must be a multiple of {formula} = {micro}, "
-                     f"got {train.global_batch_size}")]
+            return [
+                (
+                    "training.global_batch_size",
+                    f"must be a multiple of {formula} = {micro}, got {train.global_batch_size}",
+                )
+            ]
         derived = train.global_batch_size // micro
         if train.gradient_accumulation_steps is None:
             train.gradient_accumulation_steps = derived
         elif train.gradient_accumulation_steps != derived:
-            return [("training.gradient_accumulation_steps", f"global_batch_size / ({formula}) = "
-                     f"{derived}, got {train.gradient_accumulation_steps}; remove it to derive it")]
+            return [
+                (
+                    "training.gradient_accumulation_steps",
+                    f"global_batch_size / ({formula}) = "
+                    f"{derived}, got {train.gradient_accumulation_steps}; remove it to derive it",
+                )
+            ]
         return []

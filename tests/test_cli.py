@@ -9,8 +9,13 @@ import pytest
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgekd", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgekd", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -37,14 +42,15 @@ def test_cli_import_stays_light():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("command", ["distill", "export", "bench"])
+@pytest.mark.parametrize("command", ["export", "bench"])
 def test_stages_not_in_this_version_say_so(command):
     assert_one_line_error(run_cli(command, "--anything"), f"edgekd {command}", "not available")
 
 
 def test_unknown_profile_lists_valid_ones():
-    assert_one_line_error(run_cli("profiles", "show", "jetson-xavier"), "jetson-xavier",
-                          "jetson-orin-nano-8gb")
+    assert_one_line_error(
+        run_cli("profiles", "show", "jetson-xavier"), "jetson-xavier", "jetson-orin-nano-8gb"
+    )
 
 
 def test_profiles_list_and_show():
@@ -70,8 +76,11 @@ def test_models_create_and_info(tmp_path):
 
 
 def test_models_create_unknown_size():
-    assert_one_line_error(run_cli("models", "create", "huge", "/tmp/never-written"),
-                          "unknown model size 'huge'", "tiny, small, base")
+    assert_one_line_error(
+        run_cli("models", "create", "huge", "/tmp/never-written"),
+        "unknown model size 'huge'",
+        "tiny, small, base",
+    )
 
 
 def test_existing_data_output_is_not_overwritten(tmp_path):

@@ -16,6 +16,12 @@ from edgekd.data.llava import (
 DATASETS = {"easy-vqa": write_easy_vqa, "fashion-grid": write_fashion_grid}
 
 __all__ = [
-    "DATASETS", "IGNORE_INDEX", "LlavaCollator", "LlavaDataset", "load_llava_json",
-    "validate_samples", "write_easy_vqa", "write_fashion_grid",
+    "DATASETS",
+    "IGNORE_INDEX",
+    "LlavaCollator",
+    "LlavaDataset",
+    "load_llava_json",
+    "validate_samples",
+    "write_easy_vqa",
+    "write_fashion_grid",
 ]

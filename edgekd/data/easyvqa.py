@@ -87,8 +87,11 @@ def write_easy_vqa(
         for split, ((questions, answer_list, image_ids), image_paths, limit) in sources.items():
             rows = list(zip(questions, answer_list, image_ids, strict=True))[:limit]
             splits[split] = _write_split(tmp, split, rows, image_paths)
-        meta = {"name": "easy-vqa", "source": f"easy-vqa {_version()}",
-                "question_types": list(QUESTION_TYPES)}
+        meta = {
+            "name": "easy-vqa",
+            "source": f"easy-vqa {_version()}",
+            "question_types": list(QUESTION_TYPES),
+        }
         meta.update(qa_summary(splits, answers))
         atomic_write_json(tmp / "meta.json", meta)
     return meta
@@ -103,16 +106,18 @@ def _write_split(root: Path, split: str, rows: list[tuple], image_paths: dict) -
         rel = f"images/{split}/{image_id}.png"
         if not (root / rel).exists():
             shutil.copyfile(image_paths[image_id], root / rel)
-        samples.append({
-            "id": f"{split}-{n:0{width}d}",
-            "image": rel,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": answer},
-            ],
-            "answer": answer,
-            "question_type": question_type(question),
-        })
+        samples.append(
+            {
+                "id": f"{split}-{n:0{width}d}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer},
+                ],
+                "answer": answer,
+                "question_type": question_type(question),
+            }
+        )
     atomic_write_json(root / f"{split}.json", samples)
     return samples
 
@@ -154,6 +159,7 @@ def qa_summary(splits: dict[str, list[dict]], answers: Sequence[str]) -> dict[st
         per_type[qtype] = {"answer": answer, "accuracy": accuracy, "n": len(rows)}
     hits = sum(s["answer"] == majority[s["question_type"]] for s in test)
     out["majority_baseline_test"] = {
-        "per_type": per_type, "overall": round(hits / len(test), 4) if test else None,
+        "per_type": per_type,
+        "overall": round(hits / len(test), 4) if test else None,
     }
     return out

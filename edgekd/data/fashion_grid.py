@@ -32,10 +32,30 @@ from edgekd.errors import DataError
 from edgekd.io import atomic_dir, atomic_write_json
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
-CATEGORIES = ("t-shirt", "trouser", "pullover", "dress", "coat",
-              "sandal", "shirt", "sneaker", "bag", "ankle boot")  # Fashion-MNIST label order
-PLURALS = ("t-shirts", "trousers", "pullovers", "dresses", "coats",
-           "sandals", "shirts", "sneakers", "bags", "ankle boots")
+CATEGORIES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)  # Fashion-MNIST label order
+PLURALS = (
+    "t-shirts",
+    "trousers",
+    "pullovers",
+    "dresses",
+    "coats",
+    "sandals",
+    "shirts",
+    "sneakers",
+    "bags",
+    "ankle boots",
+)
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cell order, row-major
 NUMBERS = ("zero", "one", "two", "three", "four")
 EMPTY = "nothing"
@@ -91,8 +111,9 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     dims = tuple(int(d) for d in head[1:])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 * (1 + ndim))
     if data.size != int(np.prod(dims)):
-        raise DataError(f"'{path}': header says {dims} = {int(np.prod(dims))} bytes, "
-                        f"file has {data.size}")
+        raise DataError(
+            f"'{path}': header says {dims} = {int(np.prod(dims))} bytes, file has {data.size}"
+        )
     return data.reshape(dims)
 
 
@@ -126,8 +147,9 @@ def ask(kind: str, cells: Cells, target: int) -> tuple[str, str]:
     raise ValueError(f"unknown question kind '{kind}'; valid: {', '.join(QUESTION_TYPES)}")
 
 
-def make_questions(cells: Cells, n: int, rng: np.random.Generator,
-                   want_yes: bool) -> list[tuple[str, str, str]]:
+def make_questions(
+    cells: Cells, n: int, rng: np.random.Generator, want_yes: bool
+) -> list[tuple[str, str, str]]:
     """``n`` questions of distinct types about one grid: (type, question, answer).
 
     ``want_yes`` decides the answer of a yes/no question, so the caller can balance them exactly.
@@ -192,12 +214,19 @@ def render_grid(cells: Cells, images: np.ndarray, pool: _ItemPool) -> np.ndarray
     for k, cat in enumerate(cells):
         if cat is not None:
             r, c = divmod(k, 2)
-            grid[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = images[pool.take(cat)]
+            grid[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL] = images[pool.take(cat)]
     return np.repeat(grid[:, :, None], 3, axis=2)
 
 
-def _generate_split(root: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                    n_images: int, questions_per_image: int, seed: int) -> list[dict]:
+def _generate_split(
+    root: Path,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_images: int,
+    questions_per_image: int,
+    seed: int,
+) -> list[dict]:
     from PIL import Image
 
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
@@ -210,18 +239,23 @@ def _generate_split(root: Path, split: str, images: np.ndarray, labels: np.ndarr
         cells = sample_cells(rng)
         rel = f"images/{split}/{n}.png"
         Image.fromarray(render_grid(cells, images, pool)).save(root / rel)
-        for kind, question, answer in make_questions(cells, questions_per_image, rng,
-                                                     want_yes=n_yes_no % 2 == 0):
+        for kind, question, answer in make_questions(
+            cells, questions_per_image, rng, want_yes=n_yes_no % 2 == 0
+        ):
             n_yes_no += kind == "yes/no"
-            samples.append({
-                "id": f"{split}-{len(samples):0{width}d}",
-                "image": rel,
-                "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                  {"from": "gpt", "value": answer}],
-                "answer": answer,
-                "question_type": kind,
-                "cells": [None if c is None else CATEGORIES[c] for c in cells],
-            })
+            samples.append(
+                {
+                    "id": f"{split}-{len(samples):0{width}d}",
+                    "image": rel,
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{question}"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                    "answer": answer,
+                    "question_type": kind,
+                    "cells": [None if c is None else CATEGORIES[c] for c in cells],
+                }
+            )
     atomic_write_json(root / f"{split}.json", samples)
     return samples
 
@@ -254,23 +288,37 @@ def write_fashion_grid(
         DataError: Fashion-MNIST is missing or malformed, or the arguments are out of range.
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is off.
     """
-    problems = [f"{k} must be >= 1 (got {v})" for k, v in
-                (("n_train", n_train), ("n_test", n_test)) if v < 1]
+    problems = [
+        f"{k} must be >= 1 (got {v})"
+        for k, v in (("n_train", n_train), ("n_test", n_test))
+        if v < 1
+    ]
     if not 1 <= questions_per_image <= len(QUESTION_TYPES):
-        problems.append(f"questions_per_image must be 1..{len(QUESTION_TYPES)} "
-                        f"(got {questions_per_image})")
+        problems.append(
+            f"questions_per_image must be 1..{len(QUESTION_TYPES)} (got {questions_per_image})"
+        )
     if problems:
         raise DataError("fashion-grid: " + "; ".join(problems))
-    data = {"train": load_fashion_mnist("train", source),
-            "test": load_fashion_mnist("t10k", source)}
+    data = {
+        "train": load_fashion_mnist("train", source),
+        "test": load_fashion_mnist("t10k", source),
+    }
     counts = {"train": n_train, "test": n_test}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        splits = {split: _generate_split(tmp, split, *data[split], counts[split],
-                                         questions_per_image, seed) for split in data}
-        meta = {"name": "fashion-grid", "seed": seed, "questions_per_image": questions_per_image,
-                "grid": "2x2 of 28x28 Fashion-MNIST items, 56x56 px",
-                "categories": list(CATEGORIES),
-                "question_types": list(QUESTION_TYPES)}
+        splits = {
+            split: _generate_split(
+                tmp, split, *data[split], counts[split], questions_per_image, seed
+            )
+            for split in data
+        }
+        meta = {
+            "name": "fashion-grid",
+            "seed": seed,
+            "questions_per_image": questions_per_image,
+            "grid": "2x2 of 28x28 Fashion-MNIST items, 56x56 px",
+            "categories": list(CATEGORIES),
+            "question_types": list(QUESTION_TYPES),
+        }
         meta.update(qa_summary(splits, ANSWERS))
         atomic_write_json(tmp / "meta.json", meta)
     return meta

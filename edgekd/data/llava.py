@@ -39,8 +39,14 @@ from edgekd.io import safe_join
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's placeholder in the JSON, whatever the processor's token is
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "model": "assistant", "system": "system"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 # ---- reading and validating ------------------------------------------------------------------
@@ -151,8 +157,15 @@ def _check_turn(turn: Any, t: int) -> str:
 
 
 def _json_type(x: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(x), type(x).__name__)
 
 
@@ -218,8 +231,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         )
         self.image_paths = _resolve_images(self.samples, image_root)
         has_images = any(p is not None for p in self.image_paths)
-        self.num_image_tokens = _measure_image_tokens(processor, self.image_token,
-                                                      self.image_token_id) if has_images else 0
+        self.num_image_tokens = (
+            _measure_image_tokens(processor, self.image_token, self.image_token_id)
+            if has_images
+            else 0
+        )
         if has_images and self.max_length <= self.num_image_tokens:
             raise DataError(
                 f"max_length {self.max_length} cannot hold the {self.num_image_tokens} image "
@@ -262,7 +278,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                         "turns the same way whatever follows"
                     )
             # trailing whitespace after the end-of-turn text belongs to the next prompt
-            end = len(head) + len(upto[len(head):].rstrip())
+            end = len(head) + len(upto[len(head) :].rstrip())
             spans.append((len(head), end))
         n_images = full.count(self.image_token)
         expected = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in sample["conversations"])
@@ -397,13 +413,18 @@ def _chat_template_owner(processor: Any, tokenizer: Any) -> tuple[Any, bool]:
         return processor, True
     if getattr(tokenizer, "chat_template", None):
         return tokenizer, False
-    raise ModelError("the processor and its tokenizer have no chat template; set "
-                     "processor.chat_template (e.g. ChatML) before building the dataset")
+    raise ModelError(
+        "the processor and its tokenizer have no chat template; set "
+        "processor.chat_template (e.g. ChatML) before building the dataset"
+    )
 
 
 def _image_token(processor: Any, tokenizer: Any, override: int | None) -> tuple[str, int]:
-    token = (getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None)
-             or IMAGE_PLACEHOLDER)
+    token = (
+        getattr(processor, "image_token", None)
+        or getattr(tokenizer, "image_token", None)
+        or IMAGE_PLACEHOLDER
+    )
     tid = override
     if tid is None:
         tid = getattr(processor, "image_token_id", None)
@@ -423,8 +444,10 @@ def _measure_image_tokens(processor: Any, image_token: str, image_token_id: int)
     ids = processor(text=image_token, images=dummy, return_tensors="pt")["input_ids"]
     n = int((ids == image_token_id).sum())
     if n == 0:
-        raise ModelError(f"the processor did not expand '{image_token}' (id {image_token_id}) "
-                         "into image tokens; check image_token_id")
+        raise ModelError(
+            f"the processor did not expand '{image_token}' (id {image_token_id}) "
+            "into image tokens; check image_token_id"
+        )
     return n
 
 
@@ -454,8 +477,10 @@ def _resolve_images(samples: list[dict], root: str | os.PathLike | None) -> list
         if root is None:
             raise DataError(f"sample '{s['id']}' has an image '{rel}' but no image_root was given")
         if os.path.isabs(rel):
-            raise DataError(f"sample '{s['id']}': image path '{rel}' is absolute; image paths "
-                            "must be relative to image_root")
+            raise DataError(
+                f"sample '{s['id']}': image path '{rel}' is absolute; image paths "
+                "must be relative to image_root"
+            )
         try:
             path = safe_join(root, rel)
         except DataError as e:
@@ -485,8 +510,9 @@ class LlavaCollator:
         pad_to_multiple_of: Round L up to a multiple of this (fewer distinct shapes).
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right",
-                 pad_to_multiple_of: int | None = None) -> None:
+    def __init__(
+        self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None
+    ) -> None:
         if padding_side not in ("right", "left"):
             raise DataError(f"padding_side '{padding_side}' is not one of: right, left")
         if pad_token_id is None:
@@ -515,6 +541,5 @@ class LlavaCollator:
             if self.padding_side == "right":
                 out[r, : len(row)] = row
             else:
-                out[r, length - len(row):] = row
+                out[r, length - len(row) :] = row
         return out
-

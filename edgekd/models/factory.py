@@ -63,14 +63,30 @@ SHAPES: dict[str, VLMShape] = {
     "base": VLMShape(_TINY_VISION, TextShape(256, 768, 6, 8, 2)),
     "qwen2-0.5b-siglip-so400m": VLMShape(
         _SO400M,
-        TextShape(896, 4864, 24, 14, 2, vocab_size=151936, max_position_embeddings=32768,
-                  rope_theta=1_000_000.0),
+        TextShape(
+            896,
+            4864,
+            24,
+            14,
+            2,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+        ),
         select_strategy="default",
     ),
     "qwen2.5-3b-siglip-so400m": VLMShape(
         _SO400M,
-        TextShape(2048, 11008, 36, 16, 2, vocab_size=151936, max_position_embeddings=32768,
-                  rope_theta=1_000_000.0),
+        TextShape(
+            2048,
+            11008,
+            36,
+            16,
+            2,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+        ),
         select_strategy="default",
     ),
 }
@@ -85,7 +101,7 @@ def get_shape(name: str) -> VLMShape:
 
 
 def build_processor(tokenizer, shape: VLMShape):
-    """A LlavaProcessor: SigLIP preprocessing (resize, [-1, 1] scaling) + tokenizer + chat template."""
+    """A LlavaProcessor: SigLIP preprocessing (resize, scale to [-1, 1]), tokenizer, template."""
     from transformers import LlavaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -114,21 +130,32 @@ def build_config(shape: VLMShape, tokenizer):
     if vocab < len(tokenizer):
         raise ModelError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)})")
     vision = SiglipVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size, patch_size=v.patch_size,
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
     )
     text = Qwen2Config(
-        hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads, vocab_size=vocab,
-        max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope_theta,
-        tie_word_embeddings=t.tie_word_embeddings, rms_norm_eps=1e-6,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        vocab_size=vocab,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_theta=t.rope_theta,
+        tie_word_embeddings=t.tie_word_embeddings,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     n_visual = (v.image_size // v.patch_size) ** 2 - (shape.select_strategy == "default")
     return LlavaConfig(
-        vision_config=vision, text_config=text,
+        vision_config=vision,
+        text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=n_visual,
         projector_hidden_act="gelu",
@@ -174,6 +201,7 @@ def build_vlm(
 
 def count_parameters(vlm: VLM) -> dict[str, int]:
     """Parameters per stage (shared tied weights counted once)."""
+
     def n(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 

@@ -106,8 +106,15 @@ EMBED_KEY = "model.language_model.embed_tokens.weight"
 HEAD_KEY = "lm_head.weight"
 # Bookkeeping fields of TinyLLaVA's nested configs that are no part of the architecture.
 _DROP_SUBCONFIG_KEYS = {
-    "_name_or_path", "architectures", "auto_map", "model_name_or_path", "model_name_or_path2",
-    "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset",
+    "_name_or_path",
+    "architectures",
+    "auto_map",
+    "model_name_or_path",
+    "model_name_or_path2",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation_autoset",
 }
 
 QWEN2_BASE_SYSTEM = (
@@ -116,7 +123,7 @@ QWEN2_BASE_SYSTEM = (
 )
 # TinyLLaVA's qwen2_base prompt. Content is a string or a list of {"type": "image"|"text"} items.
 QWEN2_BASE_TEMPLATE = (
-    "{%- set ns = namespace(system=\"" + QWEN2_BASE_SYSTEM + "\", images='') -%}"
+    '{%- set ns = namespace(system="' + QWEN2_BASE_SYSTEM + "\", images='') -%}"
     "{%- for message in messages if message['role'] == 'system' -%}"
     "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
     "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', 'text')"
@@ -359,7 +366,7 @@ def map_state_dict(
         if rule is None:
             unmatched.append(name)
             continue
-        state[rule[1] + name[len(rule[0]):]] = tensor
+        state[rule[1] + name[len(rule[0]) :]] = tensor
         counts[rule[0]] += 1
     if unmatched:
         raise ModelError(
@@ -446,13 +453,15 @@ def load_strict(config, state: dict[str, torch.Tensor], tied: bool):
         problems.append(f"{len(unexpected)} unexpected (no place in Llava): {_some(unexpected)}")
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items() if k in state and state[k].shape != v.shape
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
     ]
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches (checkpoint vs config): {_some(shapes)}")
     if problems:
         raise ModelError(
-            "the TinyLLaVA tensors do not fill the Llava model: " + "; ".join(problems))
+            "the TinyLLaVA tensors do not fill the Llava model: " + "; ".join(problems)
+        )
     if tied:
         state = {**state, HEAD_KEY: state[EMBED_KEY]}
     model.load_state_dict(state, strict=True)
@@ -481,8 +490,9 @@ def load_tokenizer(path: Path):
         hf_logging.set_verbosity(verbosity)
     if IMAGE_TOKEN in tokenizer.get_vocab():
         return tokenizer, False
-    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)],
-                         special_tokens=True)
+    tokenizer.add_tokens(
+        [AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True
+    )
     return tokenizer, True
 
 
@@ -512,8 +522,13 @@ def _image_processor(path: Path, vision: dict):
     pre = path / "preprocessor_config.json"
     if pre.is_file():
         data = _read_json(pre, what="an image processor")
-        kwargs.update({k: data[k] for k in ("image_mean", "image_std", "resample", "rescale_factor")
-                       if k in data})
+        kwargs.update(
+            {
+                k: data[k]
+                for k in ("image_mean", "image_std", "resample", "rescale_factor")
+                if k in data
+            }
+        )
         saved = data.get("size") or {}
         if isinstance(saved, dict):
             saved = saved.get("height", saved.get("shortest_edge"))
@@ -527,8 +542,13 @@ def _image_processor(path: Path, vision: dict):
 
 # ---- helpers ------------------------------------------------------------------------------
 def _manifest(
-    ckpt: TinyLlavaCheckpoint, config: Any, counts: dict[str, int], tied: bool,
-    token_added: bool, source_vocab: int, dtype: torch.dtype,
+    ckpt: TinyLlavaCheckpoint,
+    config: Any,
+    counts: dict[str, int],
+    tied: bool,
+    token_added: bool,
+    source_vocab: int,
+    dtype: torch.dtype,
 ) -> dict[str, Any]:
     """What edgekd_convert.json records: the source, its hash and how every part was mapped."""
     return {
@@ -540,8 +560,12 @@ def _manifest(
         "key_mapping": {f"{s}* -> {t}*": counts[s] for s, t in KEY_MAP},
         "tensors": len(ckpt.tensors),
         "tied_lm_head": tied,
-        "image_token": {"token": IMAGE_TOKEN, "id": config.image_token_id, "added": token_added,
-                        "tinyllava_index": ckpt.config.get("image_token_index", -200)},
+        "image_token": {
+            "token": IMAGE_TOKEN,
+            "id": config.image_token_id,
+            "added": token_added,
+            "tinyllava_index": ckpt.config.get("image_token_index", -200),
+        },
         "vocab_size": {"source": source_vocab, "converted": config.text_config.vocab_size},
         "connector_type": ckpt.config.get("connector_type"),
         "vision_feature_layer": config.vision_feature_layer,

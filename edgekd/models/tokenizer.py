@@ -33,7 +33,10 @@ CHATML_TEMPLATE = (
 
 _SHAPES = "circle rectangle triangle square shape"
 _COLORS = "red green blue black gray grey teal brown yellow white color colour"
-_FASHION = "T-shirt/top t-shirt top trouser trousers pullover dress coat sandal shirt sneaker bag ankle boot"
+_FASHION = (
+    "T-shirt/top t-shirt top trouser trousers pullover dress coat sandal shirt sneaker bag "
+    "ankle boot"
+)
 _GRID = "top left top right bottom left bottom right position cell grid item items panel"
 _WORDS = (
     "what which where how many is there a an the in of image picture photo does not contain "
@@ -41,7 +44,11 @@ _WORDS = (
     "question answer user assistant system describe show shows kind type category"
 )
 BUILTIN_CORPUS = [
-    _SHAPES, _COLORS, _FASHION, _GRID, _WORDS,
+    _SHAPES,
+    _COLORS,
+    _FASHION,
+    _GRID,
+    _WORDS,
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions.",
     "What shape is in the image? What color is the shape? Is there a red shape in the image?",

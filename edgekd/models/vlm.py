@@ -26,8 +26,14 @@ from edgekd.errors import ModelError
 
 SUPPORTED_MODEL_TYPES = ("llava",)
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -69,14 +75,19 @@ class VLM:
             ModelError: The path does not exist, is not a LLaVA-family checkpoint, or fails to load.
         """
         from transformers import (
-            AutoConfig, AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig,
+            AutoConfig,
+            AutoProcessor,
+            LlavaForConditionalGeneration,
+            PretrainedConfig,
         )
 
         src = str(path_or_id)
         if Path(src).expanduser().exists():
             src = str(Path(src).expanduser())
         elif not _HUB_ID.fullmatch(src):
-            raise ModelError(f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)")
+            raise ModelError(
+                f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)"
+            )
         try:
             raw, _ = PretrainedConfig.get_config_dict(src)
             check_llava_config(raw, src)
@@ -198,8 +209,8 @@ class VLM:
         n_slots, n_feats = int(mask.sum()), visual_tokens.shape[0] * visual_tokens.shape[1]
         if n_slots != n_feats:
             raise ModelError(
-                f"the prompt has {n_slots} image tokens but the images give {n_feats} visual tokens;"
-                " build inputs with the model's processor"
+                f"the prompt has {n_slots} image tokens but the images give {n_feats} visual "
+                "tokens; build inputs with the model's processor"
             )
         visual = visual_tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1])
         return embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), visual)

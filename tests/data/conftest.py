@@ -38,10 +38,10 @@ def image_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def write_json(tmp_path: Path):
     """Write an object (or raw text) as ``tmp_path/<name>`` and return the path."""
+
     def write(obj, name: str = "data.json") -> Path:
         path = tmp_path / name
         path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
         return path
 
     return write
-

@@ -22,8 +22,9 @@ from edgekd.data.fashion_grid import (
 from edgekd.errors import DataError, OutputExistsError
 
 SNEAKER, BAG, COAT = CATEGORIES.index("sneaker"), CATEGORIES.index("bag"), CATEGORIES.index("coat")
-needs_fmnist = pytest.mark.skipif(not DEFAULT_SOURCE.is_dir(),
-                                  reason="apt-get install dataset-fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not DEFAULT_SOURCE.is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
 
 
 def test_answers_for_a_constructed_grid():
@@ -98,7 +99,7 @@ def check_answers_and_pixels(root, samples, images, labels):
         assert grid.shape == (56, 56, 3) and (grid[..., 0] == grid[..., 2]).all()
         for k, cat in enumerate(cells):
             r, c = divmod(k, 2)
-            cell = grid[28 * r:28 * r + 28, 28 * c:28 * c + 28, 0]
+            cell = grid[28 * r : 28 * r + 28, 28 * c : 28 * c + 28, 0]
             if cat is None:
                 assert not cell.any()
             else:

@@ -15,10 +15,13 @@ IM_END = "<|im_end|>"
 
 
 def qa(sid: str, question: str, answer: str, image: str | None = "a.png") -> dict:
-    sample = {"id": sid, "conversations": [
-        {"from": "human", "value": ("<image>\n" if image else "") + question},
-        {"from": "gpt", "value": answer},
-    ]}
+    sample = {
+        "id": sid,
+        "conversations": [
+            {"from": "human", "value": ("<image>\n" if image else "") + question},
+            {"from": "gpt", "value": answer},
+        ],
+    }
     if image:
         sample["image"] = image
     return sample
@@ -54,11 +57,17 @@ def test_labels_are_exactly_the_answer_and_end_of_turn(processor, image_root):
 
 
 def test_multi_turn_labels_both_answers(processor, image_root):
-    sample = {"id": "m", "image": "a.png", "conversations": [
-        {"from": "system", "value": "Be brief."},
-        {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "circle"},
-        {"from": "user", "value": "And its color?"}, {"from": "assistant", "value": "red"},
-    ]}
+    sample = {
+        "id": "m",
+        "image": "a.png",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "<image>\nWhat shape?"},
+            {"from": "gpt", "value": "circle"},
+            {"from": "user", "value": "And its color?"},
+            {"from": "assistant", "value": "red"},
+        ],
+    }
     item = LlavaDataset([sample], image_root, processor, 128)[0]
     assert labelled_runs(item, processor.tokenizer) == ["circle" + IM_END, "red" + IM_END]
 
@@ -148,8 +157,9 @@ def test_truncation_is_counted_and_keeps_image_tokens(processor, image_root):
 
 def test_sample_truncated_to_zero_answer_tokens_is_counted(processor, image_root):
     long_question = "what is the shape in the image " * 10
-    ds = LlavaDataset([qa("q", long_question, "yes"), qa("ok", "Q?", "no")], image_root,
-                      processor, max_length=32)
+    ds = LlavaDataset(
+        [qa("q", long_question, "yes"), qa("ok", "Q?", "no")], image_root, processor, max_length=32
+    )
     assert (ds[0]["labels"] == IGNORE_INDEX).all()
     assert ds.stats()["n_no_answer_tokens"] == 1
 
@@ -160,10 +170,15 @@ def test_max_length_that_cannot_hold_the_image_is_refused(processor, image_root)
 
 
 def test_truncation_never_cuts_image_tokens(processor, image_root):
-    sample = {"id": "sys", "image": "a.png", "conversations": [
-        {"from": "system", "value": "a long system prompt " * 10},
-        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"},
-    ]}
+    sample = {
+        "id": "sys",
+        "image": "a.png",
+        "conversations": [
+            {"from": "system", "value": "a long system prompt " * 10},
+            {"from": "human", "value": "<image>\nQ?"},
+            {"from": "gpt", "value": "A"},
+        ],
+    }
     ds = LlavaDataset([sample], image_root, processor, max_length=30)
     with pytest.raises(DataError, match="sample 'sys': image tokens at positions .* max_length 30"):
         ds[0]
@@ -172,9 +187,11 @@ def test_truncation_never_cuts_image_tokens(processor, image_root):
 # ---- collation -------------------------------------------------------------------------------
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_collator_pads_and_keeps_image_rows_in_order(data_vlm, processor, image_root, side):
-    samples = [qa("a", "What shape?", "circle"),
-               qa("t", "Say something longer, please.", "ok", None),
-               qa("b", "What color is the shape in the image?", "red", "b.png")]
+    samples = [
+        qa("a", "What shape?", "circle"),
+        qa("t", "Say something longer, please.", "ok", None),
+        qa("b", "What color is the shape in the image?", "red", "b.png"),
+    ]
     ds = LlavaDataset(samples, image_root, processor, 128)
     items = [ds[i] for i in range(3)]
     pad = processor.tokenizer.pad_token_id
@@ -195,8 +212,12 @@ def test_collator_pads_and_keeps_image_rows_in_order(data_vlm, processor, image_
         assert (batch["labels"][row, rest] == IGNORE_INDEX).all()
         assert batch["attention_mask"][row].sum() == n
     if side == "right":  # the model takes images in row order: a mixed batch runs and trains
-        out = data_vlm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"], labels=batch["labels"])
+        out = data_vlm.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            labels=batch["labels"],
+        )
         assert torch.isfinite(out.loss)
 
 
@@ -214,8 +235,9 @@ def test_collator_rejects_unknown_padding_side():
 # ---- bad inputs ------------------------------------------------------------------------------
 def test_malformed_json_gives_line_and_column(write_json):
     path = write_json('[\n  {"id": "a",\n    "image": "a.png"\n    "conversations": []}\n]')
-    with pytest.raises(DataError,
-                       match=r"data\.json: invalid JSON at line 4, column 5: Expecting ','"):
+    with pytest.raises(
+        DataError, match=r"data\.json: invalid JSON at line 4, column 5: Expecting ','"
+    ):
         load_llava_json(path)
 
 
@@ -224,25 +246,31 @@ def test_missing_file(tmp_path):
         load_llava_json(tmp_path / "nope.json")
 
 
-@pytest.mark.parametrize("data, message", [
-    ([], "the dataset is empty"),
-    ({"id": 1}, "expected a JSON list of samples, got an object"),
-    (["text"], "sample '0' \\(index 0\\) is a string, not an object"),
-    ([{"id": "x"}], "sample 'x' \\(index 0\\) has no 'conversations' list"),
-    ([conv(("human", "hi"))],
-     "sample 'x' \\(index 0\\) has no assistant turn"),
-    ([conv(("human", "hi"), ("bot", "yo"))],
-     "turn 1 has unknown role 'bot'; valid: human, user, gpt"),
-    ([conv(("human", "hi"), ("gpt", 3))],
-     "turn 1 value is a number, not a string"),
-    ([conv(("human", "<image>\nhi"), ("gpt", "a"))],
-     "sample 'x' \\(index 0\\) has an <image> placeholder but no 'image' field"),
-    ([conv(("gpt", "a"), ("human", "b"))],
-     "does not start with a user turn"),
-    ([conv((["human"], "a"), ("gpt", "b"))], "turn 0 has unknown role"),
-    ([{**conv(("human", "<image>a"), ("gpt", "b")), "image": ["a.png", "b.png"]}],
-     "multi-image samples are not supported"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ([], "the dataset is empty"),
+        ({"id": 1}, "expected a JSON list of samples, got an object"),
+        (["text"], "sample '0' \\(index 0\\) is a string, not an object"),
+        ([{"id": "x"}], "sample 'x' \\(index 0\\) has no 'conversations' list"),
+        ([conv(("human", "hi"))], "sample 'x' \\(index 0\\) has no assistant turn"),
+        (
+            [conv(("human", "hi"), ("bot", "yo"))],
+            "turn 1 has unknown role 'bot'; valid: human, user, gpt",
+        ),
+        ([conv(("human", "hi"), ("gpt", 3))], "turn 1 value is a number, not a string"),
+        (
+            [conv(("human", "<image>\nhi"), ("gpt", "a"))],
+            "sample 'x' \\(index 0\\) has an <image> placeholder but no 'image' field",
+        ),
+        ([conv(("gpt", "a"), ("human", "b"))], "does not start with a user turn"),
+        ([conv((["human"], "a"), ("gpt", "b"))], "turn 0 has unknown role"),
+        (
+            [{**conv(("human", "<image>a"), ("gpt", "b")), "image": ["a.png", "b.png"]}],
+            "multi-image samples are not supported",
+        ),
+    ],
+)
 def test_structural_problems_name_the_sample(write_json, data, message):
     with pytest.raises(DataError, match=f"data\\.json: .*{message}"):
         load_llava_json(write_json(data))
@@ -252,8 +280,11 @@ def test_several_bad_samples_are_counted_and_the_first_shown(write_json):
     good = qa("ok", "Q?", "A")
     bad = [{"id": f"q{i}", "conversations": [{"from": "human", "value": "Q?"}]} for i in range(3)]
     data = [good] * 16 + bad
-    with pytest.raises(DataError, match=r"data\.json: 3 invalid samples; first: sample 'q0' "
-                                        r"\(index 16\) has no assistant turn"):
+    with pytest.raises(
+        DataError,
+        match=r"data\.json: 3 invalid samples; first: sample 'q0' "
+        r"\(index 16\) has no assistant turn",
+    ):
         load_llava_json(write_json(data))
 
 
@@ -268,11 +299,14 @@ def test_corrupt_image_names_sample_and_path_at_access(processor, image_root):
         ds[0]
 
 
-@pytest.mark.parametrize("path, message", [
-    ("../a.png", "escapes its root"),
-    ("sub/../../a.png", "escapes its root"),
-    ("/etc/hostname", "is absolute"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("../a.png", "escapes its root"),
+        ("sub/../../a.png", "escapes its root"),
+        ("/etc/hostname", "is absolute"),
+    ],
+)
 def test_image_paths_may_not_leave_the_root(processor, image_root, path, message):
     with pytest.raises(DataError, match=f"sample 'e'.*{message}"):
         LlavaDataset([qa("e", "Q?", "A", path)], image_root, processor, 64)

@@ -30,45 +30,80 @@ def _qwen_like_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=[EOS], show_progress=False,
+        vocab_size=320,
+        special_tokens=[EOS],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([SYSTEM, "USER: ASSISTANT: What shape is in the image? A red circle."],
-                            trainer=trainer)
+    tok.train_from_iterator(
+        [SYSTEM, "USER: ASSISTANT: What shape is in the image? A red circle."], trainer=trainer
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
 def _text_config(tokenizer, rows: int, tie: bool) -> dict:
     """A Qwen2 text_config as transformers 4.x nests it in TinyLLaVA's config.json."""
     return {
-        "_name_or_path": "Qwen/Qwen2-0.5B", "architectures": ["Qwen2ForCausalLM"],
-        "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 256,
-        "max_window_layers": 2, "model_type": "qwen2", "num_attention_heads": 4,
-        "num_hidden_layers": 2, "num_key_value_heads": 2, "rope_theta": 1000000.0,
-        "sliding_window": 256, "tie_word_embeddings": tie, "torch_dtype": "float32",
-        "use_sliding_window": False, "vocab_size": rows,
+        "_name_or_path": "Qwen/Qwen2-0.5B",
+        "architectures": ["Qwen2ForCausalLM"],
+        "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "max_position_embeddings": 256,
+        "max_window_layers": 2,
+        "model_type": "qwen2",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "rope_theta": 1000000.0,
+        "sliding_window": 256,
+        "tie_word_embeddings": tie,
+        "torch_dtype": "float32",
+        "use_sliding_window": False,
+        "vocab_size": rows,
     }
 
 
 def _vision_config() -> dict:
     """SigLIP vision_config as TinyLLaVA nests it (with its model_name_or_path bookkeeping)."""
     return {
-        "hidden_act": "gelu_pytorch_tanh", "hidden_size": 32, "image_size": 32,
-        "intermediate_size": 64, "layer_norm_eps": 1e-06, "model_name_or_path": "google/siglip",
-        "model_name_or_path2": "", "model_type": "siglip_vision_model", "num_attention_heads": 4,
-        "num_hidden_layers": 3, "patch_size": 8,  # 16 patches; "patch" keeps 15
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 32,
+        "image_size": 32,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-06,
+        "model_name_or_path": "google/siglip",
+        "model_name_or_path2": "",
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 3,
+        "patch_size": 8,  # 16 patches; "patch" keeps 15
     }
 
 
 def _strip(cfg: dict) -> dict:
-    drop = {"_name_or_path", "architectures", "model_type", "model_name_or_path",
-            "model_name_or_path2", "torch_dtype"}
+    drop = {
+        "_name_or_path",
+        "architectures",
+        "model_type",
+        "model_name_or_path",
+        "model_name_or_path2",
+        "torch_dtype",
+    }
     return {k: v for k, v in cfg.items() if k not in drop}
 
 
-def write_tinyllava(path: Path, *, connector_type="mlp2x_gelu", select="patch", tie=True,
-                    grow=False, layout="single", seed=0) -> dict:
+def write_tinyllava(
+    path: Path,
+    *,
+    connector_type="mlp2x_gelu",
+    select="patch",
+    tie=True,
+    grow=False,
+    layout="single",
+    seed=0,
+) -> dict:
     """Write a random tiny TinyLLaVA checkpoint; return its modules for the reference forward.
 
     ``grow``: the embedding has exactly len(tokenizer) rows, so <image> needs a new row.
@@ -84,23 +119,30 @@ def write_tinyllava(path: Path, *, connector_type="mlp2x_gelu", select="patch", 
     lm = Qwen2ForCausalLM(Qwen2Config(**_strip(text))).eval()
     tower = SiglipVisionModel(SiglipVisionConfig(**_strip(vision))).eval()
     connector = torch.nn.Sequential(
-        torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32)).eval()
+        torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32)
+    ).eval()
     parts = {
-        "language_model": {k: v for k, v in lm.state_dict().items()
-                           if not (tie and k == "lm_head.weight")},  # tied heads are not saved
+        "language_model": {
+            k: v for k, v in lm.state_dict().items() if not (tie and k == "lm_head.weight")
+        },  # tied heads are not saved
         # transformers 4.x, which TinyLLaVA uses, nests SigLIP's weights under vision_model.
         "vision_tower": {"vision_model." + k: v for k, v in tower.state_dict().items()},
         "connector": {"_connector." + k: v for k, v in connector.state_dict().items()},
     }
-    prefixes = {"language_model": "language_model.", "vision_tower": "vision_tower._vision_tower.",
-                "connector": "connector."}
+    prefixes = {
+        "language_model": "language_model.",
+        "vision_tower": "vision_tower._vision_tower.",
+        "connector": "connector.",
+    }
     state = {prefixes[p] + k: v.clone() for p, sd in parts.items() for k, v in sd.items()}
     if layout == "single":
         save_file(state, str(path / "model.safetensors"))
     elif layout == "sharded":
         names = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": names[::2],
-                  "model-00002-of-00002.safetensors": names[1::2]}
+        shards = {
+            "model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2],
+        }
         for shard, keys in shards.items():
             save_file({k: state[k] for k in keys}, str(path / shard))
         index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
@@ -110,29 +152,53 @@ def write_tinyllava(path: Path, *, connector_type="mlp2x_gelu", select="patch", 
             (path / part).mkdir()
             torch.save({k: v.clone() for k, v in sd.items()}, path / part / "pytorch_model.bin")
     config = {
-        "architectures": ["TinyLlavaForConditionalGeneration"], "cache_dir": None,
+        "architectures": ["TinyLlavaForConditionalGeneration"],
+        "cache_dir": None,
         "auto_map": {  # as on the hub: never followed (no trust_remote_code)
             "AutoConfig": "configuration.TinyLlavaConfig",
             "AutoModelForCausalLM": "modeling_tinyllava_qwen2.TinyLlavaForConditionalGeneration",
         },
-        "connector_type": connector_type, "hidden_size": 32, "ignore_index": -100,
-        "image_aspect_ratio": "square", "image_token_index": IMAGE_TOKEN_INDEX,
-        "llm_model_name_or_path": "Qwen/Qwen2-0.5B", "model_type": "tinyllava",
-        "pad_token": EOS, "pad_token_id": tokenizer.eos_token_id, "resampler_hidden_size": None,
-        "num_queries": None, "num_resampler_layers": None, "text_config": text,
-        "tokenizer_model_max_length": 2048, "tokenizer_name_or_path": "Qwen/Qwen2-0.5B",
-        "tokenizer_padding_side": "right", "tokenizer_use_fast": False, "torch_dtype": "float32",
-        "transformers_version": "4.40.1", "tune_type_connector": "full", "tune_type_llm": "full",
-        "tune_type_vision_tower": "frozen", "tune_vision_tower_from_layer": 0, "use_cache": True,
-        "vision_config": vision, "vision_feature_layer": -2,
-        "vision_feature_select_strategy": select, "vision_hidden_size": 32,
+        "connector_type": connector_type,
+        "hidden_size": 32,
+        "ignore_index": -100,
+        "image_aspect_ratio": "square",
+        "image_token_index": IMAGE_TOKEN_INDEX,
+        "llm_model_name_or_path": "Qwen/Qwen2-0.5B",
+        "model_type": "tinyllava",
+        "pad_token": EOS,
+        "pad_token_id": tokenizer.eos_token_id,
+        "resampler_hidden_size": None,
+        "num_queries": None,
+        "num_resampler_layers": None,
+        "text_config": text,
+        "tokenizer_model_max_length": 2048,
+        "tokenizer_name_or_path": "Qwen/Qwen2-0.5B",
+        "tokenizer_padding_side": "right",
+        "tokenizer_use_fast": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.40.1",
+        "tune_type_connector": "full",
+        "tune_type_llm": "full",
+        "tune_type_vision_tower": "frozen",
+        "tune_vision_tower_from_layer": 0,
+        "use_cache": True,
+        "vision_config": vision,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": select,
+        "vision_hidden_size": 32,
         "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
-        "vision_model_name_or_path2": "", "vocab_size": rows,
+        "vision_model_name_or_path2": "",
+        "vocab_size": rows,
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(path)
-    return {"lm": lm, "tower": tower, "connector": connector, "tokenizer": tokenizer,
-            "select": select}
+    return {
+        "lm": lm,
+        "tower": tower,
+        "connector": connector,
+        "tokenizer": tokenizer,
+        "select": select,
+    }
 
 
 # ---- TinyLLaVA's side, re-implemented from its source -------------------------------------
@@ -168,7 +234,7 @@ def tinyllava_logits(parts: dict, ids: list[int], pixel_values: torch.Tensor) ->
     ids_t = torch.tensor(ids)
     at = int((ids_t == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
     embed = parts["lm"].get_input_embeddings()
-    embeds = torch.cat([embed(ids_t[:at]), features, embed(ids_t[at + 1:])])
+    embeds = torch.cat([embed(ids_t[:at]), features, embed(ids_t[at + 1 :])])
     return parts["lm"](inputs_embeds=embeds[None]).logits
 
 
@@ -180,16 +246,23 @@ def _image() -> Image.Image:
 # ---- tests --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "layout,tie,grow,select",
-    [("single", True, False, "patch"), ("sharded", False, False, "cls_patch"),
-     ("subfolders", True, True, "patch")],
+    [
+        ("single", True, False, "patch"),
+        ("sharded", False, False, "cls_patch"),
+        ("subfolders", True, True, "patch"),
+    ],
 )
 def test_converted_logits_equal_tinyllava_forward(tmp_path, layout, tie, grow, select):
     parts = write_tinyllava(tmp_path / "src", layout=layout, tie=tie, grow=grow, select=select)
     convert_tinyllava(tmp_path / "src", tmp_path / "out")
     vlm = VLM.from_pretrained(tmp_path / "out")
 
-    messages = [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "What shape is in the image?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What shape is in the image?"}],
+        }
+    ]
     prompt = vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == tinyllava_prompt(["<image>\nWhat shape is in the image?"], [None])
     inputs = vlm.processor(text=prompt, images=_image(), return_tensors="pt")
@@ -245,11 +318,14 @@ def test_chat_template_renders_qwen2_base(tmp_path):
         {"role": "user", "content": "And its colour?"},
         {"role": "assistant", "content": "Red."},
     ]
-    expected = SYSTEM + ("USER: <image>\nWhat is it? ASSISTANT: A circle.<|endoftext|>"
-                         "USER: And its colour? ASSISTANT: Red.<|endoftext|>")
+    expected = SYSTEM + (
+        "USER: <image>\nWhat is it? ASSISTANT: A circle.<|endoftext|>"
+        "USER: And its colour? ASSISTANT: Red.<|endoftext|>"
+    )
     assert render(turns) == expected
-    assert render(turns) == tinyllava_prompt(["What is it? <image>", "And its colour?"],
-                                             ["A circle.", "Red."])
+    assert render(turns) == tinyllava_prompt(
+        ["What is it? <image>", "And its colour?"], ["A circle.", "Red."]
+    )
     system = [{"role": "system", "content": "Be brief."}] + one
     assert render(system, add_generation_prompt=True).startswith("Be brief. USER: <image>\n")
 
@@ -277,11 +353,16 @@ def test_missing_tensor_reported(tmp_path):
         convert_tinyllava(tmp_path / "src", tmp_path / "out")
 
 
-@pytest.mark.parametrize("extra,shown", [
-    ("connector._connector.4.weight", r"unexpected.*connector\._connector\.4\.weight"),
-    ("vision_tower._vision_tower.vision_model.extra.weight",
-     r"unexpected.*model\.vision_tower\.extra\.weight"),
-])
+@pytest.mark.parametrize(
+    "extra,shown",
+    [
+        ("connector._connector.4.weight", r"unexpected.*connector\._connector\.4\.weight"),
+        (
+            "vision_tower._vision_tower.vision_model.extra.weight",
+            r"unexpected.*model\.vision_tower\.extra\.weight",
+        ),
+    ],
+)
 def test_extra_tensor_reported(tmp_path, extra, shown):
     write_tinyllava(tmp_path / "src")
     _rewrite(tmp_path / "src", lambda s: s.__setitem__(extra, torch.zeros(2)))

@@ -13,12 +13,15 @@ from edgekd.models import VLM, build_vlm, check_compatible, count_parameters, tr
 
 
 def _inputs(vlm: VLM, n_images: int = 2):
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat shape?"}]}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat shape?"}]}
+    ]
     text = vlm.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue", "green")[:n_images]]
     short, long = text, text + "a longer tail"
-    return vlm.processor(text=[short, long][:n_images], images=images, return_tensors="pt",
-                         padding=True)
+    return vlm.processor(
+        text=[short, long][:n_images], images=images, return_tensors="pt", padding=True
+    )
 
 
 @torch.no_grad()
@@ -51,8 +54,9 @@ def test_feature_layer_and_select_strategy(tokenizer, layer, strategy):
     from edgekd.models import factory
 
     shape = factory.SHAPES["tiny"]
-    shape = factory.VLMShape(shape.vision, shape.text, vision_feature_layer=layer,
-                             select_strategy=strategy)
+    shape = factory.VLMShape(
+        shape.vision, shape.text, vision_feature_layer=layer, select_strategy=strategy
+    )
     factory.SHAPES["tiny-variant"] = shape
     try:
         vlm = build_vlm("tiny-variant", tokenizer=tokenizer)
@@ -63,14 +67,15 @@ def test_feature_layer_and_select_strategy(tokenizer, layer, strategy):
     enc = _inputs(vlm, n_images=1)
     n_img = int((enc["input_ids"] == vlm.image_token_id).sum())
     assert n_img == vlm.num_image_tokens() == 16 - (strategy == "default")
-    assert torch.equal(vlm.model(**enc).logits,
-                       vlm.forward_stages(enc["input_ids"], enc["attention_mask"], enc["pixel_values"]))
+    assert torch.equal(
+        vlm.model(**enc).logits,
+        vlm.forward_stages(enc["input_ids"], enc["attention_mask"], enc["pixel_values"]),
+    )
 
 
 def _with_projector_input(vlm: VLM, in_features: int) -> VLM:
     from transformers import LlavaForConditionalGeneration
 
-    vlm.config.vision_config.hidden_size  # unchanged: the tower is the same
     model = LlavaForConditionalGeneration(vlm.config).eval()
     lin = model.model.multi_modal_projector.linear_1
     model.model.multi_modal_projector.linear_1 = torch.nn.Linear(in_features, lin.out_features)
@@ -93,8 +98,12 @@ def test_save_and_load_roundtrip(tiny_vlm, tiny_checkpoint):
     enc = _inputs(tiny_vlm)
     assert torch.equal(tiny_vlm.model(**enc).logits, loaded.model(**enc).logits)
     assert loaded.fingerprint() == tiny_vlm.fingerprint()
-    assert loaded.processor(text="<image>", images=Image.new("RGB", (9, 9)))["input_ids"][0].count(
-        loaded.image_token_id) == loaded.num_image_tokens()
+    assert (
+        loaded.processor(text="<image>", images=Image.new("RGB", (9, 9)))["input_ids"][0].count(
+            loaded.image_token_id
+        )
+        == loaded.num_image_tokens()
+    )
 
 
 def test_load_dtype_option(tiny_checkpoint):
@@ -119,8 +128,11 @@ def test_load_errors_are_one_line(tmp_path):
         VLM.from_pretrained("no-such-org/no-such-model")  # hub offline in tests
     assert "\n" not in str(e.value)
     (tmp_path / "tl").mkdir()
-    (tmp_path / "tl" / "config.json").write_text(json.dumps(
-        {"model_type": "tinyllava", "architectures": ["TinyLlavaForConditionalGeneration"]}))
+    (tmp_path / "tl" / "config.json").write_text(
+        json.dumps(
+            {"model_type": "tinyllava", "architectures": ["TinyLlavaForConditionalGeneration"]}
+        )
+    )
     with pytest.raises(ModelError, match="edgekd convert tinyllava"):
         VLM.from_pretrained(tmp_path / "tl")
 
@@ -128,8 +140,14 @@ def test_load_errors_are_one_line(tmp_path):
 def test_non_llava_checkpoint_is_refused(tmp_path, tokenizer):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer))
+    cfg = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
     with pytest.raises(ModelError, match="not a LLaVA-family VLM .model_type 'qwen2'"):
         VLM.from_pretrained(tmp_path / "qwen")
@@ -137,10 +155,14 @@ def test_non_llava_checkpoint_is_refused(tmp_path, tokenizer):
 
 def test_check_compatible_names_both_values(tiny_vlm, small_vlm):
     check_compatible(small_vlm, tiny_vlm)
-    other = build_vlm("tiny", tokenizer=train_tokenizer(["completely different words"] * 50,
-                                                        vocab_size=700))
-    with pytest.raises(ModelError, match=rf"teacher vocabulary size {small_vlm.vocab_size} != "
-                                         rf"student vocabulary size {other.vocab_size}"):
+    other = build_vlm(
+        "tiny", tokenizer=train_tokenizer(["completely different words"] * 50, vocab_size=700)
+    )
+    with pytest.raises(
+        ModelError,
+        match=rf"teacher vocabulary size {small_vlm.vocab_size} != "
+        rf"student vocabulary size {other.vocab_size}",
+    ):
         check_compatible(small_vlm, other)
     shifted = build_vlm("tiny", tokenizer=tiny_vlm.tokenizer)
     shifted.model.config.image_token_id = 2
@@ -153,13 +175,19 @@ def test_tokenizer_training_is_deterministic(tokenizer):
     assert again.get_vocab() == tokenizer.get_vocab()
     text = "<|im_start|>user\n<image>\nIs there a red circle?<|im_end|>"
     assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert tokenizer.decode(tokenizer("any text, even ünïcode ✓")["input_ids"]) == "any text, even ünïcode ✓"
+    assert (
+        tokenizer.decode(tokenizer("any text, even ünïcode ✓")["input_ids"])
+        == "any text, even ünïcode ✓"
+    )
 
 
-@pytest.mark.parametrize("name,lm_params,n_visual", [
-    ("qwen2-0.5b-siglip-so400m", 494_032_768, 728),
-    ("qwen2.5-3b-siglip-so400m", 3_085_938_688, 728),
-])
+@pytest.mark.parametrize(
+    "name,lm_params,n_visual",
+    [
+        ("qwen2-0.5b-siglip-so400m", 494_032_768, 728),
+        ("qwen2.5-3b-siglip-so400m", 3_085_938_688, 728),
+    ],
+)
 def test_presets_have_the_papers_shapes(tokenizer, name, lm_params, n_visual):
     vlm = build_vlm(name, tokenizer=tokenizer, device="meta")
     counts = count_parameters(vlm)

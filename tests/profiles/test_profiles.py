@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import ValidationError
-
-from edgekd.errors import EdgeKDError
 from edgekd.profiles import (
     DeviceProfile,
     LossConfig,
@@ -22,13 +19,21 @@ from edgekd.profiles import (
     profile_to_dict,
     profile_to_yaml,
 )
+from pydantic import ValidationError
+
+from edgekd.errors import EdgeKDError
 
 PACKAGE = resources.files("edgekd.profiles")
 DEVICE_FILES = sorted(p.name for p in (PACKAGE / "devices").iterdir() if p.name.endswith(".yaml"))
 RECIPE_FILES = sorted(p.name for p in (PACKAGE / "recipes").iterdir() if p.name.endswith(".yaml"))
 EXPECTED_DEVICES = {
-    "jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb",
-    "rtx-4090", "a100-80gb", "h100-80gb", "cpu-x86_64",
+    "jetson-orin-nano-8gb",
+    "jetson-orin-nx-16gb",
+    "jetson-agx-orin-64gb",
+    "rtx-4090",
+    "a100-80gb",
+    "h100-80gb",
+    "cpu-x86_64",
 }
 
 VALID_DEVICE = {
@@ -176,7 +181,10 @@ def test_schema_errors_reported_at_once_in_one_line(tmp_path: Path):
 def test_cross_field_errors_reported_at_once(tmp_path: Path):
     data = dict(VALID_DEVICE, kind="jetson", preferred_precision="bf16", default_power_mode="MAXN")
     data["tensorrt"] = {
-        "workspace_gb": 1, "max_batch": 1, "opt_seq_len": 4096, "max_seq_len": 2048,
+        "workspace_gb": 1,
+        "max_batch": 1,
+        "opt_seq_len": 4096,
+        "max_seq_len": 2048,
         "max_past_len": 1,
     }
     message = error_of(load_device_profile, write(tmp_path, "box", data))

@@ -1,0 +1,327 @@
+"""``edgekd distill``: set up teacher, student and data from a recipe, train, save.
+
+Phases: resolve the recipe (file + CLI overrides, validated at once) -> training arguments
+(before the models, so DeepSpeed ZeRO-3 can partition them at load) -> load and check the
+models -> data -> train (or resume) -> save the student as a standard checkpoint.
+
+Output directory::
+
+    OUTPUT/
+      model/              the distilled student: safetensors + processor + edgekd_distill.yaml
+      checkpoints/        checkpoint-N folders (complete or absent, never half-written)
+      config.yaml         the resolved recipe and job
+      training_log.json   every logged step (loss parts, k_t / k_s, lr, tokens/s)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from edgekd.distill.objective import Objective
+from edgekd.distill.switch import build_adapter
+from edgekd.distill.trainer import STAGING, DistillError
+from rich.console import Console
+
+from edgekd.errors import ModelError, OutputExistsError
+from edgekd.io import atomic_dir, atomic_write_text
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+UNUSED_WEIGHTS = {"sft": ("w_align", "w_vsd"), "switch-kd": ()}
+
+
+@dataclass
+class DistillJob:
+    """What ``edgekd distill`` was asked to do; recipe values are overridden by the set fields."""
+
+    output: Path
+    recipe: str = "easyvqa-cpu"
+    teacher: str | None = None
+    student: str | None = None
+    data: Path | None = None
+    images: Path | None = None
+    method: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    vsd_adapter: str = "none"
+    resume: bool = False
+    overwrite: bool = False
+    save_steps: int = 50
+    logging_steps: int = 10
+    save_total_limit: int = 2
+    device: str = "auto"
+    trust_remote_code: bool = False
+    callbacks: list[Any] = field(default_factory=list)  # extra TrainerCallbacks (library use)
+
+
+def resolve_recipe(job: DistillJob):
+    """The recipe with the job's overrides applied, validated once (all problems in one error)."""
+    from edgekd.profiles import load_recipe
+
+    overrides = dict(job.overrides)
+    if job.method:
+        overrides["method"] = job.method
+        for key in UNUSED_WEIGHTS.get(job.method, ("w_vsd",)):
+            overrides[f"loss.{key}"] = 0.0  # weights the recipe set for its own method
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    if world > 1:
+        overrides.setdefault("distributed.num_processes", world)
+        if load_recipe(job.recipe).distributed.strategy == "none":
+            overrides.setdefault("distributed.strategy", "ddp")
+    for key, value in (
+        ("teacher", job.teacher),
+        ("student", job.student),
+        ("data.dataset", job.data),
+        ("data.image_root", job.images),
+    ):
+        if value is not None:
+            overrides[key] = str(value)
+    return load_recipe(job.recipe, overrides=overrides)
+
+
+def prepare_output(job: DistillJob) -> str | None:
+    """Check the output directory; return the checkpoint to resume from (or None)."""
+    ckpt_dir = job.output / "checkpoints"
+    if job.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if last is None:
+            raise DistillError(f"--resume: no checkpoint in '{ckpt_dir}'; start without --resume")
+        shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # a save cut short by a crash
+        return last
+    if job.output.exists() and any(job.output.iterdir()):
+        if not job.overwrite:
+            raise OutputExistsError(
+                f"output '{job.output}' already exists; pass --overwrite to "
+                "replace it or --resume to continue its training"
+            )
+        shutil.rmtree(job.output)
+    return None
+
+
+def training_arguments(job: DistillJob, recipe, device: str):
+    """``TrainingArguments`` from the recipe (strategy, batch arithmetic, schedule)."""
+    from transformers import TrainingArguments
+
+    t, strategy = recipe.training, recipe.distributed.strategy
+    kwargs: dict[str, Any] = {}
+    if strategy == "deepspeed-zero3" and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        kwargs["deepspeed"] = str(CONFIG_DIR / "deepspeed_zero3.json")
+    if strategy == "fsdp":
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        kwargs["fsdp_config"] = str(CONFIG_DIR / "fsdp.json")
+    return TrainingArguments(
+        output_dir=str(job.output / "checkpoints"),
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps or -1,
+        bf16=t.bf16 and device == "cuda",
+        activation_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=job.logging_steps,
+        logging_first_step=True,
+        save_steps=job.save_steps,
+        save_total_limit=job.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        ddp_backend="gloo"
+        if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        else None,
+        **kwargs,
+    )
+
+
+def load_models(recipe, job: DistillJob, device: str):
+    """Teacher (None for sft) and student as ``VLM``s, checked for compatibility."""
+    from edgekd.models import VLM, check_compatible
+
+    dtype = "bfloat16" if recipe.training.bf16 and device == "cuda" else "float32"
+    teacher = None
+    if recipe.method != "sft":
+        if recipe.teacher.startswith("tiny:"):
+            raise ModelError(
+                f"teacher '{recipe.teacher}' would be an untrained model; train a "
+                "teacher with --method sft first and pass its directory as --teacher"
+            )
+        teacher = VLM.from_pretrained(
+            recipe.teacher, dtype=dtype, device=device, trust_remote_code=job.trust_remote_code
+        )
+    student = _load_student(recipe, job, teacher, device)
+    if teacher is not None:
+        check_compatible(teacher, student)
+        check_same_preprocessing(teacher, student)
+    return teacher, student
+
+
+def _load_student(recipe, job: DistillJob, teacher, device: str):
+    from edgekd.models import VLM, build_vlm
+    from edgekd.models.factory import corpus_texts
+    from edgekd.models.tokenizer import train_tokenizer
+
+    spec = recipe.student
+    if not spec.startswith("tiny:"):
+        return VLM.from_pretrained(
+            spec, dtype="float32", device=device, trust_remote_code=job.trust_remote_code
+        )
+    tokenizer = (
+        teacher.tokenizer
+        if teacher is not None
+        else train_tokenizer(corpus_texts(recipe.data.dataset))
+    )
+    vlm = build_vlm(spec.split(":", 1)[1], tokenizer=tokenizer, seed=recipe.training.seed)
+    vlm.model.to(device)
+    return vlm
+
+
+def check_same_preprocessing(teacher, student) -> None:
+    """Both models see the same pixels, so their image preprocessing must agree."""
+    keys = ("size", "image_mean", "image_std", "rescale_factor", "resample")
+    t_ip, s_ip = teacher.processor.image_processor, student.processor.image_processor
+    for key in keys:
+        tv, sv = getattr(t_ip, key, None), getattr(s_ip, key, None)
+        if tv != sv:
+            raise ModelError(
+                f"teacher image preprocessing {key}={tv} != student {key}={sv}; "
+                "the visual switch needs both models to see the same pixels"
+            )
+
+
+def load_data(recipe, job: DistillJob, processor, console: Console):
+    """The training dataset; stops when no sample keeps an answer token after truncation."""
+    from edgekd.data import LlavaDataset
+
+    path = Path(recipe.data.dataset)
+    if not path.is_file():
+        raise DistillError(
+            f"training data '{path}' is not a file; write a built-in set with "
+            f"'edgekd data easy-vqa DIR' and pass --data DIR/train.json"
+        )
+    root = Path(recipe.data.image_root) if recipe.data.image_root else path.parent
+    dataset = LlavaDataset(path, root, processor, recipe.training.max_length)
+    stats = dataset.stats()
+    if stats["n_no_answer_tokens"] == stats["n_samples"]:
+        raise DistillError(
+            f"every sample has zero answer tokens after truncation to max_length "
+            f"{recipe.training.max_length} (longest sample: {stats['max_length_seen']} tokens); "
+            "raise training.max_length"
+        )
+    console.print(
+        f"data: {stats['n_samples']} samples, mean {stats['mean_length']:.0f} tokens, "
+        f"{stats['n_truncated']} truncated, {stats['n_no_answer_tokens']} without "
+        f"answer tokens (max_length {recipe.training.max_length})"
+    )
+    return dataset
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DistillError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    return requested
+
+
+def run(job: DistillJob, console: Console | None = None) -> dict[str, Any]:
+    """Train a student as ``job`` says; returns a summary (paths, steps, last logged values)."""
+    from edgekd.distill.callbacks import JsonLogCallback, RichProgressCallback
+    from edgekd.distill.trainer import DistillTrainer
+    from edgekd.profiles import profile_to_yaml
+    from transformers.trainer_callback import PrinterCallback
+
+    from edgekd.data import LlavaCollator
+
+    console = console or Console()
+    job.output = Path(job.output)
+    recipe = resolve_recipe(job)
+    device = pick_device(job.device)
+    resume_from = prepare_output(job)
+    args = training_arguments(job, recipe, device)  # before the models: ZeRO-3 partitions at load
+    teacher, student = load_models(recipe, job, device)
+    objective = Objective(method=recipe.method, **recipe.loss.model_dump())
+    if objective.uses_switch:
+        adapter = build_adapter(student, teacher, job.vsd_adapter)
+        if adapter is not None:
+            student.model.add_module("vsd_adapter", adapter)
+    student.vision_tower.requires_grad_(bool(recipe.training.train_vision_tower))
+    dataset = load_data(recipe, job, student.processor, console)
+    if args.should_save:
+        job.output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job.output / "config.yaml", _config_yaml(recipe, job, profile_to_yaml))
+    trainer = DistillTrainer(
+        model=student.model,
+        teacher_model=teacher.model if teacher is not None else None,
+        objective=objective,
+        args=args,
+        train_dataset=dataset,
+        data_collator=LlavaCollator(student.tokenizer.pad_token_id),
+        processing_class=student.processor,
+        callbacks=[
+            RichProgressCallback(console),
+            JsonLogCallback(job.output / "training_log.json"),
+            *job.callbacks,
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    save_student(trainer, job.output / "model", _config_yaml(recipe, job, profile_to_yaml))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return {
+        "output": str(job.output),
+        "model": str(job.output / "model"),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "last_log": logs[-1] if logs else {},
+        "method": recipe.method,
+    }
+
+
+def save_student(trainer, out: Path, config_yaml: str) -> None:
+    """Save the student (gathered under FSDP / ZeRO-3) as ``out``, atomically, adapter apart."""
+    staging = out.with_name(f".{out.name}.saving")
+    trainer.save_model(str(staging))  # every rank takes part in gathering the weights
+    if trainer.args.should_save:
+        with atomic_dir(out, overwrite=True) as tmp:
+            for item in staging.iterdir():
+                shutil.move(str(item), tmp / item.name)
+            _split_adapter(tmp)
+            (tmp / "edgekd_distill.yaml").write_text(config_yaml)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _split_adapter(folder: Path) -> None:
+    """Move ``vsd_adapter.*`` tensors out of the student's weights into their own file."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        adapter = {k: v for k, v in tensors.items() if k.startswith("vsd_adapter.")}
+        if adapter:
+            save_file(
+                {k: v for k, v in tensors.items() if k not in adapter},
+                shard,
+                metadata={"format": "pt"},
+            )
+            save_file(adapter, folder / "vsd_adapter.safetensors", metadata={"format": "pt"})
+
+
+def _config_yaml(recipe, job: DistillJob, to_yaml) -> str:
+    import yaml
+
+    job_dict = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in asdict(job).items()
+        if k != "callbacks"
+    }
+    return to_yaml(recipe) + yaml.safe_dump({"job": job_dict}, sort_keys=False)
