@@ -177,7 +177,7 @@ def _load_student(recipe, job: DistillJob, teacher, device: str):
     tokenizer = (
         teacher.tokenizer
         if teacher is not None
-        else train_tokenizer(corpus_texts(recipe.data.dataset))
+        else train_tokenizer(corpus_texts(resolve_dataset(recipe.data.dataset)))
     )
     vlm = build_vlm(spec.split(":", 1)[1], tokenizer=tokenizer, seed=recipe.training.seed)
     vlm.model.to(device)
@@ -201,12 +201,7 @@ def load_data(recipe, job: DistillJob, processor, console: Console):
     """The training dataset; stops when no sample keeps an answer token after truncation."""
     from edgekd.data import LlavaDataset
 
-    path = Path(recipe.data.dataset)
-    if not path.is_file():
-        raise DistillError(
-            f"training data '{path}' is not a file; write a built-in set with "
-            f"'edgekd data easy-vqa DIR' and pass --data DIR/train.json"
-        )
+    path = resolve_dataset(recipe.data.dataset, console)
     root = Path(recipe.data.image_root) if recipe.data.image_root else path.parent
     dataset = LlavaDataset(path, root, processor, recipe.training.max_length)
     stats = dataset.stats()
@@ -222,6 +217,29 @@ def load_data(recipe, job: DistillJob, processor, console: Console):
         f"answer tokens (max_length {recipe.training.max_length})"
     )
     return dataset
+
+
+def resolve_dataset(dataset: str, console: Console | None = None) -> Path:
+    """A training JSON path; a built-in name (``easy-vqa``) is written once to the cache."""
+    from edgekd.data import DATASETS
+
+    path = Path(dataset).expanduser()
+    if path.is_dir() and (path / "train.json").is_file():
+        return path / "train.json"
+    if path.is_file():
+        return path
+    if dataset in DATASETS:
+        cache = Path(os.environ.get("EDGEKD_CACHE", Path.home() / ".cache" / "edgekd"))
+        folder = cache / "data" / dataset
+        if not (folder / "train.json").is_file():
+            if console is not None:
+                console.print(f"data: writing built-in dataset '{dataset}' to {folder}")
+            DATASETS[dataset](folder, overwrite=folder.exists())
+        return folder / "train.json"
+    raise DistillError(
+        f"training data '{dataset}' is neither a file nor a built-in dataset "
+        f"({', '.join(DATASETS)}); pass --data TRAIN.json"
+    )
 
 
 def pick_device(requested: str) -> str:

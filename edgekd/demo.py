@@ -4,12 +4,15 @@ Each stage writes one directory under the demo's working directory, atomically, 
 reuses every finished stage and redoes only what is missing or was interrupted.
 
 Stages: data (easy-vqa in LLaVA format) -> initial teacher and student checkpoints (tiny
-SigLIP + Qwen2 models sharing one tokenizer trained on the data). Distillation, export and
-benchmarking join the demo as those stages land.
+SigLIP + Qwen2 models sharing one tokenizer trained on the data) -> teacher trained with sft ->
+students distilled with switch-kd and, for reference, trained with sft -> accuracy of each on
+the test split.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 TEACHER_SIZE, STUDENT_SIZE = "small", "tiny"
+TEACHER_STEPS, STUDENT_STEPS, BATCH, LR = 1500, 300, 32, 2e-3
+EVAL_LIMIT = 600
 
 
 @dataclass
@@ -29,39 +34,126 @@ class Stage:
     description: str
 
 
-def demo_stages(root: Path) -> list[Stage]:
+def _train(
+    root: Path, method: str, student: Path, teacher: Path | None, steps: int, console: Console
+) -> Callable[[Path], object]:
+    def stage(out: Path) -> object:
+        from edgekd.distill.run import DistillJob, run
+
+        overrides = {
+            "training.max_steps": steps,
+            "training.global_batch_size": BATCH,
+            "training.per_device_batch_size": BATCH,
+            "training.learning_rate": LR,
+            "training.train_vision_tower": True,
+        }
+        job = DistillJob(
+            output=out,
+            recipe="easyvqa-cpu",
+            method=method,
+            student=str(student),
+            teacher=str(teacher) if teacher else None,
+            data=root / "data" / "easy-vqa" / "train.json",
+            overrides=overrides,
+            save_steps=100,
+            logging_steps=50,
+            device="cpu",
+            resume=(out / "checkpoints").is_dir(),
+            overwrite=True,
+        )
+        return run(job, console=console)
+
+    return stage
+
+
+def demo_stages(root: Path, console: Console) -> list[Stage]:
     """The demo's stages in order; each ``run`` writes its ``output`` atomically."""
     from edgekd.data import write_easy_vqa
     from edgekd.models.factory import create_checkpoint
 
     data = root / "data" / "easy-vqa"
-    teacher_init, student_init = root / "models" / "teacher-init", root / "models" / "student-init"
+    t_init, s_init = root / "models" / "teacher-init", root / "models" / "student-init"
+    teacher = root / "runs" / "teacher"
     return [
-        Stage(
-            "data", data, lambda out: write_easy_vqa(out), "easy-vqa as LLaVA-format JSON + images"
-        ),
+        Stage("data", data, lambda out: write_easy_vqa(out), "easy-vqa as LLaVA-format JSON"),
         Stage(
             "teacher-init",
-            teacher_init,
+            t_init,
             lambda out: create_checkpoint(TEACHER_SIZE, out, seed=0, corpus=data / "train.json"),
             f"'{TEACHER_SIZE}' VLM with a tokenizer trained on the data",
         ),
         Stage(
             "student-init",
-            student_init,
-            lambda out: create_checkpoint(STUDENT_SIZE, out, seed=0, tokenizer_from=teacher_init),
+            s_init,
+            lambda out: create_checkpoint(STUDENT_SIZE, out, seed=0, tokenizer_from=t_init),
             f"'{STUDENT_SIZE}' VLM sharing the teacher's tokenizer",
+        ),
+        Stage(
+            "teacher",
+            teacher / "model",
+            _stage_dir(_train(root, "sft", t_init, None, TEACHER_STEPS, console)),
+            f"teacher: sft, {TEACHER_STEPS} steps",
+        ),
+        Stage(
+            "student-switch-kd",
+            root / "runs" / "switch-kd" / "model",
+            _stage_dir(
+                _train(root, "switch-kd", s_init, teacher / "model", STUDENT_STEPS, console)
+            ),
+            f"student: switch-kd, {STUDENT_STEPS} steps",
+        ),
+        Stage(
+            "student-sft",
+            root / "runs" / "sft" / "model",
+            _stage_dir(_train(root, "sft", s_init, None, STUDENT_STEPS, console)),
+            f"student: sft (reference), {STUDENT_STEPS} steps",
+        ),
+        Stage(
+            "accuracy",
+            root / "report" / "accuracy.json",
+            lambda out: _accuracy(root, out),
+            f"greedy exact match on {EVAL_LIMIT} test questions",
         ),
     ]
 
 
+def _stage_dir(train: Callable[[Path], object]) -> Callable[[Path], object]:
+    """A training stage's output is ``RUN/model``: train into ``RUN``."""
+    return lambda model_dir: train(model_dir.parent)
+
+
+def _accuracy(root: Path, out: Path) -> dict:
+    from edgekd.evaluate import evaluate
+    from edgekd.io import atomic_write_json
+    from edgekd.models import VLM
+
+    test = root / "data" / "easy-vqa" / "test.json"
+    models = {
+        "teacher": root / "runs" / "teacher" / "model",
+        "switch-kd student": root / "runs" / "switch-kd" / "model",
+        "sft student": root / "runs" / "sft" / "model",
+    }
+    results = {}
+    for name, path in models.items():
+        r = evaluate(
+            VLM.from_pretrained(path), test, limit=EVAL_LIMIT, batch_size=64, max_new_tokens=6
+        )
+        r.pop("predictions")
+        results[name] = r
+    atomic_write_json(out, results)
+    return results
+
+
 def run_demo(root: str | Path, console: Console | None = None) -> list[dict]:
     """Run (or resume) every demo stage under ``root`` and return one summary row per stage."""
+    import torch
+
     console = console or Console()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    stages = demo_stages(root)
+    stages = demo_stages(root, console)
     for i, stage in enumerate(stages, 1):
         label = f"[{i}/{len(stages)}] {stage.name}"
         if stage.output.exists():
@@ -75,9 +167,9 @@ def run_demo(root: str | Path, console: Console | None = None) -> list[dict]:
                 }
             )
             continue
+        console.print(f"{label}: {stage.description} ...")
         start = time.perf_counter()
-        with console.status(f"{label}: {stage.description} ..."):
-            stage.run(stage.output)
+        stage.run(stage.output)
         seconds = time.perf_counter() - start
         console.print(f"{label}: [green]done[/green] in {seconds:.1f}s -> {stage.output}")
         rows.append(
@@ -88,11 +180,28 @@ def run_demo(root: str | Path, console: Console | None = None) -> list[dict]:
                 "output": str(stage.output),
             }
         )
-    table = Table(title="edgekd demo")
+    _print_tables(root, rows, console)
+    return rows
+
+
+def _print_tables(root: Path, rows: list[dict], console: Console) -> None:
+    table = Table(title="edgekd demo: stages")
     for col in ("stage", "status", "seconds", "output"):
         table.add_column(col)
     for row in rows:
         table.add_row(row["stage"], row["status"], f"{row['seconds']:.1f}", row["output"])
     console.print(table)
-    console.print("Next stages (distill, export, bench) join the demo as they land in edgekd.")
-    return rows
+    report = root / "report" / "accuracy.json"
+    results = json.loads(report.read_text())
+    types = sorted(next(iter(results.values()))["per_type"])
+    acc = Table(title="accuracy on easy-vqa test (greedy exact match, %)")
+    for col in ("model", "overall", *types):
+        acc.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in results.items():
+        acc.add_row(
+            name,
+            f"{100 * r['exact_match']:.1f}",
+            *(f"{100 * r['per_type'][t]['exact_match']:.1f}" for t in types),
+        )
+    console.print(acc)
+    console.print(f"report: {report}")

@@ -1,0 +1,70 @@
+"""Export a LLaVA-family checkpoint to an edge artifact and prove it matches PyTorch.
+
+    from edgekd.export import ExportConfig, export
+    manifest = export(ExportConfig("runs/student", target="onnx", precision="int8",
+                                   output=Path("artifacts/student-int8")))
+
+:func:`export` checks the request before loading anything heavy, loads the checkpoint in fp32,
+and runs the exporter's phases (``export`` -> ``validate``) inside :func:`edgekd.io.atomic_dir`,
+writing ``manifest.json`` last: the output directory appears complete and proven, or not at
+all (a parity failure, a full disk or an interrupt leave nothing behind).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekd.export.base import (
+    EXPORTERS,
+    ExportConfig,
+    Exporter,
+    ExportError,
+    ParityError,
+    get_exporter,
+    register,
+)
+
+__all__ = [
+    "EXPORTERS",
+    "ExportConfig",
+    "ExportError",
+    "Exporter",
+    "ParityError",
+    "export",
+    "get_exporter",
+    "register",
+]
+
+
+def export(config: ExportConfig) -> dict[str, Any]:
+    """Export ``config.checkpoint`` to ``config.output`` and return the written manifest.
+
+    Raises:
+        ExportError: unknown target or precision (listing the valid ones), an unsupported
+            architecture or option, or a missing package; all problems at once.
+        OutputExistsError: ``output`` exists and ``overwrite`` is not set.
+        ModelError: the checkpoint is missing or not a LLaVA-family VLM.
+        ParityError: the artifact does not match PyTorch (numbers in the message).
+    """
+    from edgekd.export import manifest
+    from edgekd.io import atomic_dir, check_output_dir
+    from edgekd.models import VLM
+
+    exporter = get_exporter(config.target)
+    problems = []
+    if config.precision not in exporter.precisions:
+        problems.append(f"unknown precision '{config.precision}' for target '{config.target}'; "
+                        f"valid: {', '.join(exporter.precisions)}")
+    if config.n_parity_prompts < 1 or config.max_new_tokens < 1:
+        problems.append("n_parity_prompts and max_new_tokens must be >= 1 (parity is not optional)")
+    if problems:
+        raise ExportError("; ".join(problems))
+    check_output_dir(config.output, config.overwrite)  # before minutes of loading and tracing
+    vlm = VLM.from_pretrained(config.checkpoint, dtype="float32")
+    exporter.check(vlm, config)
+    with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
+        components = exporter.export(vlm, config, tmp)
+        parity = exporter.validate(vlm, config, tmp)
+        return manifest.write(tmp, target=config.target, precision=config.precision,
+                              checkpoint=config.checkpoint, components=components, vlm=vlm,
+                              parity=parity, extra={"options": dict(config.options)})

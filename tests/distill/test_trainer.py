@@ -192,3 +192,23 @@ def test_cli_reports_bad_input_in_one_line(distill_data, student_ckpt, tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "not found" in lines[0], result.stderr
+
+
+def test_builtin_dataset_names_are_written_once_to_the_cache(tmp_path, monkeypatch):
+    from edgekd.data import DATASETS
+    from edgekd.distill.run import resolve_dataset
+
+    calls = []
+
+    def writer(folder, overwrite=False):
+        calls.append(folder)
+        write_dataset(folder, n=3, text_only=0)
+
+    monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(DATASETS, "toy-set", writer)
+    first = resolve_dataset("toy-set")
+    assert first == tmp_path / "cache" / "data" / "toy-set" / "train.json" and first.is_file()
+    assert resolve_dataset("toy-set") == first and len(calls) == 1
+    assert resolve_dataset(str(first.parent)) == first  # a folder written by `edgekd data`
+    with pytest.raises(DistillError, match="neither a file nor a built-in dataset.*toy-set"):
+        resolve_dataset("no-such-set")

@@ -1,0 +1,429 @@
+"""ONNX export of LLaVA-family VLMs: three graphs that onnxruntime (and onnxruntime-genai) drive.
+
+Artifact layout (the one nanoLLaVA-style exports and onnxruntime-genai's ``genai_config.json``
+use)::
+
+    vision_encoder.onnx          pixel_values (B, 3, H, W) -> image_features (B, N, D_text)
+    embed_tokens.onnx            input_ids (B, L) -> inputs_embeds (B, L, D_text)
+    decoder_model_merged.onnx    inputs_embeds, attention_mask, position_ids,
+                                 past_key_values.{i}.key/value (B, kv_heads, P, head_dim)
+                                 -> logits (B, L, V), present.{i}.key/value (B, kv_heads, P+L, head_dim)
+    genai_config.json            I/O names, shapes and ids for other runtimes
+    tokenizer + processor files  so runtimes need no checkpoint
+
+The decoder is one graph for prefill and decode (``P`` may be 0). The vision encoder is the
+tower at the configured feature layer and select strategy followed by the projector.
+
+Why ``torch.onnx.export`` (dynamo) and not optimum: optimum-onnx cannot export LLaVA ("custom
+or unsupported architecture") and pins ``transformers<4.58``, while edgekd runs on transformers
+5.x, whose checkpoints load into 4.57 with a silently re-initialised vision tower. torch.onnx
+exports vision + projector and the decoder with its KV cache, and onnxruntime reproduces
+``generate`` token for token (docs/FACTS, measured). Per-architecture facts (I/O names, dynamic
+axes, tolerances, what each precision stores) are declared as data below, optimum-style.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekd.export.base import ExportConfig, ExportError, register
+
+# ---- per-architecture facts ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the artifact; ``{i}`` in a name expands to every decoder layer."""
+
+    component: str
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    def names(self, which: str, num_layers: int) -> list[str]:
+        return _expand(getattr(self, which), num_layers)
+
+    def axes(self, name: str) -> dict[int, str]:
+        return self.dynamic_axes.get(_template(name), {})
+
+
+VISION = GraphSpec(
+    "vision", "vision_encoder.onnx", ("pixel_values",), ("image_features",),
+    {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
+)
+EMBED = GraphSpec(
+    "embed", "embed_tokens.onnx", ("input_ids",), ("inputs_embeds",),
+    {"input_ids": {0: "batch_size", 1: "sequence_length"},
+     "inputs_embeds": {0: "batch_size", 1: "sequence_length"}},
+)
+DECODER = GraphSpec(
+    "decoder", "decoder_model_merged.onnx",
+    ("inputs_embeds", "attention_mask", "position_ids",
+     "past_key_values.{i}.key", "past_key_values.{i}.value"),
+    ("logits", "present.{i}.key", "present.{i}.value"),
+    {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+     "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+     "position_ids": {0: "batch_size", 1: "sequence_length"},
+     "past_key_values.{i}.key": {0: "batch_size", 2: "past_sequence_length"},
+     "past_key_values.{i}.value": {0: "batch_size", 2: "past_sequence_length"},
+     "logits": {0: "batch_size", 1: "sequence_length"},
+     "present.{i}.key": {0: "batch_size", 2: "total_sequence_length"},
+     "present.{i}.value": {0: "batch_size", 2: "total_sequence_length"}},
+)
+GRAPHS = (VISION, EMBED, DECODER)
+
+# Text model_type -> onnxruntime-genai model type; vision towers whose hidden states we take.
+TEXT_ARCHS = {"qwen2": "qwen2"}
+VISION_ARCHS = ("siglip_vision_model",)
+# Trace sizes: distinct and >= 2, so torch.export neither specialises nor equates the axes.
+TRACE = {"batch_size": 2, "sequence_length": 3, "past_sequence_length": 5}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an artifact of one precision must reproduce of the fp32 PyTorch model.
+
+    ``None`` limits are reported but not enforced.
+    """
+
+    vision_max_abs: float | None
+    vision_min_cosine: float
+    logits_max_abs: float | None
+    logits_min_cosine: float
+    token_exact: bool  # greedy tokens equal PyTorch's on every parity prompt
+    max_accuracy_drop: float | None  # eval-set normalised-match drop (needs eval_data)
+
+
+TOLERANCES = {
+    "fp32": Tolerance(1e-3, 0.99999, 1e-3, 0.99999, True, None),
+    "fp16": Tolerance(5e-2, 0.999, 5e-2, 0.999, True, None),
+    "int8": Tolerance(1e-3, 0.99999, None, 0.99, False, 0.03),
+    "int4": Tolerance(1e-3, 0.99999, None, 0.95, False, 0.05),
+}
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How each component is stored for one precision (recorded in the manifest)."""
+
+    vision: str
+    embed: str
+    decoder: str
+    lm_head: str
+
+
+PLANS = {
+    "fp32": PrecisionPlan("fp32", "fp32", "fp32", "fp32"),
+    # fp16 weights and compute; graph I/O (pixels, embeddings, logits, KV cache) stays fp32.
+    "fp16": PrecisionPlan("fp16 (fp32 I/O, norms/softmax fp32)", "fp16 (fp32 output)",
+                          "fp16 (fp32 I/O, norms/softmax fp32)", "fp16"),
+    # SigLIP stays fp32: it is outside the language-model size budget and int8 ViTs lose accuracy.
+    "int8": PrecisionPlan("fp32", "int8 per-row, fp32 scales",
+                          "int8 dynamic (MatMulInteger, per-channel weights); norms/biases fp32",
+                          "int8 per-channel (baked, untied)"),
+    "int4": PrecisionPlan("fp32", "int8 per-row, fp32 scales",
+                          "int4 weight-only (MatMulNBits, symmetric, block {block}, "
+                          "accuracy_level {level}); norms/biases fp32",
+                          "int8 per-channel (baked, untied)"),
+}
+OPTIONS: dict[str, Any] = {"int4_block_size": 32, "int4_accuracy_level": 4, "opset": 18}
+
+
+def _template(name: str) -> str:
+    parts = name.split(".")
+    return ".".join("{i}" if p.isdigit() else p for p in parts)
+
+
+def _expand(names: tuple[str, ...], num_layers: int) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        out += [name.format(i=i) for i in range(num_layers)] if "{i}" in name else [name]
+    if any("{i}" in n for n in names):  # interleave key/value per layer, as the cache is laid out
+        fixed = [n for n in names if "{i}" not in n]
+        per_layer = [n for n in names if "{i}" in n]
+        out = fixed + [n.format(i=i) for i in range(num_layers) for n in per_layer]
+    return out
+
+
+# ---- the exporter -------------------------------------------------------------------------
+
+
+class OnnxExporter:
+    """``torch.onnx`` (dynamo) export to three graphs, then fp16 / int8 / int4 passes."""
+
+    name = "onnx"
+    precisions = ("fp32", "fp16", "int8", "int4")
+
+    def check(self, vlm, config: ExportConfig) -> None:
+        """Refuse unsupported architectures, options and missing packages, all at once."""
+        problems = []
+        text_type = vlm.config.text_config.model_type
+        vision_type = vlm.config.vision_config.model_type
+        if text_type not in TEXT_ARCHS:
+            problems.append(f"text model '{text_type}' is not supported by the onnx exporter "
+                            f"(supported: {', '.join(TEXT_ARCHS)})")
+        if vision_type not in VISION_ARCHS:
+            problems.append(f"vision tower '{vision_type}' is not supported by the onnx exporter "
+                            f"(supported: {', '.join(VISION_ARCHS)})")
+        problems += _option_problems(config.options)
+        for module, extra in (("onnx", "onnx"), ("onnxruntime", "onnx"), ("onnxscript", "onnx")):
+            try:
+                __import__(module)
+            except ImportError:
+                problems.append(f"the onnx target needs '{module}': pip install 'edgekd[{extra}]'")
+        if problems:
+            raise ExportError("; ".join(problems))
+
+    def export(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
+        """Trace the three graphs, convert them to ``config.precision``, write the artifact."""
+        from edgekd.export import onnx_graph as g
+
+        options = {**OPTIONS, **config.options}
+        n_layers = vlm.config.text_config.num_hidden_layers
+        models = {spec.component: _trace(vlm, spec, n_layers, options["opset"]) for spec in GRAPHS}
+        baked = g.bake_transposed_weights(models["decoder"])
+        head = g.head_matmul(models["decoder"])
+        models = _convert(models, config.precision, options, head)
+        files = {}
+        for spec in GRAPHS:
+            files[spec.component] = g.save(models[spec.component], out / spec.file)
+        vlm.processor.save_pretrained(out)
+        _write_genai_config(vlm, out, n_layers)
+        return _components(vlm, config.precision, options, files, out, baked, head)
+
+    def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
+        """Compare the artifact with PyTorch; see :mod:`edgekd.export.onnx_parity`."""
+        from edgekd.export.onnx_parity import validate
+
+        return validate(vlm, config, out, TOLERANCES[config.precision])
+
+
+def _option_problems(options: dict[str, Any]) -> list[str]:
+    problems = []
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        problems.append(f"unknown onnx option(s) {', '.join(unknown)}; valid: "
+                        f"{', '.join(sorted(OPTIONS))}")
+    block = options.get("int4_block_size", OPTIONS["int4_block_size"])
+    if not isinstance(block, int) or block < 16 or block & (block - 1):
+        problems.append(f"int4_block_size {block!r} must be a power of two >= 16 (e.g. 32, 64, 128)")
+    level = options.get("int4_accuracy_level", OPTIONS["int4_accuracy_level"])
+    if level is not None and level not in (0, 1, 2, 3, 4):
+        problems.append(f"int4_accuracy_level {level!r} must be 0-4 or None")
+    opset = options.get("opset", OPTIONS["opset"])
+    if not isinstance(opset, int) or opset < 17:
+        problems.append(f"opset {opset!r} must be >= 17 (one LayerNormalization op per norm)")
+    return problems
+
+
+# ---- tracing ------------------------------------------------------------------------------
+
+
+def _modules(vlm):
+    """torch wrappers with one forward per graph (built lazily: torch imports stay inside)."""
+    import torch
+    from transformers import DynamicCache
+
+    class Vision(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower, self.projector = vlm.vision_tower, vlm.projector
+
+        def forward(self, pixel_values):
+            return vlm.project(vlm.vision_features(pixel_values))
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = vlm.language_model.get_input_embeddings()
+
+        def forward(self, input_ids):
+            return self.embed_tokens(input_ids)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head = vlm.language_model, vlm.lm_head
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+            cache = DynamicCache(config=vlm.config.text_config)
+            for i in range(len(past_key_values) // 2):
+                cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             position_ids=position_ids, past_key_values=cache, use_cache=True)
+            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            return (self.lm_head(out.last_hidden_state), *present)
+
+    return {"vision": Vision(), "embed": Embed(), "decoder": Decoder()}
+
+
+def kv_shape(text_config) -> tuple[int, int]:
+    """(kv heads, head dim) of one layer's cache."""
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return int(getattr(text_config, "num_key_value_heads", None) or heads), int(head_dim)
+
+
+def _sample_inputs(vlm, spec: GraphSpec, n_layers: int):
+    import torch
+
+    b, seq, past = TRACE["batch_size"], TRACE["sequence_length"], TRACE["past_sequence_length"]
+    tc, vc = vlm.config.text_config, vlm.config.vision_config
+    if spec is VISION:
+        return (torch.randn(b, 3, vc.image_size, vc.image_size),)
+    if spec is EMBED:
+        return (torch.randint(0, vlm.vocab_size, (b, seq)),)
+    kv_heads, head_dim = kv_shape(tc)
+    cache = [torch.randn(b, kv_heads, past, head_dim) for _ in range(2 * n_layers)]
+    mask = torch.ones(b, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(b, seq)
+    return (torch.randn(b, seq, tc.hidden_size), mask, positions, cache)
+
+
+def _dynamic_shapes(spec: GraphSpec, n_layers: int) -> tuple:
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+
+    def axes(name: str) -> dict[int, Any]:
+        return {k: dims.setdefault(v, Dim(v)) for k, v in spec.axes(name).items()}
+
+    names = spec.names("inputs", n_layers)
+    fixed = [n for n in names if not n.startswith("past_key_values.")]
+    shapes: list[Any] = [axes(n) for n in fixed]
+    if len(fixed) < len(names):
+        shapes.append([axes(n) for n in names[len(fixed):]])
+    return tuple(shapes)
+
+
+def _trace(vlm, spec: GraphSpec, n_layers: int, opset: int):
+    """``torch.onnx.export`` (dynamo) of one graph; returns the ``onnx.ModelProto``."""
+    import torch
+
+    from edgekd.export import onnx_graph as g
+
+    module = _modules(vlm)[spec.component].eval()
+    with torch.no_grad(), g.quiet():
+        program = torch.onnx.export(
+            module,
+            _sample_inputs(vlm, spec, n_layers),
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(spec, n_layers),
+            input_names=spec.names("inputs", n_layers),
+            output_names=spec.names("outputs", n_layers),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    _name_dims(model, spec, n_layers)
+    g.name_nodes(model)
+    return model
+
+
+def _name_dims(model, spec: GraphSpec, n_layers: int) -> None:
+    """Give graph I/O the declared axis names (torch names derived axes 'a + b')."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        for axis, name in spec.axes(value.name).items():
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+
+
+# ---- precisions ---------------------------------------------------------------------------
+
+
+def _convert(models: dict[str, Any], precision: str, options: dict[str, Any], head: str):
+    from edgekd.export import onnx_graph as g
+
+    if precision == "fp16":
+        return {k: g.to_fp16(m) for k, m in models.items()}
+    if precision == "fp32":
+        return models
+    g.quantize_gather_int8(models["embed"])
+    if precision == "int8":
+        models["decoder"] = g.quantize_int8(models["decoder"])
+    else:
+        decoder = g.quantize_int4(models["decoder"], block_size=options["int4_block_size"],
+                                  accuracy_level=options["int4_accuracy_level"], exclude=[head])
+        models["decoder"] = g.quantize_int8(decoder, nodes=[head])
+    return models
+
+
+def _components(vlm, precision, options, files, out: Path, baked, head) -> dict[str, Any]:
+    from edgekd.export import onnx_graph as g
+
+    plan = asdict(PLANS[precision])
+    decoder = g.load(out / DECODER.file)
+    left = g.float_matrices(decoder, 100_000)
+    components = {
+        spec.component: {"files": files[spec.component], "precision": plan[spec.component]}
+        for spec in GRAPHS
+    }
+    components["decoder"]["precision"] = plan["decoder"].format(
+        block=options["int4_block_size"], level=options["int4_accuracy_level"])
+    components["decoder"].update({
+        "lm_head": plan["lm_head"], "lm_head_node": head, "baked_transposes": baked,
+        "fp32_matrices_over_1e5": [list(x) for x in left],
+        "ops": {op: g.count_ops(decoder, op) for op in
+                ("MatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul")},
+    })
+    tokenizer_files = sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".jinja")
+                             and p.name != "genai_config.json")
+    components["tokenizer"] = {"files": tokenizer_files, "precision": "n/a"}
+    components["genai_config"] = {"files": ["genai_config.json"], "precision": "n/a"}
+    return components
+
+
+# ---- genai_config.json ---------------------------------------------------------------------
+
+
+def _write_genai_config(vlm, out: Path, n_layers: int) -> None:
+    """An onnxruntime-genai style description of the graphs and ids (also read by edgekd)."""
+    from edgekd.export.manifest import preprocessing
+    from edgekd.io import atomic_write_json
+
+    tc = vlm.config.text_config
+    kv_heads, head_dim = kv_shape(tc)
+    pre = preprocessing(vlm)
+    context = int(getattr(tc, "max_position_embeddings", 2048))
+    decoder_inputs = {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
+                      "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                      "past_value_names": "past_key_values.%d.value"}
+    decoder_outputs = {"logits": "logits", "present_key_names": "present.%d.key",
+                       "present_value_names": "present.%d.value"}
+    config = {
+        "model": {
+            "type": TEXT_ARCHS[tc.model_type],
+            "bos_token_id": vlm.tokenizer.bos_token_id,
+            "eos_token_id": pre["eos_token_ids"],
+            "pad_token_id": pre["pad_token_id"],
+            "image_token_id": vlm.image_token_id,
+            "vocab_size": vlm.vocab_size,
+            "context_length": context,
+            "decoder": {
+                "filename": DECODER.file, "head_size": head_dim, "hidden_size": tc.hidden_size,
+                "num_attention_heads": tc.num_attention_heads, "num_hidden_layers": n_layers,
+                "num_key_value_heads": kv_heads, "inputs": decoder_inputs,
+                "outputs": decoder_outputs, "kv_cache_layout": "batch, kv_heads, sequence, head",
+                "kv_cache_dtype": "float32",
+            },
+            "embedding": {"filename": EMBED.file, "inputs": {"input_ids": "input_ids"},
+                          "outputs": {"embeddings": "inputs_embeds"}},
+            "vision": {
+                "filename": VISION.file, "inputs": {"pixel_values": "pixel_values"},
+                "outputs": {"image_features": "image_features"},
+                "image_size": pre["image_size"], "image_mean": pre["image_mean"],
+                "image_std": pre["image_std"], "rescale_factor": pre["rescale_factor"],
+                "num_image_tokens": pre["image_tokens_per_image"],
+                "feature_layer": vlm.config.vision_feature_layer,
+                "select_strategy": vlm.config.vision_feature_select_strategy,
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": context, "past_present_share_buffer": False},
+    }
+    atomic_write_json(out / "genai_config.json", config)
+
+
+register(OnnxExporter())

@@ -1,0 +1,362 @@
+"""llama.cpp backend: runs a ``gguf`` artifact (``model.gguf`` + ``mmproj.gguf``).
+
+The language model loads as ``llama_cpp.Llama``; the mmproj loads through llama-cpp-python's
+multimodal handler (``MTMDChatHandler(clip_model_path=...)``), whose libmtmd context then
+encodes images. Decoding is driven token by token here rather than through
+``create_chat_completion`` so that the three stages can be timed apart and the token ids are
+exact:
+
+* ``vision_ms``: ``mtmd_encode_chunk`` (SigLIP + projector on one image);
+* ``prefill_ms``: the prompt's text tokens (``Llama.eval``), the image embeddings written into
+  the KV cache (``mtmd_helper_decode_image_chunk``) and the first greedy token;
+* ``decode_ms``: every later token, one ``Llama.eval`` each (argmax over the logits).
+
+Images are resized to the checkpoint's square input size with PIL first (as the transformers
+processor does), so libmtmd only normalises them with the mean/std stored in the mmproj.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgekd.runtime.base import BackendError, Generation
+
+INSTALL_HINT = "pip install edgekd[gguf]"
+MODEL_FILE, MMPROJ_FILE = "model.gguf", "mmproj.gguf"
+
+
+def import_llama_cpp(error: type[Exception] = BackendError):
+    """``llama_cpp`` and its libmtmd bindings, or ``error`` naming the extra to install."""
+    try:
+        import llama_cpp
+        import llama_cpp._logger
+        import llama_cpp.llama_chat_format
+        import llama_cpp.mtmd_cpp
+    except ImportError:
+        raise error(f"the llama.cpp backend needs llama-cpp-python; {INSTALL_HINT}") from None
+    # libmtmd logs every image to stderr by default; route it through llama-cpp-python's
+    # logger, which Llama(verbose=False) silences
+    callback = llama_cpp._logger.llama_log_callback
+    llama_cpp.mtmd_cpp.mtmd_log_set(callback, ctypes.c_void_p(0))
+    llama_cpp.mtmd_cpp.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
+    return llama_cpp
+
+
+def render_prompt(template: str, prompt: str, image_token: str | None) -> str:
+    """One user turn (an image item, then the text) through the chat template, as transformers."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    content = ([{"type": "image"}] if image_token else []) + [{"type": "text", "text": prompt}]
+    return env.from_string(template).render(
+        messages=[{"role": "user", "content": content}], add_generation_prompt=True
+    )
+
+
+def to_rgb_array(image, size: tuple[int, int], resample: int = 3) -> np.ndarray:
+    """A PIL image, path or (H, W, 3) uint8 array as (H, W, 3) uint8 at ``size`` (height, width)."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise BackendError(
+                f"an image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
+            )
+        image = Image.fromarray(image)
+    image = image.convert("RGB")
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), resample=resample)
+    return np.asarray(image, dtype=np.uint8)
+
+
+class LlamaCppSession:
+    """``model.gguf`` + ``mmproj.gguf`` loaded once; greedy generation with stage timings.
+
+    Args:
+        model_path: The language model GGUF.
+        mmproj_path: The vision GGUF (``None``: text only).
+        chat_template: Jinja template the prompt is rendered with.
+        image_size: (height, width) images are resized to before encoding.
+        image_token: The placeholder the template emits for an image.
+        stop_ids: Token ids that end generation (kept in ``token_ids``, as transformers does).
+        n_ctx: Context length of the llama.cpp context.
+        n_threads: CPU threads (``None``: llama-cpp-python's default).
+        n_gpu_layers: Layers offloaded to a GPU build of llama.cpp.
+        logits_all: Keep every position's logits (``Llama.scores``), for parity checks.
+        resample: PIL resampling filter for the resize (3: bicubic, SigLIP's).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        mmproj_path: str | Path | None,
+        *,
+        chat_template: str,
+        image_size: tuple[int, int],
+        image_token: str = "<image>",
+        stop_ids: list[int] | tuple[int, ...] = (),
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        logits_all: bool = False,
+        resample: int = 3,
+        error: type[Exception] = BackendError,
+    ) -> None:
+        llama_cpp = import_llama_cpp(error)
+        self._lc, self._mtmd, self._error = llama_cpp, llama_cpp.mtmd_cpp, error
+        self.chat_template, self.image_token = chat_template, image_token
+        self.image_size, self.resample = tuple(image_size), resample
+        self.stop_ids = set(int(i) for i in stop_ids)
+        self.handler = None
+        if mmproj_path is not None:
+            self.handler = llama_cpp.llama_chat_format.MTMDChatHandler(
+                clip_model_path=str(mmproj_path), verbose=False, use_gpu=n_gpu_layers > 0
+            )
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(model_path),
+                chat_handler=self.handler,
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                n_threads=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                logits_all=logits_all,
+                verbose=False,
+            )
+        except ValueError as e:
+            raise error(f"llama.cpp cannot load '{model_path}': {e}") from None
+        if self.handler is not None:
+            try:  # the handler owns the libmtmd context and frees it with the model
+                self.handler._init_mtmd_context(self.llm)
+            except ValueError as e:
+                raise error(f"libmtmd cannot load '{mmproj_path}': {e}") from None
+        self.n_vocab = self.llm.n_vocab()
+        self.n_embd = self.llm.n_embd()
+
+    # ---- tokens ---------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's tokenization of ``text`` (special tokens parsed, no BOS added)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def last_logits(self) -> np.ndarray:
+        ptr = self.llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # ---- images ---------------------------------------------------------------------------
+    def _image_chunks(self, image):
+        """libmtmd chunks for one image (caller frees them) and the image chunk among them."""
+        if self.handler is None:
+            raise self._error("this session has no mmproj; it cannot take images")
+        m = self._mtmd
+        rgb = np.ascontiguousarray(to_rgb_array(image, self.image_size, self.resample))
+        data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bitmap = m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], data)
+        chunks = m.mtmd_input_chunks_init()
+        marker = m.mtmd_default_marker()
+        text = m.mtmd_input_text()
+        text.text, text.text_len, text.add_special, text.parse_special = (
+            marker,
+            len(marker),
+            False,
+            True,
+        )
+        try:
+            arr = (m.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = m.mtmd_tokenize(self.handler.mtmd_ctx, chunks, ctypes.byref(text), arr, 1)
+            if rc != 0:
+                raise self._error(f"libmtmd could not tokenize the image (code {rc})")
+        finally:
+            m.mtmd_bitmap_free(bitmap)
+        for i in range(m.mtmd_input_chunks_size(chunks)):
+            chunk = m.mtmd_input_chunks_get(chunks, i)
+            if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                return chunks, chunk
+        m.mtmd_input_chunks_free(chunks)
+        raise self._error("libmtmd produced no image chunk")
+
+    def _encode(self, chunk) -> tuple[Any, int, float]:
+        m = self._mtmd
+        t0 = time.perf_counter()
+        rc = m.mtmd_encode_chunk(self.handler.mtmd_ctx, chunk)
+        ms = (time.perf_counter() - t0) * 1e3
+        if rc != 0:
+            raise self._error(f"the mmproj failed to encode the image (code {rc})")
+        return (
+            m.mtmd_get_output_embd(self.handler.mtmd_ctx),
+            m.mtmd_input_chunk_get_n_tokens(chunk),
+            ms,
+        )
+
+    def encode_image(self, image) -> tuple[np.ndarray, float]:
+        """Projected visual tokens (N, D_text) of one image, and the encoding time in ms."""
+        chunks, chunk = self._image_chunks(image)
+        try:
+            ptr, n, ms = self._encode(chunk)
+            return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, -1).copy(), ms
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def _eval_image(self, image) -> tuple[float, float]:
+        """Encode ``image`` into the KV cache at the current position; (vision, decode) ms."""
+        m, lc = self._mtmd, self._lc
+        chunks, chunk = self._image_chunks(image)
+        try:
+            ptr, n, vision_ms = self._encode(chunk)
+            if self.llm.n_tokens + n > self.llm.n_ctx():
+                raise self._error(
+                    f"prompt of {self.llm.n_tokens + n} tokens exceeds n_ctx {self.llm.n_ctx()}"
+                )
+            new_n_past = lc.llama_pos(0)
+            t0 = time.perf_counter()
+            rc = m.mtmd_helper_decode_image_chunk(
+                self.handler.mtmd_ctx,
+                self.llm._ctx.ctx,
+                chunk,
+                ptr,
+                lc.llama_pos(self.llm.n_tokens),
+                lc.llama_seq_id(0),
+                self.llm.n_batch,
+                ctypes.byref(new_n_past),
+                ctypes.cast(None, m.mtmd_helper_post_decode_callback),  # no callback
+                None,
+            )
+            if rc != 0:
+                raise self._error(f"decoding the image embeddings failed (code {rc})")
+            self.llm.n_tokens = new_n_past.value
+            return vision_ms, (time.perf_counter() - t0) * 1e3
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+
+    # ---- generation -----------------------------------------------------------------------
+    def prompt_pieces(self, prompt: str, image) -> list[list[int] | str]:
+        """The rendered prompt as token-id lists with ``"image"`` where the image goes."""
+        text = render_prompt(
+            self.chat_template, prompt, self.image_token if image is not None else None
+        )
+        if image is None:
+            return [self.tokenize(text)]
+        parts = text.split(self.image_token)
+        if len(parts) != 2:
+            raise self._error(
+                f"the chat template rendered {len(parts) - 1} image placeholders for one image"
+            )
+        return [self.tokenize(parts[0]), "image", self.tokenize(parts[1])]
+
+    def prefill(self, pieces: list, image=None) -> float:
+        """Reset, then feed ``pieces`` (token-id lists and ``"image"``); returns vision ms."""
+        llm = self.llm
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        vision_ms = 0.0
+        for piece in pieces:
+            if isinstance(piece, str):
+                vision_ms += self._eval_image(image)[0]
+            elif piece:
+                if llm.n_tokens + len(piece) > llm.n_ctx():
+                    raise self._error(f"prompt exceeds n_ctx {llm.n_ctx()}")
+                llm.eval(piece)
+        if isinstance(pieces[-1], str) or not pieces[-1]:
+            raise self._error("the prompt must end with text tokens (the chat template's turn end)")
+        return vision_ms
+
+    def generate_pieces(self, pieces: list, image=None, max_new_tokens: int = 32) -> Generation:
+        """Greedy decoding after ``pieces`` (token-id lists and ``"image"`` markers)."""
+        llm = self.llm
+        t0 = time.perf_counter()
+        vision_ms = self.prefill(pieces, image)
+        token = int(np.argmax(self.last_logits()))
+        prefill_ms = (time.perf_counter() - t0) * 1e3 - vision_ms
+        prompt_tokens = llm.n_tokens
+        ids = [token]
+        t1 = time.perf_counter()
+        while len(ids) < max_new_tokens and token not in self.stop_ids:
+            if llm.n_tokens + 1 > llm.n_ctx():
+                break
+            llm.eval([token])
+            token = int(np.argmax(self.last_logits()))
+            ids.append(token)
+        decode_ms = (time.perf_counter() - t1) * 1e3
+        text_ids = [i for i in ids if i not in self.stop_ids]
+        return Generation(
+            text=self.detokenize(text_ids).strip(),
+            token_ids=ids,
+            prompt_tokens=prompt_tokens,
+            vision_ms=vision_ms,
+            prefill_ms=prefill_ms,
+            decode_ms=decode_ms,
+        )
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+        """Greedy answer to ``prompt`` about ``image`` (PIL image, path, uint8 array or None)."""
+        return self.generate_pieces(self.prompt_pieces(prompt, image), image, max_new_tokens)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class LlamaCppBackend:
+    """A verified ``gguf`` artifact directory, ready to ``generate``.
+
+    Args:
+        artifact_dir: Directory written by ``edgekd export --target gguf``.
+        n_threads: CPU threads (``None``: llama-cpp-python's default, half the cores).
+        n_gpu_layers: Layers to offload when llama-cpp-python was built with a GPU backend.
+        n_ctx: Context length; default: visual tokens + 1024, at most the model's.
+
+    Raises:
+        ArtifactError: the manifest is missing, or a file is missing, truncated or modified.
+        BackendError: llama-cpp-python is not installed, or the artifact is not a gguf one.
+    """
+
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_ctx: int | None = None,
+    ) -> None:
+        from edgekd.export.manifest import verify
+
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest = verify(self.artifact_dir)
+        if self.manifest.get("target") != "gguf":
+            raise BackendError(
+                f"'{artifact_dir}' is a {self.manifest.get('target')} artifact; the llama.cpp "
+                "backend runs gguf artifacts (edgekd export --target gguf)"
+            )
+        pre = self.manifest["preprocessing"]
+        vision = self.manifest.get("components", {}).get("vision", {})
+        self.session = LlamaCppSession(
+            self.artifact_dir / MODEL_FILE,
+            self.artifact_dir / MMPROJ_FILE,
+            chat_template=pre["chat_template"],
+            image_size=tuple(pre["image_size"]),
+            image_token=pre["image_token"],
+            stop_ids=pre.get("eos_token_ids", []),
+            n_ctx=n_ctx or int(pre["image_tokens_per_image"]) + 1024,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            resample=int(vision.get("image_resample", 3)),
+        )
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+        """Greedy answer with stage timings (see the module docstring for what each covers)."""
+        return self.session.generate(image, prompt, max_new_tokens)
+
+    def close(self) -> None:
+        self.session.close()

@@ -1,0 +1,317 @@
+"""GGUF export: file contents, tokenizer round trip, parity with PyTorch, quantization, refusals."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from edgekd.export.base import ExportConfig, ExportError
+from edgekd.export.gguf import GgufExporter
+
+PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m")
+
+
+def run_export(vlm, checkpoint, out, precision="f32", validate=True, **options):
+    """What the export driver does: check, export, validate, manifest (no atomic dir needed)."""
+    from edgekd.export import manifest
+
+    exporter = GgufExporter()
+    config = ExportConfig(
+        checkpoint=str(checkpoint),
+        target="gguf",
+        precision=precision,
+        output=out,
+        n_parity_prompts=2,
+        max_new_tokens=6,
+        options=options,
+    )
+    exporter.check(vlm, config)
+    components = exporter.export(vlm, config, out)
+    parity = exporter.validate(vlm, config, out) if validate else {}
+    manifest.write(
+        out,
+        target="gguf",
+        precision=precision,
+        checkpoint=str(checkpoint),
+        components=components,
+        vlm=vlm,
+        parity=parity,
+    )
+    return components, parity
+
+
+@pytest.fixture(scope="module")
+def f32_artifact(tiny_vlm, tiny_checkpoint, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path_factory.mktemp("gguf") / "f32"
+    components, parity = run_export(tiny_vlm, tiny_checkpoint, out)
+    return out, components, parity
+
+
+@pytest.fixture(scope="module")
+def wide_vlm(tokenizer):
+    """Hidden size 256 (K-quant rows) with a 384-wide MLP (ffn_down rows fall back)."""
+    from edgekd.models import build_vlm
+
+    return build_vlm("tiny", tokenizer=tokenizer, seed=3, hidden_size=256, intermediate_size=384)
+
+
+def _fields(path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return reader, {f.name: f.contents() for f in reader.fields.values()}
+
+
+# ---- refusals and messages (no llama_cpp needed) -------------------------------------------
+def test_registered_with_its_precisions():
+    from edgekd.export.base import get_exporter
+
+    exporter = get_exporter("gguf")
+    assert isinstance(exporter, GgufExporter)
+    assert exporter.precisions == PRECISIONS
+
+
+def test_unknown_precision_lists_valid_ones(tiny_vlm, tmp_path):
+    config = ExportConfig(checkpoint="x", target="gguf", precision="int3", output=tmp_path)
+    with pytest.raises(ExportError, match="valid: f32, f16, q8_0, q4_k_m"):
+        GgufExporter().check(tiny_vlm, config)
+
+
+def test_unsupported_architecture_refused_in_one_line_without_files(tiny_vlm, tmp_path):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    from edgekd.io import atomic_dir
+    from edgekd.models import VLM
+
+    text = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=564,
+    )
+    cfg = LlavaConfig(
+        vision_config=tiny_vlm.config.vision_config.to_dict(),
+        text_config=text,
+        image_token_index=tiny_vlm.image_token_id,
+        vision_feature_select_strategy="full",
+    )
+    vlm = VLM(LlavaForConditionalGeneration(cfg).eval(), tiny_vlm.processor)
+    out = tmp_path / "artifact"
+    config = ExportConfig(checkpoint="x", target="gguf", precision="f32", output=out)
+    with pytest.raises(ExportError) as err, atomic_dir(out) as tmp:
+        GgufExporter().check(vlm, config)
+        GgufExporter().export(vlm, config, tmp)
+    message = str(err.value)
+    assert "\n" not in message and "'mistral' is not supported" in message
+    assert "valid: qwen2, llama" in message
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_drop_first_token_strategy_refused_with_the_reason(tokenizer, tmp_path):
+    from edgekd.models import build_vlm
+
+    vlm = build_vlm("tiny", tokenizer=tokenizer, seed=0)
+    vlm.config.vision_feature_select_strategy = "default"
+    config = ExportConfig(checkpoint="x", target="gguf", precision="f32", output=tmp_path)
+    with pytest.raises(ExportError, match="drops the first vision token.*legacy mmproj"):
+        GgufExporter().check(vlm, config)
+
+
+def test_missing_llama_cpp_names_the_extra(tiny_vlm, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    config = ExportConfig(checkpoint="x", target="gguf", precision="q8_0", output=tmp_path)
+    with pytest.raises(ExportError, match=r"pip install edgekd\[gguf\]"):
+        GgufExporter().check(tiny_vlm, config)
+
+
+def test_empty_mmproj_is_caught(tiny_vlm, tmp_path):
+    """The known 1 KB mmproj failure: a file whose tensors are gone fails the post-write check."""
+    import gguf
+    from edgekd.export.gguf import check_written, vision_tensors
+
+    path = tmp_path / "mmproj.gguf"
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_string("clip.projector_type", "mlp")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert path.stat().st_size < 1024
+    with pytest.raises(ExportError, match="tensor.*missing"):
+        check_written(path, vision_tensors(tiny_vlm, "f32")[0], "vision")
+
+
+# ---- file contents -------------------------------------------------------------------------
+def test_model_gguf_metadata(f32_artifact, tiny_vlm):
+    out, components, _ = f32_artifact
+    reader, kv = _fields(out / "model.gguf")
+    tok = tiny_vlm.tokenizer
+    assert kv["general.architecture"] == "qwen2"
+    assert kv["qwen2.block_count"] == 2 and kv["qwen2.embedding_length"] == 64
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
+    assert kv["tokenizer.ggml.tokens"] == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert kv["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 3]  # the special tokens are CONTROL
+    assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert kv["tokenizer.ggml.eot_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert kv["tokenizer.ggml.add_bos_token"] is False
+    assert kv["tokenizer.chat_template"] == tiny_vlm.processor.chat_template
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
+    assert components["language_model"]["n_tensors"] == len(names) == 2 + 2 * 12
+
+
+def test_mmproj_gguf_is_legacy_clip_with_feature_layer(f32_artifact, tiny_vlm):
+    out, components, _ = f32_artifact
+    reader, kv = _fields(out / "mmproj.gguf")
+    assert kv["general.architecture"] == "clip" and kv["clip.projector_type"] == "mlp"
+    assert kv["clip.has_vision_encoder"] is True and kv["clip.use_gelu"] is True
+    # layer -2 of a 2-layer tower = hidden_states[1]: one block written, read before block 1
+    assert kv["clip.vision.feature_layer"] == [1] and kv["clip.vision.block_count"] == 1
+    assert kv["clip.vision.image_size"] == 64 and kv["clip.vision.patch_size"] == 16
+    names = {t.name for t in reader.tensors}
+    assert {"mm.0.weight", "mm.2.weight", "v.patch_embd.weight", "v.position_embd.weight"} <= names
+    assert not any(n.startswith(("v.post_ln", "v.blk.1.")) for n in names)
+    assert components["vision"]["feature_layers"] == [1]
+    assert components["smoke_test"]["image_tokens"] == tiny_vlm.num_image_tokens()
+
+
+def test_vocabulary_padded_to_the_embedding(tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp")
+    import llama_cpp
+    from edgekd.export.gguf import write_lm
+
+    from edgekd.models import build_vlm
+
+    vlm = build_vlm("tiny", tokenizer=tokenizer, seed=0, vocab_size=len(tokenizer) + 36)
+    write_lm(vlm, tmp_path / "model.gguf", "f32")
+    _, kv = _fields(tmp_path / "model.gguf")
+    assert len(kv["tokenizer.ggml.tokens"]) == vlm.vocab_size
+    assert kv["tokenizer.ggml.tokens"][-1] == f"[PAD{vlm.vocab_size - 1}]"
+    assert set(kv["tokenizer.ggml.token_type"][len(tokenizer) :]) == {5}  # UNUSED
+    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+    assert llm.n_vocab() == vlm.vocab_size
+
+
+# ---- tokenizer ------------------------------------------------------------------------------
+TEXTS = [
+    "What shape is in the image? Is there a red circle?",
+    "numbers 12345 and 3.14, punctuation!?;: [x] {y} $5 a+b=c <tag>",
+    "  spaces   and\ttabs\n\nnewlines  ",
+    "unicode: café, 東京, 🙂; don't WON'T it's",
+    "<|im_start|>user\n<image>How many?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.mark.parametrize("pre,matches", [("gpt-2", True), ("default", False), ("qwen2", False)])
+def test_pre_tokenizer_choice_reproduces_transformers_ids(
+    tiny_vlm, tmp_path, monkeypatch, pre, matches
+):
+    """Only llama.cpp's 'gpt-2' pre-tokenizer splits text as our ByteLevel(use_regex) does."""
+    pytest.importorskip("llama_cpp")
+    import llama_cpp
+    from edgekd.export import gguf as g
+
+    monkeypatch.setitem(g.PRE_TOKENIZERS, "byte_level", pre)
+    g.write_lm(tiny_vlm, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    same = [
+        llm.tokenize(t.encode(), add_bos=False, special=True)
+        == tiny_vlm.tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in TEXTS
+    ]
+    assert all(same) if matches else not all(same)
+
+
+def test_tokenizer_round_trip_in_parity(f32_artifact):
+    _, components, parity = f32_artifact
+    assert components["language_model"]["pre_tokenizer"] == "gpt-2"
+    assert parity["tokenizer"]["pass"] and parity["tokenizer"]["mismatches"] == []
+
+
+# ---- parity ---------------------------------------------------------------------------------
+def test_f32_logits_match_pytorch(f32_artifact, tiny_vlm):
+    import llama_cpp
+
+    out, _, parity = f32_artifact
+    assert parity["pass"] and parity["text_logits"]["max_abs"] < 2e-3
+    ids = tiny_vlm.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    llm = llama_cpp.Llama(str(out / "model.gguf"), logits_all=True, n_ctx=128, verbose=False)
+    llm.eval(ids)
+    with torch.no_grad():
+        ref = tiny_vlm.language_logits(tiny_vlm.embed(torch.tensor([ids])))[0].numpy()
+    np.testing.assert_allclose(llm.scores[: len(ids)], ref, atol=2e-3, rtol=0)
+
+
+def test_f32_greedy_with_image_is_token_exact(f32_artifact):
+    _, _, parity = f32_artifact
+    greedy = parity["greedy"]
+    assert greedy["token_exact"] == greedy["prompts"] == 2
+    assert all(s["prompt_ids_match"] for s in greedy["samples"])
+    assert parity["image_embeddings"]["cosine_min"] > 0.999
+    assert parity["image_prompt_logits"]["pass"] and parity["chat_handler"]["ran"]
+
+
+def test_llama_architecture_rope_layout(tokenizer, tiny_vlm, tmp_path):
+    """A Llama text config: q/k rows are permuted for llama.cpp's rope and logits still match."""
+    pytest.importorskip("llama_cpp")
+    import llama_cpp
+    from edgekd.export.gguf import write_lm
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from edgekd.models import VLM
+
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    cfg = LlavaConfig(
+        vision_config=tiny_vlm.config.vision_config.to_dict(),
+        text_config=text,
+        image_token_index=tiny_vlm.image_token_id,
+    )
+    torch.manual_seed(0)
+    vlm = VLM(LlavaForConditionalGeneration(cfg).eval(), tiny_vlm.processor)
+    write_lm(vlm, tmp_path / "model.gguf", "f32")
+    ids = tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]
+    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), logits_all=True, n_ctx=128, verbose=False)
+    llm.eval(ids)
+    with torch.no_grad():
+        ref = vlm.language_logits(vlm.embed(torch.tensor([ids])))[0].numpy()
+    np.testing.assert_allclose(llm.scores[: len(ids)], ref, atol=2e-3, rtol=0)
+
+
+# ---- quantization ---------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["q8_0", "q4_k_m"])
+def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
+    pytest.importorskip("llama_cpp")
+    components, parity = run_export(wide_vlm, "wide", tmp_path / precision, precision)
+    lm = components["language_model"]
+    matrices = {
+        n: t for n, t in lm["tensor_types"].items() if not n.endswith((".bias", "norm.weight"))
+    }
+    fallbacks = lm["fallbacks"]["tensors"]
+    assert lm["unquantized_matrices"] == []  # token_embd (the tied output) included
+    if precision == "q8_0":
+        assert set(matrices.values()) == {"Q8_0"} and lm["fallbacks"]["count"] == 0
+    else:
+        # rows of 256 take K-quants; ffn_down's 384-wide rows cannot and fall back
+        assert {"Q4_K", "Q6_K"} & set(matrices.values())
+        assert set(fallbacks) == {f"blk.{i}.ffn_down.weight" for i in range(2)}
+        assert all(
+            f["row_size"] == 384 and f["type"] in ("Q5_0", "Q8_0") for f in fallbacks.values()
+        )
+        assert lm["fallbacks"]["count"] == 2
+    assert components["vision"]["precision"] == "f16"
+    assert set(components["vision"]["tensor_types"].values()) <= {"F16", "F32"}
+    assert parity["pass"], parity

@@ -1,0 +1,217 @@
+"""The ONNX exporter and the export driver on the tiny model: parity, manifest, refusals, faults."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekd.errors import ModelError, OutputExistsError
+from edgekd.export import ExportConfig, ExportError, ParityError, export, get_exporter
+from edgekd.export import onnx as onnx_export
+from edgekd.export import onnx_graph as g
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def _decoder(artifact):
+    return onnx.load(str(artifact / onnx_export.DECODER.file))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_each_precision_exports_and_passes_parity(onnx_artifact, precision):
+    manifest = json.loads((onnx_artifact(precision) / "manifest.json").read_text())
+    parity = manifest["parity"]
+    assert manifest["target"] == "onnx" and manifest["precision"] == precision
+    assert parity["passed"] and all(check["pass"] for check in parity["checks"].values())
+    assert parity["checks"]["preprocessing"]["pixel_max_abs"] == 0.0
+    greedy = parity["checks"]["greedy"]
+    if precision in ("fp32", "fp16"):  # token-exact with PyTorch generate
+        assert greedy["prompts_exact"] == greedy["prompts"] == 3
+    if precision == "fp32":
+        assert parity["checks"]["logits"]["max_abs"] < 1e-4
+        assert parity["checks"]["vision"]["max_abs"] < 1e-5
+    if precision == "int8":  # exported with an eval set: the accuracy delta is measured
+        accuracy = parity["checks"]["accuracy"]
+        assert accuracy["samples"] == 7 and accuracy["drop"] <= accuracy["max_drop"]
+
+
+def test_manifest_lists_every_file_with_sha256_and_size(onnx_artifact):
+    from edgekd.io import sha256_file
+
+    root = onnx_artifact("fp32")
+    manifest = json.loads((root / "manifest.json").read_text())
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    for name, info in manifest["files"].items():
+        assert info == {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
+    expected = {spec.file for spec in onnx_export.GRAPHS} | {"genai_config.json", "tokenizer.json",
+                                                             "processor_config.json"}
+    assert expected <= on_disk
+    listed = {f for component in manifest["components"].values() for f in component["files"]}
+    assert listed == on_disk - {"manifest.json"}, "every file belongs to a component"
+
+
+def test_decoder_is_one_graph_for_prefill_and_decode(onnx_artifact, tiny_vlm):
+    model = _decoder(onnx_artifact("fp32"))
+    n = tiny_vlm.config.text_config.num_hidden_layers
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in model.graph.input}
+    outputs = [o.name for o in model.graph.output]
+    assert list(inputs)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert inputs["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+def test_genai_config_describes_the_graphs(onnx_artifact, tiny_vlm):
+    root = onnx_artifact("fp32")
+    config = json.loads((root / "genai_config.json").read_text())["model"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    decoder = config["decoder"]
+    assert decoder["num_hidden_layers"] == 2 and decoder["num_key_value_heads"] == 2
+    assert decoder["head_size"] == 16 and config["context_length"] == 2048
+    assert config["eos_token_id"] == manifest["preprocessing"]["eos_token_ids"]
+    assert config["image_token_id"] == tiny_vlm.image_token_id
+    assert config["vision"]["num_image_tokens"] == tiny_vlm.num_image_tokens()
+    graph_inputs = [i.name for i in _decoder(root).graph.input]
+    assert decoder["inputs"]["past_key_names"] % 1 in graph_inputs
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_decoders_keep_no_float_matrices(onnx_artifact, precision):
+    """Every weight matrix, the (tied) lm_head included, is quantized; embeddings are int8."""
+    root = onnx_artifact(precision)
+    decoder = _decoder(root)
+    assert g.float_matrices(decoder, min_elements=256) == []
+    assert g.float_matrices(onnx.load(str(root / onnx_export.EMBED.file)), 256) == []
+    producer = {o: n for n in decoder.graph.node for o in n.output}
+    head = producer["logits"]
+    assert head.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "Mul", "Add")
+    components = json.loads((root / "manifest.json").read_text())["components"]
+    assert components["decoder"]["lm_head"].startswith("int8")
+    assert components["vision"]["precision"] == "fp32"
+    if precision == "int4":
+        assert components["decoder"]["ops"]["MatMulNBits"] == 7 * 2  # 7 linears per layer
+
+
+def _tied_graph(vocab=300, hidden=16):
+    """Embedding Gather and lm_head sharing one weight through a runtime Transpose."""
+    w = np.random.default_rng(0).standard_normal((vocab, hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["W", "ids"], ["emb"], name="embed"),
+        helper.make_node("Transpose", ["W"], ["WT"], name="t", perm=[1, 0]),
+        helper.make_node("MatMul", ["emb", "WT"], ["logits"], name="lm_head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])],
+        [numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_tied_head_trap_quantizer_skips_it_unless_baked():
+    trapped = g.quantize_int8(_tied_graph())
+    assert g.count_ops(trapped, "MatMul") == 1, "the quantizer silently skips MatMul(x, Transpose(W))"
+    model = _tied_graph()
+    assert g.bake_transposed_weights(model) == ["W.T"]
+    assert g.head_matmul(model) == "lm_head"
+    quantized = g.quantize_int8(model)
+    assert g.count_ops(quantized, "MatMul", "Transpose") == 0
+    assert [name for name, _ in g.float_matrices(quantized, 1000)] == ["W"]  # the Gather's table
+
+
+def test_large_graphs_are_saved_with_one_external_data_file(onnx_artifact, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    src = onnx_artifact("fp32") / onnx_export.DECODER.file
+    monkeypatch.setattr(g, "EXTERNAL_DATA_BYTES", 1000)
+    files = g.save(g.load(src), tmp_path / "decoder.onnx")
+    assert files == ["decoder.onnx", "decoder.onnx.data"]
+    assert (tmp_path / "decoder.onnx").stat().st_size < 100_000 < (tmp_path / files[1]).stat().st_size
+    a = ort.InferenceSession(str(src)).get_inputs()
+    b = ort.InferenceSession(str(tmp_path / "decoder.onnx")).get_inputs()
+    assert [i.name for i in a] == [i.name for i in b]
+
+
+def test_unknown_target_and_precision_list_the_valid_ones(tmp_path):
+    with pytest.raises(ExportError, match=r"unknown export target 'tflite'; valid: .*onnx"):
+        export(ExportConfig("x", "tflite", "fp32", tmp_path / "out"))
+    with pytest.raises(ExportError, match=r"unknown precision 'int2'.*valid: fp32, fp16, int8, int4"):
+        export(ExportConfig("x", "onnx", "int2", tmp_path / "out"))
+    assert get_exporter("onnx").precisions == PRECISIONS
+
+
+def test_bad_options_are_reported_together(tiny_vlm, tmp_path):
+    config = ExportConfig("x", "onnx", "int4", tmp_path,
+                          options={"int4_block_size": 48, "opset": 13, "bogus": 1})
+    with pytest.raises(ExportError) as e:
+        get_exporter("onnx").check(tiny_vlm, config)
+    message = str(e.value)
+    assert "bogus" in message and "int4_block_size 48" in message and "opset 13" in message
+
+
+def test_non_llava_checkpoint_is_refused_in_one_line(tmp_path):
+    ckpt = tmp_path / "qwen"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(ModelError) as e:
+        export(ExportConfig(str(ckpt), "onnx", "fp32", tmp_path / "out"))
+    assert "not a LLaVA-family VLM" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export(ExportConfig(str(tiny_checkpoint), "onnx", "fp32", out))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def _no_leftovers(parent, name):
+    return not (parent / name).exists() and not list(parent.glob(f".{name}.tmp-*"))
+
+
+def test_full_disk_mid_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    real_save = onnx.save_model
+
+    def save_until_full(model, path, *args, **kwargs):
+        if str(path).endswith(onnx_export.DECODER.file):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save_model", save_until_full)
+    with pytest.raises(OSError) as e:
+        export(ExportConfig(str(tiny_checkpoint), "onnx", "fp32", tmp_path / "out"))
+    assert e.value.errno == errno.ENOSPC
+    assert _no_leftovers(tmp_path, "out")
+
+
+def test_parity_failure_raises_with_numbers_and_leaves_nothing(
+    onnx_artifact, tiny_checkpoint, tmp_path, monkeypatch
+):
+    done = onnx_artifact("fp32")
+
+    def copy_export(self, vlm, config, out):  # reuse the traced files: only the driver is tested
+        for f in done.iterdir():
+            if f.name != "manifest.json":
+                shutil.copy(f, out / f.name)
+        return {}
+
+    monkeypatch.setattr(onnx_export.OnnxExporter, "export", copy_export)
+    strict = onnx_export.Tolerance(0.0, 1.0, 0.0, 1.0, True, None)
+    monkeypatch.setitem(onnx_export.TOLERANCES, "fp32", strict)
+    with pytest.raises(ParityError) as e:
+        export(ExportConfig(str(tiny_checkpoint), "onnx", "fp32", tmp_path / "out"))
+    assert re.search(r"logits: .*max_abs [0-9.e-]+, max_abs_limit 0", str(e.value))
+    assert _no_leftovers(tmp_path, "out")

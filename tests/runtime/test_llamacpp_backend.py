@@ -1,0 +1,142 @@
+"""The llama.cpp backend: verified loading, greedy generation with an image, timings, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from edgekd.runtime.base import BackendError, Generation
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_vlm, tiny_checkpoint, tmp_path_factory):
+    """An f32 gguf artifact of ``tiny_vlm`` with its manifest (validated in the export tests)."""
+    pytest.importorskip("llama_cpp")
+    from edgekd.export import manifest
+    from edgekd.export.base import ExportConfig
+    from edgekd.export.gguf import GgufExporter
+
+    out = tmp_path_factory.mktemp("llamacpp") / "f32"
+    config = ExportConfig(
+        checkpoint=str(tiny_checkpoint), target="gguf", precision="f32", output=out
+    )
+    exporter = GgufExporter()
+    exporter.check(tiny_vlm, config)
+    components = exporter.export(tiny_vlm, config, out)
+    manifest.write(
+        out,
+        target="gguf",
+        precision="f32",
+        checkpoint=str(tiny_checkpoint),
+        components=components,
+        vlm=tiny_vlm,
+        parity={},
+    )
+    return out
+
+
+@pytest.fixture
+def copy_of(artifact, tmp_path):
+    import shutil
+
+    def make():
+        dst = tmp_path / "copy"
+        shutil.copytree(artifact, dst)
+        return dst
+
+    return make
+
+
+def _image(seed=7, size=64):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), np.uint8))
+
+
+@torch.no_grad()
+def _pytorch_greedy(vlm, image, prompt, max_new_tokens):
+    from edgekd.evaluate import stop_token_ids
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = vlm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = vlm.processor(images=image, text=text, return_tensors="pt")
+    stops = stop_token_ids(vlm.tokenizer, vlm.model.generation_config)
+    out = vlm.model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=stops[0],
+    )
+    ids = out[0, enc["input_ids"].shape[1] :].tolist()
+    cut = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
+    return ids[:cut], enc["input_ids"].shape[1]
+
+
+def test_generate_is_token_exact_with_pytorch_and_timed(artifact, tiny_vlm):
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(artifact, n_threads=1)
+    try:
+        for seed, prompt in ((7, "What shape is in the image?"), (8, "Is there a red circle?")):
+            image = _image(seed)
+            gen = backend.generate(image, prompt, max_new_tokens=8)
+            ref, n_prompt = _pytorch_greedy(tiny_vlm, image, prompt, 8)
+            assert isinstance(gen, Generation)
+            assert gen.token_ids == ref
+            assert gen.prompt_tokens == n_prompt
+            assert gen.text == tiny_vlm.tokenizer.decode(ref, skip_special_tokens=True).strip()
+            assert gen.vision_ms > 0 and gen.prefill_ms > 0 and gen.decode_ms >= 0
+    finally:
+        backend.close()
+
+
+def test_larger_images_are_resized_like_the_processor(artifact, tiny_vlm):
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(artifact, n_threads=1)
+    try:
+        image = _image(9, size=97)
+        gen = backend.generate(image, "What color is the shape?", max_new_tokens=6)
+        assert gen.token_ids == _pytorch_greedy(tiny_vlm, image, "What color is the shape?", 6)[0]
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("name,damage", [("model.gguf", "flip"), ("mmproj.gguf", "truncate")])
+def test_tampered_or_truncated_file_is_named_at_load(copy_of, name, damage):
+    from edgekd.export.manifest import ArtifactError
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+
+    art = copy_of()
+    path = art / name
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=name):
+        LlamaCppBackend(art)
+
+
+def test_other_targets_are_refused(copy_of):
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+
+    art = copy_of()
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["target"] = "onnx"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match="gguf artifacts"):
+        LlamaCppBackend(art)
+
+
+def test_missing_llama_cpp_names_the_extra(monkeypatch, tmp_path):
+    from edgekd.runtime.llamacpp import LlamaCppSession
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(BackendError, match=r"pip install edgekd\[gguf\]"):
+        LlamaCppSession(tmp_path / "model.gguf", None, chat_template="", image_size=(64, 64))

@@ -1,0 +1,123 @@
+"""The onnxruntime backend: equals PyTorch greedy generation, refuses tampered artifacts."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgekd.export.manifest import ArtifactError
+from edgekd.runtime.base import BackendError
+from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, encode_prompt, resolve_providers
+
+PROMPTS = [
+    (("red", (64, 64)), "What color is the shape?"),
+    (("blue", (80, 48)), "What shape is in the image?"),  # resized by the processor
+    (("green", (64, 64)), "Is there a <image> circle?"),  # image placed mid-prompt
+    (None, "Say something."),  # text only
+]
+
+
+def _image(spec):
+    return None if spec is None else Image.new("RGB", spec[1], spec[0])
+
+
+@pytest.fixture(scope="module")
+def backend(onnx_fp32_artifact):
+    return OnnxRuntimeBackend(onnx_fp32_artifact, providers=("cpu",), threads=1)
+
+
+def _torch_generate(vlm, image, prompt, max_new_tokens):
+    from edgekd.evaluate import stop_token_ids
+
+    ids, pixels = encode_prompt(vlm.processor, image, prompt)
+    input_ids = torch.from_numpy(ids)
+    stops = stop_token_ids(vlm.tokenizer, vlm.model.generation_config)
+    with torch.no_grad():
+        out = vlm.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            pixel_values=None if pixels is None else torch.from_numpy(pixels),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+            pad_token_id=vlm.tokenizer.pad_token_id)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("spec,prompt", PROMPTS)
+def test_generate_equals_torch_greedy_token_for_token(backend, tiny_vlm, spec, prompt):
+    got = backend.generate(_image(spec), prompt, max_new_tokens=12)
+    assert got.token_ids == _torch_generate(tiny_vlm, _image(spec), prompt, 12)
+    assert got.prompt_tokens > (16 if spec else 0)
+    assert got.prefill_ms > 0 and (got.vision_ms > 0) == (spec is not None)
+    assert got.text == tiny_vlm.tokenizer.decode(got.token_ids, skip_special_tokens=True).strip()
+
+
+def test_generate_stops_at_eos(backend, monkeypatch):
+    first = backend.generate(_image(PROMPTS[0][0]), PROMPTS[0][1], max_new_tokens=4).token_ids
+    monkeypatch.setattr(backend, "eos_token_ids", {first[1]})
+    assert backend.generate(_image(PROMPTS[0][0]), PROMPTS[0][1], 4).token_ids == first[:2]
+
+
+def test_preprocessing_and_prompt_logits_match_pytorch(backend, tiny_vlm):
+    image, prompt = Image.new("RGB", (90, 70), "teal"), "What shape?"
+    ids, pixels = backend.encode(image, prompt)
+    ref = tiny_vlm.processor(text=[backend_text(backend, prompt)], images=[image], return_tensors="np")
+    assert np.array_equal(ids, ref["input_ids"]) and np.array_equal(pixels, ref["pixel_values"])
+    with torch.no_grad():
+        logits = tiny_vlm.forward_stages(torch.from_numpy(ids), None, torch.from_numpy(pixels))
+    assert np.abs(backend.logits(image, prompt) - logits.numpy()).max() < 1e-4
+
+
+def backend_text(backend, prompt):
+    from edgekd.runtime.onnxruntime import render_prompt
+
+    return render_prompt(backend.processor, prompt, has_image=True)
+
+
+def _copy(artifact, tmp_path):
+    return shutil.copytree(artifact, tmp_path / "artifact")
+
+
+def test_tampered_file_is_named_at_load(onnx_fp32_artifact, tmp_path):
+    root = _copy(onnx_fp32_artifact, tmp_path)
+    path = root / "decoder_model_merged.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="'decoder_model_merged.onnx' fails its sha256 check"):
+        OnnxRuntimeBackend(root)
+
+
+def test_truncated_file_is_named_at_load(onnx_fp32_artifact, tmp_path):
+    root = _copy(onnx_fp32_artifact, tmp_path)
+    path = root / "vision_encoder.onnx"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match=r"'vision_encoder.onnx' has \d+ bytes.*truncated"):
+        OnnxRuntimeBackend(root)
+
+
+def test_missing_manifest_is_refused(onnx_fp32_artifact, tmp_path):
+    root = _copy(onnx_fp32_artifact, tmp_path)
+    (root / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        OnnxRuntimeBackend(root)
+
+
+def test_providers_by_name_and_missing_gpu_provider_names_the_package():
+    import onnxruntime as ort
+
+    assert resolve_providers(("cpu",)) == ["CPUExecutionProvider"]
+    with pytest.raises(BackendError, match="valid: cpu, cuda, tensorrt"):
+        resolve_providers("tpu")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(BackendError, match="CUDAExecutionProvider is not available.*onnxruntime-gpu"):
+        resolve_providers(("cuda",))
+
+
+def test_bad_optimization_level_lists_the_valid_ones(onnx_fp32_artifact):
+    with pytest.raises(BackendError, match="valid: disable, basic, extended, all"):
+        OnnxRuntimeBackend(onnx_fp32_artifact, graph_optimization_level="max")
