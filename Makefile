@@ -7,7 +7,10 @@ BIN := $(VENV)/bin
 # CPU machines get torch's CPU build (2.13.0) instead of a multi-GB CUDA download;
 # machines with an NVIDIA driver keep pip's default (CUDA) build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
-EXTRAS ?= dev,onnx
+EXTRAS ?= dev,onnx,gguf
+# llama-cpp-python compiles llama.cpp once (~10 min on 2 cores; pip caches the wheel afterwards).
+# A portable build: no -march=native, so the cached wheel runs on any x86_64 machine.
+export CMAKE_ARGS ?= -DGGML_NATIVE=off
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test install system-deps lint clean

@@ -2,7 +2,7 @@
 
 Builds ``qwen2-0.5b-siglip-so400m`` with random weights (seed 0), saves it as a checkpoint in a
 temporary directory and loads it back, writes its language model as an f32 GGUF with
-``edgekd.export.gguf`` (vocabulary padded to the 151,936-row embedding), quantizes it with
+``edgekd.export.gguf_write`` (vocabulary padded to the 151,936-row embedding), quantizes it with
 ``llama_cpp.llama_model_quantize``, reads the tensor types back, and checks:
 
 * size targets: Q8_0 <= 530 MB, Q4_K_M <= 400 MB (MB = 10^6 bytes);
@@ -29,7 +29,7 @@ PRESET = "qwen2-0.5b-siglip-so400m"
 
 
 def measure(work: Path, precision: str, f32: Path, threads: int | None) -> dict:
-    from edgekd.export import gguf as g
+    from edgekd.export import gguf_write as g
 
     dst = work / f"model-{precision}.gguf"
     start = time.perf_counter()
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="temp space (default: system)")
     args = ap.parse_args()
 
-    from edgekd.export import gguf as g
+    from edgekd.export import gguf_write as g
 
     from edgekd.envinfo import snapshot
     from edgekd.models import VLM, build_vlm, count_parameters

@@ -179,10 +179,85 @@ def _parse_sets(items: list[str]) -> dict[str, object]:
     return out
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export() -> None:
+@app.command()
+def export(
+    checkpoint: Annotated[
+        str, typer.Argument(help="Checkpoint dir (or distill run dir) or hub id.")
+    ],
+    target: Annotated[str, typer.Option(help="onnx, gguf or tensorrt.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory.")],
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="onnx: fp32 fp16 int8 int4; gguf: f32 f16 q8_0 q4_k_m; tensorrt: fp16 int8. "
+            "Default: the target's first."
+        ),
+    ] = None,
+    profile: Annotated[str | None, typer.Option(help="Device profile (TensorRT shapes).")] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(help="LLaVA JSON for the accuracy delta of quantized variants."),
+    ] = None,
+    eval_limit: Annotated[int, typer.Option(help="Eval samples used.")] = 200,
+    parity_prompts: Annotated[int, typer.Option(help="Prompts for greedy agreement.")] = 4,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", help="Target option KEY=VALUE, e.g. int4_block_size=64 (repeatable)."
+        ),
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
     """Export a student to ONNX, TensorRT or GGUF, with parity checks against PyTorch."""
-    _not_landed("export", "ONNX / TensorRT / GGUF export")
+    from edgekd.export import ExportConfig, get_exporter
+    from edgekd.export import export as run_export
+
+    exporter = get_exporter(target)
+    config = ExportConfig(
+        checkpoint=checkpoint,
+        target=target,
+        precision=precision or exporter.precisions[0],
+        output=output,
+        profile=profile,
+        overwrite=overwrite,
+        n_parity_prompts=parity_prompts,
+        eval_data=eval_data,
+        eval_limit=eval_limit,
+        options=_parse_sets(option or []),
+    )
+    with console.status(f"exporting {checkpoint} to {target} ({config.precision}) ..."):
+        manifest = run_export(config)
+    for line in parity_lines(manifest.get("parity", {})):
+        console.print(line, highlight=False)
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    console.print(
+        f"[green]✓[/green] {target} {config.precision}: {len(manifest['files'])} files, "
+        f"{size / 1e6:.1f} MB -> {output}"
+    )
+
+
+def parity_lines(parity: dict, prefix: str = "") -> list[str]:
+    """A ✓/✗ line per parity check (entries with a ``pass`` flag), with its numbers."""
+    lines = []
+    for key, value in parity.items():
+        if not isinstance(value, dict):
+            continue
+        name = f"{prefix}{key}"
+        if "pass" in value:
+            mark = "[green]✓[/green]" if value["pass"] else "[red]✗[/red]"
+            numbers = ", ".join(
+                f"{k} {_fmt(v)}"
+                for k, v in value.items()
+                if k != "pass" and isinstance(v, (int, float, bool, str))
+            )
+            lines.append(f"  {mark} {name}: {numbers}")
+        else:
+            lines.extend(parity_lines(value, prefix=f"{name}."))
+    return lines
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

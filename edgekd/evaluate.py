@@ -96,14 +96,16 @@ def generate_answers(
             if any(p is not None for p in pixels)
             else None
         )
+        kwargs = {"pixel_values": pixel_values} if pixel_values is not None else {}
+        # (transformers runs the vision tower for an explicit pixel_values=None: leave it out)
         out = vlm.model.generate(
             input_ids=ids.to(vlm.device),
             attention_mask=mask.to(vlm.device),
-            pixel_values=pixel_values,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stops,
             pad_token_id=pad,
+            **kwargs,
         )
         for b, r in enumerate(batch):
             r["prediction"] = tok.decode(out[b, width:], skip_special_tokens=True).strip()

@@ -47,14 +47,17 @@ def export(config: ExportConfig) -> dict[str, Any]:
         ParityError: the artifact does not match PyTorch (numbers in the message).
     """
     from edgekd.export import manifest
+
     from edgekd.io import atomic_dir, check_output_dir
     from edgekd.models import VLM
 
     exporter = get_exporter(config.target)
     problems = []
     if config.precision not in exporter.precisions:
-        problems.append(f"unknown precision '{config.precision}' for target '{config.target}'; "
-                        f"valid: {', '.join(exporter.precisions)}")
+        problems.append(
+            f"unknown precision '{config.precision}' for target '{config.target}'; "
+            f"valid: {', '.join(exporter.precisions)}"
+        )
     if config.n_parity_prompts < 1 or config.max_new_tokens < 1:
         problems.append("n_parity_prompts and max_new_tokens must be >= 1 (parity is not optional)")
     if problems:
@@ -65,6 +68,13 @@ def export(config: ExportConfig) -> dict[str, Any]:
     with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
         components = exporter.export(vlm, config, tmp)
         parity = exporter.validate(vlm, config, tmp)
-        return manifest.write(tmp, target=config.target, precision=config.precision,
-                              checkpoint=config.checkpoint, components=components, vlm=vlm,
-                              parity=parity, extra={"options": dict(config.options)})
+        return manifest.write(
+            tmp,
+            target=config.target,
+            precision=config.precision,
+            checkpoint=config.checkpoint,
+            components=components,
+            vlm=vlm,
+            parity=parity,
+            extra={"options": dict(config.options)},
+        )

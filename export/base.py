@@ -90,7 +90,9 @@ def get_exporter(target: str) -> Exporter:
     """The registered exporter for ``target``; an unknown name lists the valid ones."""
     _load_builtin_exporters()
     if target not in EXPORTERS:
-        raise ExportError(f"unknown export target '{target}'; valid: {', '.join(sorted(EXPORTERS))}")
+        raise ExportError(
+            f"unknown export target '{target}'; valid: {', '.join(sorted(EXPORTERS))}"
+        )
     return EXPORTERS[target]
 
 

@@ -55,8 +55,11 @@ def preprocessing(vlm) -> dict[str, Any]:
     """Tokenizer, chat template and image preprocessing a runtime needs to drive the artifact."""
     ip = vlm.processor.image_processor
     size = ip.size
-    height, width = (size["height"], size["width"]) if "height" in size else (
-        size["shortest_edge"], size["shortest_edge"])
+    height, width = (
+        (size["height"], size["width"])
+        if "height" in size
+        else (size["shortest_edge"], size["shortest_edge"])
+    )
     template = getattr(vlm.processor, "chat_template", None) or vlm.tokenizer.chat_template
     return {
         "image_size": [int(height), int(width)],
@@ -78,8 +81,17 @@ def _eos_ids(vlm) -> list[int]:
     return stop_token_ids(vlm.tokenizer, vlm.model.generation_config)
 
 
-def write(out: Path, *, target: str, precision: str, checkpoint: str, components: dict[str, Any],
-          vlm, parity: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write(
+    out: Path,
+    *,
+    target: str,
+    precision: str,
+    checkpoint: str,
+    components: dict[str, Any],
+    vlm,
+    parity: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Hash every file under ``out`` and write ``manifest.json`` (atomically, last)."""
     from edgekd.envinfo import snapshot
 
@@ -87,10 +99,17 @@ def write(out: Path, *, target: str, precision: str, checkpoint: str, components
     for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[f.relative_to(out).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
     manifest = {
-        "format": FORMAT, "version": VERSION, "target": target, "precision": precision,
+        "format": FORMAT,
+        "version": VERSION,
+        "target": target,
+        "precision": precision,
         "source": {"checkpoint": str(checkpoint), "sha256": checkpoint_hash(checkpoint)},
-        "files": files, "components": components, "preprocessing": preprocessing(vlm),
-        "parity": parity, "environment": snapshot(), **(extra or {}),
+        "files": files,
+        "components": components,
+        "preprocessing": preprocessing(vlm),
+        "parity": parity,
+        "environment": snapshot(),
+        **(extra or {}),
     }
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
@@ -100,8 +119,10 @@ def load(artifact: str | Path) -> dict[str, Any]:
     """Read ``manifest.json`` of an artifact directory (no hashing; see :func:`verify`)."""
     path = Path(artifact) / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"'{artifact}' is not an edgekd artifact: {MANIFEST} is missing; "
-                            "create it with edgekd export")
+        raise ArtifactError(
+            f"'{artifact}' is not an edgekd artifact: {MANIFEST} is missing; "
+            "create it with edgekd export"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -125,9 +146,13 @@ def verify(artifact: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{root}: file '{name}' listed in the manifest is missing")
         size = f.stat().st_size
         if size != info["bytes"]:
-            raise ArtifactError(f"{root}: file '{name}' has {size} bytes, the manifest says "
-                                f"{info['bytes']} (truncated or replaced); re-export it")
+            raise ArtifactError(
+                f"{root}: file '{name}' has {size} bytes, the manifest says "
+                f"{info['bytes']} (truncated or replaced); re-export it"
+            )
         if sha256_file(f) != info["sha256"]:
-            raise ArtifactError(f"{root}: file '{name}' fails its sha256 check (modified since "
-                                "export); re-export it")
+            raise ArtifactError(
+                f"{root}: file '{name}' fails its sha256 check (modified since "
+                "export); re-export it"
+            )
     return manifest

@@ -10,7 +10,10 @@ The tied lm_head trap: with tied embeddings torch.onnx keeps one shared weight a
 both onnxruntime quantizers only take ``MatMul`` weights that are initializers, so they leave
 the (vocab x hidden) output matrix in fp32 without a word. :func:`bake_transposed_weights`
 turns every ``MatMul(x, Transpose(W))`` into ``MatMul(x, W_T)`` with ``W_T`` an initializer of
-its own before any quantizer runs; :func:`float_matrices` is the check that none is left.
+its own before any quantizer runs; :func:`float_weights` is the check that none is left. (In
+edgekd's layout the embedding is its own graph, so torch.onnx's optimizer usually folds the
+head's Transpose already and the bake finds nothing; it stays as the guard, and the manifest
+records what it baked.)
 """
 
 from __future__ import annotations
@@ -40,7 +43,15 @@ def quiet() -> Iterator[None]:
 
     The library prints nothing; the CLI layer renders.
     """
-    names = ("", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
+    names = (
+        "",
+        "torch.onnx",
+        "torch.export",
+        "torch._dynamo",
+        "torch.__trace",
+        "onnxscript",
+        "onnx_ir",
+    )
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -184,17 +195,38 @@ def bake_transposed_weights(model) -> list[str]:
     return baked
 
 
-def float_matrices(model, min_elements: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Float initializers and constants with >= 2 dims and >= ``min_elements`` elements."""
-    found = []
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
-                if a.name == "value"]
-    for t in tensors:
-        dims = tuple(int(d) for d in t.dims)
-        if t.data_type in FLOAT_TYPES and len(dims) >= 2 and int(np.prod(dims)) >= min_elements:
-            found.append((t.name, dims))
-    return found
+def float_weights(model, min_elements: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Float matrices of >= ``min_elements`` that a MatMul/Gemm multiplies by or a Gather reads,
+    directly or through Transpose/Cast/Reshape/Identity (the tied-head path).
+
+    Quantized weights (int8/int4 with their fp32 scales) are not reported.
+    """
+    inits, producers = _initializers(model), _producers(model)
+    found: dict[str, tuple[int, ...]] = {}
+    for node in model.graph.node:
+        slot = {"MatMul": 1, "Gemm": 1, "Gather": 0}.get(node.op_type)
+        if slot is None or len(node.input) <= slot:
+            continue
+        name = node.input[slot]
+        while (
+            name not in inits
+            and name in producers
+            and producers[name].op_type in ("Transpose", "Cast", "Reshape", "Identity")
+        ):
+            name = producers[name].input[0]
+        t = inits.get(name)
+        if t is None or t.data_type not in FLOAT_TYPES or sum(d > 1 for d in t.dims) < 2:
+            continue  # quantized, or a vector of scales
+        if int(np.prod(t.dims)) >= min_elements:
+            found[name] = tuple(int(d) for d in t.dims)
+    return sorted(found.items())
+
+
+def strip_metadata(model) -> None:
+    """Drop per-node stack traces and doc strings torch.onnx records (local paths, bulk)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
 
 
 # ---- precisions ---------------------------------------------------------------------------
@@ -204,11 +236,11 @@ def to_fp16(model):
 
     with quiet():
         return convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
-        disable_shape_infer=weight_bytes(model) > EXTERNAL_DATA_BYTES,
-    )
+            model,
+            keep_io_types=True,
+            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32_OPS),
+            disable_shape_infer=weight_bytes(model) > EXTERNAL_DATA_BYTES,
+        )
 
 
 def quantize_gather_int8(model) -> list[str]:
@@ -235,12 +267,16 @@ def quantize_gather_int8(model) -> list[str]:
         q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
         base, ids, out = table.name, node.input[1], node.output[0]
         model.graph.initializer.extend(
-            [numpy_helper.from_array(q, f"{base}.int8"), numpy_helper.from_array(scale, f"{base}.scale")]
+            [
+                numpy_helper.from_array(q, f"{base}.int8"),
+                numpy_helper.from_array(scale, f"{base}.scale"),
+            ]
         )
         new_nodes += [
             helper.make_node("Gather", [f"{base}.int8", ids], [f"{out}.q"], name=f"{node.name}_q"),
-            helper.make_node("Cast", [f"{out}.q"], [f"{out}.f"], name=f"{node.name}_cast",
-                             to=TensorProto.FLOAT),
+            helper.make_node(
+                "Cast", [f"{out}.q"], [f"{out}.f"], name=f"{node.name}_cast", to=TensorProto.FLOAT
+            ),
             helper.make_node("Gather", [f"{base}.scale", ids], [f"{out}.s"], name=f"{node.name}_s"),
             helper.make_node("Mul", [f"{out}.f", f"{out}.s"], [out], name=f"{node.name}_deq"),
         ]

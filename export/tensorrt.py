@@ -447,12 +447,14 @@ class TensorRTExporter:
                 trt, paths[engine], out / ENGINE_FILES[engine][1], shapes[engine],
                 precision=precision[engine], workspace=workspace_bytes(profile), **kwargs,
             )  # fmt: skip
-            log.info("✓ %s %s (%.1f s)", info["file"], info["precision"], info["build_s"])
+            pinned = f" ({len(info['fp32_layers'])} layers fp32)" if info["fp32_layers"] else ""
+            log.info("✓ %s %s%s (%.1f s)", info["file"], info["precision"], pinned, info["build_s"])
             return info
 
+        fallback = fp32_layer_names(paths["vision"]) if precision["vision"] != "fp32" else []
         engines = {
             "embed": build("embed"),
-            "vision": _build_vision(build, vlm, paths["vision"], out, opts, samples),
+            "vision": _build_vision(build, vlm, fallback, out, opts, samples),
         }
         calibration = None
         if precision["decoder"] == "int8" and not has_qdq(paths["decoder"]):
@@ -491,13 +493,12 @@ class TensorRTExporter:
         return parity
 
 
-def _build_vision(build, vlm, onnx_path: Path, out: Path, opts, samples) -> dict[str, Any]:
-    """fp16 first; again with LayerNorm/Softmax/Pow/ReduceMean in fp32 if parity falls short."""
-    fallback = fp32_layer_names(onnx_path)
+def _build_vision(build, vlm, fallback: list[str], out: Path, opts, samples) -> dict[str, Any]:
+    """fp16 first; again with ``fallback`` layers (norms, softmax) in fp32 if parity falls short."""
     if opts.fp32_fallback == "always" and fallback:
         return build("vision", fp32_layers=fallback)
     info = build("vision")
-    if opts.fp32_fallback == "never" or not fallback or info["precision"] == "fp32":
+    if opts.fp32_fallback == "never" or not fallback:
         return info
     cosine = vision_engine_parity(vlm, out / info["file"], samples).get("cosine_min", 1.0)
     if cosine >= opts.tolerance.vision_cosine:

@@ -17,6 +17,7 @@ processor does), so libmtmd only normalises them with the mean/std stored in the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ INSTALL_HINT = "pip install edgekd[gguf]"
 MODEL_FILE, MMPROJ_FILE = "model.gguf", "mmproj.gguf"
 
 
-def import_llama_cpp(error: type[Exception] = BackendError):
+def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the llama.cpp backend"):
     """``llama_cpp`` and its libmtmd bindings, or ``error`` naming the extra to install."""
     try:
         import llama_cpp
@@ -37,7 +38,7 @@ def import_llama_cpp(error: type[Exception] = BackendError):
         import llama_cpp.llama_chat_format
         import llama_cpp.mtmd_cpp
     except ImportError:
-        raise error(f"the llama.cpp backend needs llama-cpp-python; {INSTALL_HINT}") from None
+        raise error(f"{what} needs llama-cpp-python; {INSTALL_HINT}") from None
     # libmtmd logs every image to stderr by default; route it through llama-cpp-python's
     # logger, which Llama(verbose=False) silences
     callback = llama_cpp._logger.llama_log_callback
@@ -46,17 +47,26 @@ def import_llama_cpp(error: type[Exception] = BackendError):
     return llama_cpp
 
 
-def render_prompt(template: str, prompt: str, image_token: str | None) -> str:
-    """One user turn (an image item, then the text) through the chat template, as transformers."""
+def render_prompt(template: str, prompt: str, with_image: bool, **special: str) -> str:
+    """One user turn (an image item, then the text) through the chat template, as transformers.
+
+    ``special`` (``bos_token``, ``eos_token``) is passed to the template like transformers does.
+    """
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise BackendError(f"the chat template refused the prompt: {message}")
 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
     )
-    content = ([{"type": "image"}] if image_token else []) + [{"type": "text", "text": prompt}]
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
     return env.from_string(template).render(
-        messages=[{"role": "user", "content": content}], add_generation_prompt=True
+        messages=[{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        raise_exception=raise_exception,
+        **special,
     )
 
 
@@ -79,6 +89,22 @@ def to_rgb_array(image, size: tuple[int, int], resample: int = 3) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+_SILENT = []  # keeps the no-op ctypes callback alive while llama.cpp holds it
+
+
+@contextlib.contextmanager
+def quiet_llama_logs():
+    """Discard libllama's log lines (e.g. the quantizer's per-tensor report) inside the block."""
+    llama_cpp = import_llama_cpp()
+    if not _SILENT:
+        _SILENT.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+    llama_cpp.llama_log_set(_SILENT[0], ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 class LlamaCppSession:
     """``model.gguf`` + ``mmproj.gguf`` loaded once; greedy generation with stage timings.
 
@@ -94,6 +120,11 @@ class LlamaCppSession:
         n_gpu_layers: Layers offloaded to a GPU build of llama.cpp.
         logits_all: Keep every position's logits (``Llama.scores``), for parity checks.
         resample: PIL resampling filter for the resize (3: bicubic, SigLIP's).
+        error: Exception raised on failures (``ExportError`` when an exporter validates).
+
+    Uses two private llama-cpp-python members (0.3.x): ``MTMDChatHandler._init_mtmd_context``
+    to load the mmproj the way ``create_chat_completion`` would, and ``Llama._ctx`` for the
+    last position's logits and the raw context handed to libmtmd.
     """
 
     def __init__(
@@ -142,6 +173,14 @@ class LlamaCppSession:
                 raise error(f"libmtmd cannot load '{mmproj_path}': {e}") from None
         self.n_vocab = self.llm.n_vocab()
         self.n_embd = self.llm.n_embd()
+        self.special = {
+            name: self.llm.detokenize([tok], special=True).decode("utf-8", errors="replace")
+            for name, tok in (
+                ("bos_token", self.llm.token_bos()),
+                ("eos_token", self.llm.token_eos()),
+            )
+            if tok >= 0
+        }
 
     # ---- tokens ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -241,11 +280,13 @@ class LlamaCppSession:
             m.mtmd_input_chunks_free(chunks)
 
     # ---- generation -----------------------------------------------------------------------
+    def render(self, prompt: str, with_image: bool) -> str:
+        """The chat-template text of one user turn (``image_token`` where the image goes)."""
+        return render_prompt(self.chat_template, prompt, with_image, **self.special)
+
     def prompt_pieces(self, prompt: str, image) -> list[list[int] | str]:
         """The rendered prompt as token-id lists with ``"image"`` where the image goes."""
-        text = render_prompt(
-            self.chat_template, prompt, self.image_token if image is not None else None
-        )
+        text = self.render(prompt, image is not None)
         if image is None:
             return [self.tokenize(text)]
         parts = text.split(self.image_token)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgekd.runtime.base import BackendError, Generation
 
 PROVIDERS = {
@@ -51,12 +50,15 @@ def resolve_providers(providers: str | tuple[str, ...] | list[str]) -> list[str]
     for name in names:
         full = PROVIDERS.get(name.lower(), name)
         if full not in PROVIDERS.values():
-            raise BackendError(f"unknown onnxruntime provider '{name}'; valid: "
-                               f"{', '.join(PROVIDERS)} (or their full names)")
+            raise BackendError(
+                f"unknown onnxruntime provider '{name}'; valid: "
+                f"{', '.join(PROVIDERS)} (or their full names)"
+            )
         if full not in ort.get_available_providers():
             raise BackendError(
                 f"onnxruntime provider {full} is not available here (available: "
-                f"{', '.join(ort.get_available_providers())}); {_INSTALL.get(full, '')}")
+                f"{', '.join(ort.get_available_providers())}); {_INSTALL.get(full, '')}"
+            )
         resolved.append(full)
     return resolved
 
@@ -131,12 +133,17 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, artifact_dir: str | Path, providers=("CPUExecutionProvider",),
-                 threads: int | None = None, graph_optimization_level: str = "all", *,
-                 verify: bool = True) -> None:
-        from transformers import AutoProcessor
-
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        providers=("CPUExecutionProvider",),
+        threads: int | None = None,
+        graph_optimization_level: str = "all",
+        *,
+        verify: bool = True,
+    ) -> None:
         from edgekd.export.manifest import verify as verify_manifest
+        from transformers import AutoProcessor
 
         self.root = Path(artifact_dir)
         self.manifest = verify_manifest(self.root) if verify else None
@@ -157,11 +164,12 @@ class OnnxRuntimeBackend:
     def _session(self, filename: str, options):
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(self.root / filename), options,
-                                       providers=self.providers)
+        session = ort.InferenceSession(str(self.root / filename), options, providers=self.providers)
         if self.providers[0] not in session.get_providers():
-            raise BackendError(f"{self.providers[0]} failed to start for {filename} (onnxruntime "
-                               f"fell back to {session.get_providers()}); check the GPU driver")
+            raise BackendError(
+                f"{self.providers[0]} failed to start for {filename} (onnxruntime "
+                f"fell back to {session.get_providers()}); check the GPU driver"
+            )
         return session
 
     # ---- stages -----------------------------------------------------------------------------
@@ -180,8 +188,10 @@ class OnnxRuntimeBackend:
         if visual is not None or mask.any():
             n_feats = 0 if visual is None else visual.shape[0] * visual.shape[1]
             if int(mask.sum()) != n_feats:
-                raise BackendError(f"the prompt has {int(mask.sum())} image tokens but the "
-                                   f"images give {n_feats} visual tokens")
+                raise BackendError(
+                    f"the prompt has {int(mask.sum())} image tokens but the "
+                    f"images give {n_feats} visual tokens"
+                )
             embeds[mask] = visual.reshape(-1, embeds.shape[-1])
         return embeds
 
@@ -198,8 +208,11 @@ class OnnxRuntimeBackend:
 
     def _past_names(self) -> list[str]:
         inputs = self.config["decoder"]["inputs"]
-        return [name % i for i in range(self.config["decoder"]["num_hidden_layers"])
-                for name in (inputs["past_key_names"], inputs["past_value_names"])]
+        return [
+            name % i
+            for i in range(self.config["decoder"]["num_hidden_layers"])
+            for name in (inputs["past_key_names"], inputs["past_value_names"])
+        ]
 
     def _empty_cache(self, batch: int) -> list[np.ndarray]:
         d = self.config["decoder"]
@@ -217,13 +230,19 @@ class OnnxRuntimeBackend:
         return self.prefill_logits(*self.encode(image, prompt))
 
     # ---- generation -------------------------------------------------------------------------
-    def generate_ids(self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None,
-                     max_new_tokens: int = 32) -> Generation:
+    def generate_ids(
+        self,
+        input_ids: np.ndarray,
+        pixel_values: np.ndarray | None = None,
+        max_new_tokens: int = 32,
+    ) -> Generation:
         """Greedy decoding of one encoded prompt (batch 1), timed per stage."""
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
         if ids.shape[1] + max_new_tokens > self.context_length:
-            raise BackendError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens "
-                               f"({max_new_tokens}) exceed the context length {self.context_length}")
+            raise BackendError(
+                f"prompt ({ids.shape[1]} tokens) + max_new_tokens "
+                f"({max_new_tokens}) exceed the context length {self.context_length}"
+            )
         t0 = time.perf_counter()
         visual = None if pixel_values is None else self.visual_tokens(pixel_values)
         t1 = time.perf_counter()
@@ -231,14 +250,38 @@ class OnnxRuntimeBackend:
         tokens = [int(logits[0, -1].argmax())]
         t2 = time.perf_counter()
         while len(tokens) < max_new_tokens and tokens[-1] not in self.eos_token_ids:
-            step = self.embed.run(None, {"input_ids": np.array([[tokens[-1]]], np.int64)})[0]
-            logits, past = self._decode_step(step, past, ids.shape[1] + len(tokens) - 1)
+            start = ids.shape[1] + len(tokens) - 1
+            logits, past = self._decode_step(self._embed_token(tokens[-1]), past, start)
             tokens.append(int(logits[0, -1].argmax()))
         t3 = time.perf_counter()
+        t1 = t0 if pixel_values is None else t1  # no image: no vision time
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return Generation(text, tokens, ids.shape[1], vision_ms=(t1 - t0) * 1e3,
-                          prefill_ms=(t2 - t1) * 1e3, decode_ms=(t3 - t2) * 1e3,
-                          extra={"providers": self.decoder.get_providers()})
+        return Generation(
+            text,
+            tokens,
+            ids.shape[1],
+            vision_ms=(t1 - t0) * 1e3,
+            prefill_ms=(t2 - t1) * 1e3,
+            decode_ms=(t3 - t2) * 1e3,
+            extra={"providers": self.decoder.get_providers()},
+        )
+
+    def _embed_token(self, token: int) -> np.ndarray:
+        return self.embed.run(None, {"input_ids": np.array([[token]], np.int64)})[0]
+
+    def incremental_logits(
+        self, input_ids: np.ndarray, pixel_values: np.ndarray | None, next_ids: list[int]
+    ) -> np.ndarray:
+        """Last-position logits after the prefill and after feeding each of ``next_ids`` one at
+        a time through the KV cache (teacher forcing): (1 + len(next_ids), V), for parity."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        visual = None if pixel_values is None else self.visual_tokens(pixel_values)
+        logits, past = self._decode_step(self.embeddings(ids, visual), self._empty_cache(1), 0)
+        rows = [logits[0, -1]]
+        for k, token in enumerate(next_ids):
+            logits, past = self._decode_step(self._embed_token(token), past, ids.shape[1] + k)
+            rows.append(logits[0, -1])
+        return np.stack(rows)
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
         """Greedy answer to ``prompt`` about ``image`` (a PIL image, a path, or ``None``)."""
@@ -246,16 +289,21 @@ class OnnxRuntimeBackend:
 
     def info(self) -> dict[str, Any]:
         """What a benchmark records about this backend."""
-        return {"backend": self.name, "providers": self.decoder.get_providers(),
-                "precision": (self.manifest or {}).get("precision"), "artifact": str(self.root)}
+        return {
+            "backend": self.name,
+            "providers": self.decoder.get_providers(),
+            "precision": (self.manifest or {}).get("precision"),
+            "artifact": str(self.root),
+        }
 
 
 def _session_options(threads: int | None, level: str):
     import onnxruntime as ort
 
     if level not in OPTIMIZATION_LEVELS:
-        raise BackendError(f"unknown graph_optimization_level '{level}'; valid: "
-                           f"{', '.join(OPTIMIZATION_LEVELS)}")
+        raise BackendError(
+            f"unknown graph_optimization_level '{level}'; valid: {', '.join(OPTIMIZATION_LEVELS)}"
+        )
     options = ort.SessionOptions()
     options.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -34,16 +34,16 @@ INSTALL_HINT = (
     "on Jetson"
 )
 ENGINES_JSON = "engines.json"
-# trt.DataType member name -> torch dtype name
+# trt data types (module attributes, as Polygraphy maps them) -> torch dtype names
 _TORCH_DTYPES = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "INT32": "int32",
-    "INT64": "int64",
-    "BOOL": "bool",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "int32": "int32",
+    "int64": "int64",
+    "bool": "bool",
 }
 
 
@@ -61,14 +61,14 @@ def import_tensorrt():
     return tensorrt
 
 
-def torch_dtype(trt_dtype):
-    """The torch dtype of a ``trt.DataType``."""
+def torch_dtype(trt, trt_dtype):
+    """The torch dtype of a ``trt.DataType`` (``trt`` is the tensorrt module)."""
     import torch
 
-    name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1]
-    if name not in _TORCH_DTYPES:
-        raise BackendError(f"TensorRT tensor type {name} has no torch equivalent in edgekd")
-    return getattr(torch, _TORCH_DTYPES[name])
+    for name, torch_name in _TORCH_DTYPES.items():
+        if getattr(trt, name, None) == trt_dtype:
+            return getattr(torch, torch_name)
+    raise BackendError(f"TensorRT tensor type {trt_dtype} has no torch equivalent in edgekd")
 
 
 def check_device(info: dict[str, Any], trt_version: str) -> None:
@@ -134,7 +134,7 @@ class EngineRunner:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
-        self.dtypes = {n: torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+        self.dtypes = {n: torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         self._empty = torch.empty(256, dtype=torch.uint8, device="cuda")  # for 0-size tensors
         self._live: list[Any] = []
         if profile:

@@ -42,7 +42,7 @@ def test_cli_import_stays_light():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("command", ["export", "bench"])
+@pytest.mark.parametrize("command", ["bench"])
 def test_stages_not_in_this_version_say_so(command):
     assert_one_line_error(run_cli(command, "--anything"), f"edgekd {command}", "not available")
 

@@ -82,8 +82,12 @@ class VLM:
         )
 
         src = str(path_or_id)
-        if Path(src).expanduser().exists():
-            src = str(Path(src).expanduser())
+        local = Path(src).expanduser()
+        if local.exists():
+            # an `edgekd distill` run directory holds its student in model/
+            if not (local / "config.json").exists() and (local / "model" / "config.json").exists():
+                local = local / "model"
+            src = str(local)
         elif not _HUB_ID.fullmatch(src):
             raise ModelError(
                 f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)"

@@ -35,7 +35,7 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_two_process_ddp_ranks_agree(tmp_path, teacher_ckpt, student_ckpt, distill_data):
-    from conftest import FAST
+    from distill_helpers import FAST
 
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)

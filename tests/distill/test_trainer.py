@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_dataset  # noqa: E402  (tests/distill/conftest.py)
+from distill_helpers import write_dataset
 from edgekd.distill.objective import METHODS
 from edgekd.distill.run import run
 from edgekd.distill.trainer import DistillError
@@ -195,8 +195,9 @@ def test_cli_reports_bad_input_in_one_line(distill_data, student_ckpt, tmp_path)
 
 
 def test_builtin_dataset_names_are_written_once_to_the_cache(tmp_path, monkeypatch):
-    from edgekd.data import DATASETS
     from edgekd.distill.run import resolve_dataset
+
+    from edgekd.data import DATASETS
 
     calls = []
 

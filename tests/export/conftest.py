@@ -26,11 +26,26 @@ def write_eval_set(root: Path, n: int = 6) -> Path:
         pixels = np.full((64, 64, 3), 255, np.uint8)
         pixels[8 + i : 40 + i, 10:42] = colors[name]
         Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        samples.append({"id": f"e{i}", "image": f"images/{i}.png", "question_type": "color",
-                        "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"},
-                                          {"from": "gpt", "value": name}]})
-    samples.append({"id": "text", "conversations": [{"from": "human", "value": "Say yes."},
-                                                     {"from": "gpt", "value": "yes"}]})
+        samples.append(
+            {
+                "id": f"e{i}",
+                "image": f"images/{i}.png",
+                "question_type": "color",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is it?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
+    samples.append(
+        {
+            "id": "text",
+            "conversations": [
+                {"from": "human", "value": "Say yes."},
+                {"from": "gpt", "value": "yes"},
+            ],
+        }
+    )
     path = root / "eval.json"
     path.write_text(json.dumps(samples))
     return path
@@ -47,9 +62,8 @@ def shared_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_artifact(tmp_path_factory, tiny_vlm):
     """``onnx_artifact(precision) -> Path``: the tiny model exported (int8 with an eval set)."""
-    from filelock import FileLock
-
     from edgekd.export import ExportConfig, export
+    from filelock import FileLock
 
     root = shared_dir(tmp_path_factory)
 
@@ -63,9 +77,17 @@ def onnx_artifact(tmp_path_factory, tiny_vlm):
             if not eval_data.exists():
                 write_eval_set(root / "eval")
             if not (out / "manifest.json").exists():
-                export(ExportConfig(str(checkpoint), "onnx", precision, out, n_parity_prompts=3,
-                                    max_new_tokens=6,
-                                    eval_data=eval_data if precision == "int8" else None))
+                export(
+                    ExportConfig(
+                        str(checkpoint),
+                        "onnx",
+                        precision,
+                        out,
+                        n_parity_prompts=3,
+                        max_new_tokens=6,
+                        eval_data=eval_data if precision == "int8" else None,
+                    )
+                )
         return out
 
     return get

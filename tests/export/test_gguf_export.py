@@ -23,8 +23,8 @@ def run_export(vlm, checkpoint, out, precision="f32", validate=True, **options):
         target="gguf",
         precision=precision,
         output=out,
-        n_parity_prompts=2,
-        max_new_tokens=6,
+        n_parity_prompts=3,
+        max_new_tokens=8,
         options=options,
     )
     exporter.check(vlm, config)
@@ -42,11 +42,28 @@ def run_export(vlm, checkpoint, out, precision="f32", validate=True, **options):
     return components, parity
 
 
+def contrast(vlm, factor: float = 4.0):
+    """Scale every weight matrix: a random tiny model answers one token whatever it sees;
+    scaled, its greedy answers depend on the image and the prompt (a real parity test)."""
+    with torch.no_grad():
+        for p in vlm.model.parameters():
+            if p.ndim >= 2:
+                p.mul_(factor)
+    return vlm
+
+
 @pytest.fixture(scope="module")
-def f32_artifact(tiny_vlm, tiny_checkpoint, tmp_path_factory):
+def contrast_vlm(tokenizer):
+    from edgekd.models import build_vlm
+
+    return contrast(build_vlm("tiny", tokenizer=tokenizer, seed=0))
+
+
+@pytest.fixture(scope="module")
+def f32_artifact(contrast_vlm, tmp_path_factory):
     pytest.importorskip("llama_cpp")
     out = tmp_path_factory.mktemp("gguf") / "f32"
-    components, parity = run_export(tiny_vlm, tiny_checkpoint, out)
+    components, parity = run_export(contrast_vlm, "contrast-tiny", out)
     return out, components, parity
 
 
@@ -81,35 +98,31 @@ def test_unknown_precision_lists_valid_ones(tiny_vlm, tmp_path):
 
 
 def test_unsupported_architecture_refused_in_one_line_without_files(tiny_vlm, tmp_path):
+    from edgekd.export import export
     from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
-    from edgekd.io import atomic_dir
     from edgekd.models import VLM
 
     text = MistralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=564,
-    )
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tiny_vlm.tokenizer),
+    )  # fmt: skip
     cfg = LlavaConfig(
-        vision_config=tiny_vlm.config.vision_config.to_dict(),
-        text_config=text,
-        image_token_index=tiny_vlm.image_token_id,
-        vision_feature_select_strategy="full",
+        vision_config=tiny_vlm.config.vision_config.to_dict(), text_config=text,
+        image_token_index=tiny_vlm.image_token_id, vision_feature_select_strategy="full",
+    )  # fmt: skip
+    VLM(LlavaForConditionalGeneration(cfg).eval(), tiny_vlm.processor).save_pretrained(
+        tmp_path / "mistral"
     )
-    vlm = VLM(LlavaForConditionalGeneration(cfg).eval(), tiny_vlm.processor)
     out = tmp_path / "artifact"
-    config = ExportConfig(checkpoint="x", target="gguf", precision="f32", output=out)
-    with pytest.raises(ExportError) as err, atomic_dir(out) as tmp:
-        GgufExporter().check(vlm, config)
-        GgufExporter().export(vlm, config, tmp)
+    config = ExportConfig(checkpoint=str(tmp_path / "mistral"), target="gguf", precision="f32",
+                          output=out)  # fmt: skip
+    with pytest.raises(ExportError) as err:
+        export(config)
     message = str(err.value)
     assert "\n" not in message and "'mistral' is not supported" in message
     assert "valid: qwen2, llama" in message
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mistral"]  # nothing written
 
 
 def test_drop_first_token_strategy_refused_with_the_reason(tokenizer, tmp_path):
@@ -132,7 +145,7 @@ def test_missing_llama_cpp_names_the_extra(tiny_vlm, tmp_path, monkeypatch):
 def test_empty_mmproj_is_caught(tiny_vlm, tmp_path):
     """The known 1 KB mmproj failure: a file whose tensors are gone fails the post-write check."""
     import gguf
-    from edgekd.export.gguf import check_written, vision_tensors
+    from edgekd.export.gguf_write import check_written, vision_tensors
 
     path = tmp_path / "mmproj.gguf"
     w = gguf.GGUFWriter(str(path), "clip")
@@ -147,10 +160,10 @@ def test_empty_mmproj_is_caught(tiny_vlm, tmp_path):
 
 
 # ---- file contents -------------------------------------------------------------------------
-def test_model_gguf_metadata(f32_artifact, tiny_vlm):
+def test_model_gguf_metadata(f32_artifact, contrast_vlm):
     out, components, _ = f32_artifact
     reader, kv = _fields(out / "model.gguf")
-    tok = tiny_vlm.tokenizer
+    tok = contrast_vlm.tokenizer
     assert kv["general.architecture"] == "qwen2"
     assert kv["qwen2.block_count"] == 2 and kv["qwen2.embedding_length"] == 64
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
@@ -159,13 +172,13 @@ def test_model_gguf_metadata(f32_artifact, tiny_vlm):
     assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert kv["tokenizer.ggml.eot_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
     assert kv["tokenizer.ggml.add_bos_token"] is False
-    assert kv["tokenizer.chat_template"] == tiny_vlm.processor.chat_template
+    assert kv["tokenizer.chat_template"] == contrast_vlm.processor.chat_template
     names = {t.name for t in reader.tensors}
     assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
     assert components["language_model"]["n_tensors"] == len(names) == 2 + 2 * 12
 
 
-def test_mmproj_gguf_is_legacy_clip_with_feature_layer(f32_artifact, tiny_vlm):
+def test_mmproj_gguf_is_legacy_clip_with_feature_layer(f32_artifact, contrast_vlm):
     out, components, _ = f32_artifact
     reader, kv = _fields(out / "mmproj.gguf")
     assert kv["general.architecture"] == "clip" and kv["clip.projector_type"] == "mlp"
@@ -177,13 +190,13 @@ def test_mmproj_gguf_is_legacy_clip_with_feature_layer(f32_artifact, tiny_vlm):
     assert {"mm.0.weight", "mm.2.weight", "v.patch_embd.weight", "v.position_embd.weight"} <= names
     assert not any(n.startswith(("v.post_ln", "v.blk.1.")) for n in names)
     assert components["vision"]["feature_layers"] == [1]
-    assert components["smoke_test"]["image_tokens"] == tiny_vlm.num_image_tokens()
+    assert components["vision"]["smoke_test"]["image_tokens"] == contrast_vlm.num_image_tokens()
 
 
 def test_vocabulary_padded_to_the_embedding(tokenizer, tmp_path):
     pytest.importorskip("llama_cpp")
     import llama_cpp
-    from edgekd.export.gguf import write_lm
+    from edgekd.export.gguf_write import write_lm
 
     from edgekd.models import build_vlm
 
@@ -204,24 +217,44 @@ TEXTS = [
     "  spaces   and\ttabs\n\nnewlines  ",
     "unicode: café, 東京, 🙂; don't WON'T it's",
     "<|im_start|>user\n<image>How many?<|im_end|>\n<|im_start|>assistant\n",
+    "in 2024 there were 12345 items",
 ]
 
 
-@pytest.mark.parametrize("pre,matches", [("gpt-2", True), ("default", False), ("qwen2", False)])
+@pytest.fixture(scope="module")
+def numeric_vlm():
+    """A tokenizer with digit, punctuation and newline merges: pre-tokenizers that split those
+    differently from GPT-2's regex then give different ids (the built-in corpus has none)."""
+    from edgekd.models import build_vlm, train_tokenizer
+
+    corpus = [
+        "in 2024 there were 12345 items and 678 boxes",
+        "version 3.14159 or 42, 1999 and 2000",
+        "(see above) [note] {x} don't WON'T",
+        "line one\nline two\n\n\ttabbed?\n",
+        "café 東京 naïve",
+    ]
+    tok = train_tokenizer(corpus)
+    return build_vlm("tiny", tokenizer=tok, seed=0)
+
+
+@pytest.mark.parametrize(
+    "pre,matches", [("gpt-2", True), ("default", False), ("qwen2", False), ("llama-bpe", False)]
+)
 def test_pre_tokenizer_choice_reproduces_transformers_ids(
-    tiny_vlm, tmp_path, monkeypatch, pre, matches
+    numeric_vlm, tmp_path, monkeypatch, pre, matches
 ):
     """Only llama.cpp's 'gpt-2' pre-tokenizer splits text as our ByteLevel(use_regex) does."""
     pytest.importorskip("llama_cpp")
     import llama_cpp
-    from edgekd.export import gguf as g
+    from edgekd.export import gguf_write as g
 
     monkeypatch.setitem(g.PRE_TOKENIZERS, "byte_level", pre)
-    g.write_lm(tiny_vlm, tmp_path / "m.gguf", "f32")
+    g.write_lm(numeric_vlm, tmp_path / "m.gguf", "f32")
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
     same = [
         llm.tokenize(t.encode(), add_bos=False, special=True)
-        == tiny_vlm.tokenizer(t, add_special_tokens=False)["input_ids"]
+        == numeric_vlm.tokenizer(t, add_special_tokens=False)["input_ids"]
         for t in TEXTS
     ]
     assert all(same) if matches else not all(same)
@@ -234,24 +267,27 @@ def test_tokenizer_round_trip_in_parity(f32_artifact):
 
 
 # ---- parity ---------------------------------------------------------------------------------
-def test_f32_logits_match_pytorch(f32_artifact, tiny_vlm):
+def test_f32_logits_match_pytorch(f32_artifact, contrast_vlm):
     import llama_cpp
 
     out, _, parity = f32_artifact
-    assert parity["pass"] and parity["text_logits"]["max_abs"] < 2e-3
-    ids = tiny_vlm.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    text = parity["text_logits"]
+    assert parity["pass"] and text["max_abs"] <= 2e-3 * max(1, text["ref_abs_max"])
+    ids = contrast_vlm.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
     llm = llama_cpp.Llama(str(out / "model.gguf"), logits_all=True, n_ctx=128, verbose=False)
     llm.eval(ids)
     with torch.no_grad():
-        ref = tiny_vlm.language_logits(tiny_vlm.embed(torch.tensor([ids])))[0].numpy()
-    np.testing.assert_allclose(llm.scores[: len(ids)], ref, atol=2e-3, rtol=0)
+        ref = contrast_vlm.language_logits(contrast_vlm.embed(torch.tensor([ids])))[0].numpy()
+    np.testing.assert_allclose(llm.scores[: len(ids)], ref, atol=2e-3 * np.abs(ref).max(), rtol=0)
 
 
 def test_f32_greedy_with_image_is_token_exact(f32_artifact):
     _, _, parity = f32_artifact
     greedy = parity["greedy"]
-    assert greedy["token_exact"] == greedy["prompts"] == 2
+    assert greedy["token_exact"] == greedy["prompts"] == 3
     assert all(s["prompt_ids_match"] for s in greedy["samples"])
+    answers = {tuple(s["pytorch"]) for s in greedy["samples"]}
+    assert len(answers) > 1 and any(len(set(a)) > 1 for a in answers)  # not one stuck token
     assert parity["image_embeddings"]["cosine_min"] > 0.999
     assert parity["image_prompt_logits"]["pass"] and parity["chat_handler"]["ran"]
 
@@ -260,7 +296,7 @@ def test_llama_architecture_rope_layout(tokenizer, tiny_vlm, tmp_path):
     """A Llama text config: q/k rows are permuted for llama.cpp's rope and logits still match."""
     pytest.importorskip("llama_cpp")
     import llama_cpp
-    from edgekd.export.gguf import write_lm
+    from edgekd.export.gguf_write import write_lm
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from edgekd.models import VLM
@@ -291,6 +327,41 @@ def test_llama_architecture_rope_layout(tokenizer, tiny_vlm, tmp_path):
     np.testing.assert_allclose(llm.scores[: len(ids)], ref, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "layer,ffn",
+    [(-2, 64), (-1, 128), (0, 128), ([-2, -1], 128)],
+    ids=["square-mlp", "last-layer", "embeddings", "two-layers"],
+)
+def test_mmproj_embeddings_match_pytorch(tiny_vlm, tmp_path, layer, ffn):
+    """Feature layers (the last, none, several concatenated) and a square vision MLP, whose
+    ffn_up/ffn_down clip.cpp swaps when ffn_down's rows equal n_embd."""
+    pytest.importorskip("llama_cpp")
+    from edgekd.export.gguf_validate import compare, open_session, synthetic_image
+    from edgekd.export.gguf_write import write_lm, write_mmproj
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from edgekd.models import VLM
+
+    vision = {**tiny_vlm.config.vision_config.to_dict(), "intermediate_size": ffn}
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=tiny_vlm.config.text_config.to_dict(),
+        image_token_index=tiny_vlm.image_token_id, vision_feature_select_strategy="full",
+        vision_feature_layer=layer, image_seq_length=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    vlm = VLM(LlavaForConditionalGeneration(cfg).eval(), tiny_vlm.processor)
+    write_lm(vlm, tmp_path / "model.gguf", "f32")
+    write_mmproj(vlm, tmp_path / "mmproj.gguf", "f32")
+    session = open_session(vlm, tmp_path)
+    image = synthetic_image(vlm, 0)
+    embd, _ = session.encode_image(image)
+    session.close()
+    pixels = vlm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = vlm.project(vlm.vision_features(pixels))[0].numpy()
+    assert compare(embd, ref)["cosine_min"] > 0.9999
+
+
 # ---- quantization ---------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["q8_0", "q4_k_m"])
 def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
@@ -315,3 +386,44 @@ def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
     assert components["vision"]["precision"] == "f16"
     assert set(components["vision"]["tensor_types"].values()) <= {"F16", "F32"}
     assert parity["pass"], parity
+
+
+# ---- the export driver, with an eval set --------------------------------------------------
+def write_eval_set(root, n: int = 4):
+    """A small LLaVA eval set: coloured squares and a colour question."""
+    import json
+
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    samples = []
+    for i in range(n):
+        name = list(colors)[i % 3]
+        pixels = np.full((64, 64, 3), 255, np.uint8)
+        pixels[8 + i : 40 + i, 10:42] = colors[name]
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nWhat color is it?"},
+                 {"from": "gpt", "value": name}]  # fmt: skip
+        samples.append({"id": f"e{i}", "image": f"images/{i}.png", "conversations": turns})
+    (root / "eval.json").write_text(json.dumps(samples))
+    return root / "eval.json"
+
+
+def test_driver_exports_q8_0_with_accuracy_delta(tiny_checkpoint, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from edgekd.export import export
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+
+    config = ExportConfig(
+        checkpoint=str(tiny_checkpoint), target="gguf", precision="q8_0",
+        output=tmp_path / "q8", n_parity_prompts=2, max_new_tokens=4,
+        eval_data=write_eval_set(tmp_path / "eval"), eval_limit=4, options={"n_threads": 1},
+    )  # fmt: skip
+    manifest = export(config)
+    assert set(manifest["files"]) == {"model.gguf", "mmproj.gguf"}
+    accuracy = manifest["parity"]["accuracy"]
+    assert accuracy["n"] == 4 and -1 <= accuracy["delta"] <= 1
+    assert manifest["components"]["language_model"]["type_counts"]["Q8_0"] == 15
+    gen = LlamaCppBackend(tmp_path / "q8", n_threads=1).generate(None, "Say yes.", 4)
+    assert gen.vision_ms == 0 and gen.token_ids

@@ -891,3 +891,32 @@ def test_export_on_cpu_int8_calibrates_the_decoder(tiny_checkpoint, tmp_path, cp
     assert calibration["inputs_embeds"][0][:1] == (1,)
     assert calibration["past_key_values.0.key"][0][2] == 0
     assert manifest["precision"] == "int8" and manifest["options"] == {"calibration_samples": 3}
+
+
+def test_engines_built_elsewhere_are_refused(monkeypatch):
+    from edgekd.runtime.tensorrt import check_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    info = {"device": {"name": "Orin", "compute_capability": "8.7"}, "tensorrt_version": "10.3.0"}
+    with pytest.raises(BackendError) as err:
+        check_device(info, "10.9.0.34")
+    msg = str(err.value)
+    assert "compute capability 8.7 (Orin), this GPU is 9.0 (NVIDIA H100)" in msg
+    assert "TensorRT 10.3.0, this is 10.9.0.34" in msg and "re-export" in msg
+    check_device({**info, "device": {"name": "H100", "compute_capability": "9.0"}}, "10.3.0")
+
+
+def test_torch_dtypes_of_tensorrt_types():
+    from edgekd.runtime.tensorrt import torch_dtype
+
+    trt = types.SimpleNamespace(float32="F", float16="H", int64="L", int32="I", bool="B")
+    assert [torch_dtype(trt, x) for x in "FHLIB"] == [
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.bool,
+    ]
+    with pytest.raises(BackendError, match="no torch equivalent"):
+        torch_dtype(trt, "FP4")

@@ -14,9 +14,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def onnx_fp32_artifact(tmp_path_factory, tiny_vlm) -> Path:
-    from filelock import FileLock
-
     from edgekd.export import ExportConfig, export
+    from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "onnx-shared"
@@ -27,6 +26,9 @@ def onnx_fp32_artifact(tmp_path_factory, tiny_vlm) -> Path:
         if not checkpoint.exists():
             tiny_vlm.save_pretrained(checkpoint)
         if not (out / "manifest.json").exists():
-            export(ExportConfig(str(checkpoint), "onnx", "fp32", out, n_parity_prompts=3,
-                                max_new_tokens=6))
+            export(
+                ExportConfig(
+                    str(checkpoint), "onnx", "fp32", out, n_parity_prompts=3, max_new_tokens=6
+                )
+            )
     return out

@@ -12,27 +12,39 @@ from edgekd.runtime.base import BackendError, Generation
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_vlm, tiny_checkpoint, tmp_path_factory):
-    """An f32 gguf artifact of ``tiny_vlm`` with its manifest (validated in the export tests)."""
+def contrast_vlm(tokenizer):
+    """The tiny VLM with its weight matrices scaled x4: unscaled, a random tiny model answers
+    one repeated token whatever it sees; scaled, answers depend on the image and the prompt."""
+    from edgekd.models import build_vlm
+
+    vlm = build_vlm("tiny", tokenizer=tokenizer, seed=0)
+    with torch.no_grad():
+        for p in vlm.model.parameters():
+            if p.ndim >= 2:
+                p.mul_(4.0)
+    return vlm
+
+
+@pytest.fixture(scope="module")
+def artifact(contrast_vlm, tmp_path_factory):
+    """An f32 gguf artifact with its manifest (the exporter's own tests validate it)."""
     pytest.importorskip("llama_cpp")
     from edgekd.export import manifest
     from edgekd.export.base import ExportConfig
     from edgekd.export.gguf import GgufExporter
 
     out = tmp_path_factory.mktemp("llamacpp") / "f32"
-    config = ExportConfig(
-        checkpoint=str(tiny_checkpoint), target="gguf", precision="f32", output=out
-    )
+    config = ExportConfig(checkpoint="contrast-tiny", target="gguf", precision="f32", output=out)
     exporter = GgufExporter()
-    exporter.check(tiny_vlm, config)
-    components = exporter.export(tiny_vlm, config, out)
+    exporter.check(contrast_vlm, config)
+    components = exporter.export(contrast_vlm, config, out)
     manifest.write(
         out,
         target="gguf",
         precision="f32",
-        checkpoint=str(tiny_checkpoint),
+        checkpoint="contrast-tiny",
         components=components,
-        vlm=tiny_vlm,
+        vlm=contrast_vlm,
         parity={},
     )
     return out
@@ -76,32 +88,36 @@ def _pytorch_greedy(vlm, image, prompt, max_new_tokens):
     return ids[:cut], enc["input_ids"].shape[1]
 
 
-def test_generate_is_token_exact_with_pytorch_and_timed(artifact, tiny_vlm):
+def test_generate_is_token_exact_with_pytorch_and_timed(artifact, contrast_vlm):
     from edgekd.runtime.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(artifact, n_threads=1)
+    answers = set()
     try:
         for seed, prompt in ((7, "What shape is in the image?"), (8, "Is there a red circle?")):
             image = _image(seed)
             gen = backend.generate(image, prompt, max_new_tokens=8)
-            ref, n_prompt = _pytorch_greedy(tiny_vlm, image, prompt, 8)
+            ref, n_prompt = _pytorch_greedy(contrast_vlm, image, prompt, 8)
             assert isinstance(gen, Generation)
             assert gen.token_ids == ref
             assert gen.prompt_tokens == n_prompt
-            assert gen.text == tiny_vlm.tokenizer.decode(ref, skip_special_tokens=True).strip()
-            assert gen.vision_ms > 0 and gen.prefill_ms > 0 and gen.decode_ms >= 0
+            assert gen.text == contrast_vlm.tokenizer.decode(ref, skip_special_tokens=True).strip()
+            assert gen.vision_ms > 0 and gen.prefill_ms > 0 and gen.decode_ms > 0
+            answers.add(tuple(ref))
     finally:
         backend.close()
+    assert len(answers) == 2  # the comparison is not between two stuck outputs
 
 
-def test_larger_images_are_resized_like_the_processor(artifact, tiny_vlm):
+def test_larger_images_are_resized_like_the_processor(artifact, contrast_vlm):
     from edgekd.runtime.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(artifact, n_threads=1)
     try:
         image = _image(9, size=97)
         gen = backend.generate(image, "What color is the shape?", max_new_tokens=6)
-        assert gen.token_ids == _pytorch_greedy(tiny_vlm, image, "What color is the shape?", 6)[0]
+        ref, _ = _pytorch_greedy(contrast_vlm, image, "What color is the shape?", 6)
+        assert gen.token_ids == ref
     finally:
         backend.close()
 

@@ -7,11 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from edgekd.export.manifest import ArtifactError
 from edgekd.runtime.base import BackendError
 from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, encode_prompt, resolve_providers
+from PIL import Image
 
 PROMPTS = [
     (("red", (64, 64)), "What color is the shape?"),
@@ -36,13 +35,18 @@ def _torch_generate(vlm, image, prompt, max_new_tokens):
     ids, pixels = encode_prompt(vlm.processor, image, prompt)
     input_ids = torch.from_numpy(ids)
     stops = stop_token_ids(vlm.tokenizer, vlm.model.generation_config)
+    images = {} if pixels is None else {"pixel_values": torch.from_numpy(pixels)}
     with torch.no_grad():
         out = vlm.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-            pixel_values=None if pixels is None else torch.from_numpy(pixels),
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-            pad_token_id=vlm.tokenizer.pad_token_id)
-    return out[0, input_ids.shape[1]:].tolist()
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            **images,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=vlm.tokenizer.pad_token_id,
+        )
+    return out[0, input_ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("spec,prompt", PROMPTS)
@@ -55,15 +59,29 @@ def test_generate_equals_torch_greedy_token_for_token(backend, tiny_vlm, spec, p
 
 
 def test_generate_stops_at_eos(backend, monkeypatch):
-    first = backend.generate(_image(PROMPTS[0][0]), PROMPTS[0][1], max_new_tokens=4).token_ids
-    monkeypatch.setattr(backend, "eos_token_ids", {first[1]})
-    assert backend.generate(_image(PROMPTS[0][0]), PROMPTS[0][1], 4).token_ids == first[:2]
+    image, prompt = _image(PROMPTS[0][0]), PROMPTS[0][1]
+    first = backend.generate(image, prompt, max_new_tokens=5).token_ids
+    assert len(first) == 5
+    monkeypatch.setattr(backend, "eos_token_ids", {first[0]})
+    assert backend.generate(image, prompt, 5).token_ids == first[:1]  # eos kept, as HF does
+
+
+def test_decode_steps_through_the_kv_cache_match_a_full_forward(backend, tiny_vlm):
+    ids, pixels = backend.encode(_image(PROMPTS[0][0]), PROMPTS[0][1])
+    forced = [5, 77, 300, 12, 9]
+    got = backend.incremental_logits(ids, pixels, forced)
+    full = torch.from_numpy(np.concatenate([ids, [forced]], axis=1))
+    with torch.no_grad():
+        ref = tiny_vlm.forward_stages(full, None, torch.from_numpy(pixels))[0, ids.shape[1] - 1 :]
+    assert got.shape == ref.shape and np.abs(got - ref.numpy()).max() < 1e-4
 
 
 def test_preprocessing_and_prompt_logits_match_pytorch(backend, tiny_vlm):
     image, prompt = Image.new("RGB", (90, 70), "teal"), "What shape?"
     ids, pixels = backend.encode(image, prompt)
-    ref = tiny_vlm.processor(text=[backend_text(backend, prompt)], images=[image], return_tensors="np")
+    ref = tiny_vlm.processor(
+        text=[backend_text(backend, prompt)], images=[image], return_tensors="np"
+    )
     assert np.array_equal(ids, ref["input_ids"]) and np.array_equal(pixels, ref["pixel_values"])
     with torch.no_grad():
         logits = tiny_vlm.forward_stages(torch.from_numpy(ids), None, torch.from_numpy(pixels))
@@ -114,7 +132,9 @@ def test_providers_by_name_and_missing_gpu_provider_names_the_package():
         resolve_providers("tpu")
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here")
-    with pytest.raises(BackendError, match="CUDAExecutionProvider is not available.*onnxruntime-gpu"):
+    with pytest.raises(
+        BackendError, match="CUDAExecutionProvider is not available.*onnxruntime-gpu"
+    ):
         resolve_providers(("cuda",))
 
 
