@@ -60,15 +60,10 @@ def data_dir(args) -> Path:
 
 def split_file(args, split: str) -> Path:
     """The split's JSON, restricted to ``--question-types`` (written once next to the full one)."""
+    from edgekd.data import subset_by_type
+
     full = data_dir(args) / f"{split}.json"
-    if args.question_types == ["all"]:
-        return full
-    subset = data_dir(args) / f"{split}.{'-'.join(args.question_types)}.json"
-    if not subset.exists():
-        samples = json.loads(full.read_text())
-        kept = [s for s in samples if s.get("question_type") in args.question_types]
-        subset.write_text(json.dumps(kept))
-    return subset
+    return full if args.question_types == ["all"] else subset_by_type(full, args.question_types)
 
 
 def train(

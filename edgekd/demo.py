@@ -3,10 +3,10 @@
 Each stage writes one directory under the demo's working directory, atomically, so a re-run
 reuses every finished stage and redoes only what is missing or was interrupted.
 
-Stages: data (easy-vqa in LLaVA format) -> initial teacher and student checkpoints (tiny
-SigLIP + Qwen2 models sharing one tokenizer trained on the data) -> teacher trained with sft ->
-students distilled with switch-kd and, for reference, trained with sft -> accuracy of each on
-the test split.
+Stages: data (easy-vqa in LLaVA format, colour and shape questions) -> initial teacher and
+student checkpoints (tiny SigLIP + Qwen2 models sharing one tokenizer trained on the data) ->
+teacher trained with sft -> students distilled with switch-kd and, for reference, trained with
+sft -> accuracy of each on the test split.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 TEACHER_SIZE, STUDENT_SIZE = "small", "tiny"
-TEACHER_STEPS, STUDENT_STEPS, BATCH, LR = 1500, 300, 32, 2e-3
+# The setting of docs/results.md (seed 0): easy-vqa's open-ended questions, where a tiny model
+# cannot answer from the question text alone; a teacher trained long, students trained briefly.
+QUESTION_TYPES = ("color", "shape")
+TEACHER_STEPS, STUDENT_STEPS, BATCH, LR = 2000, 300, 32, 1e-3
 EVAL_LIMIT = 600
 
 
@@ -53,7 +56,7 @@ def _train(
             method=method,
             student=str(student),
             teacher=str(teacher) if teacher else None,
-            data=root / "data" / "easy-vqa" / "train.json",
+            data=_split(root, "train"),
             overrides=overrides,
             save_steps=100,
             logging_steps=50,
@@ -92,7 +95,7 @@ def demo_stages(root: Path, console: Console) -> list[Stage]:
             "teacher",
             teacher / "model",
             _stage_dir(_train(root, "sft", t_init, None, TEACHER_STEPS, console)),
-            f"teacher: sft, {TEACHER_STEPS} steps",
+            f"sft, {TEACHER_STEPS} steps",
         ),
         Stage(
             "student-switch-kd",
@@ -100,13 +103,13 @@ def demo_stages(root: Path, console: Console) -> list[Stage]:
             _stage_dir(
                 _train(root, "switch-kd", s_init, teacher / "model", STUDENT_STEPS, console)
             ),
-            f"student: switch-kd, {STUDENT_STEPS} steps",
+            f"switch-kd from the teacher, {STUDENT_STEPS} steps",
         ),
         Stage(
             "student-sft",
             root / "runs" / "sft" / "model",
             _stage_dir(_train(root, "sft", s_init, None, STUDENT_STEPS, console)),
-            f"student: sft (reference), {STUDENT_STEPS} steps",
+            f"sft (reference), {STUDENT_STEPS} steps",
         ),
         Stage(
             "accuracy",
@@ -115,6 +118,12 @@ def demo_stages(root: Path, console: Console) -> list[Stage]:
             f"greedy exact match on {EVAL_LIMIT} test questions",
         ),
     ]
+
+
+def _split(root: Path, split: str) -> Path:
+    from edgekd.data import subset_by_type
+
+    return subset_by_type(root / "data" / "easy-vqa" / f"{split}.json", QUESTION_TYPES)
 
 
 def _stage_dir(train: Callable[[Path], object]) -> Callable[[Path], object]:
@@ -127,7 +136,7 @@ def _accuracy(root: Path, out: Path) -> dict:
     from edgekd.io import atomic_write_json
     from edgekd.models import VLM
 
-    test = root / "data" / "easy-vqa" / "test.json"
+    test = _split(root, "test")
     models = {
         "teacher": root / "runs" / "teacher" / "model",
         "switch-kd student": root / "runs" / "switch-kd" / "model",
@@ -194,7 +203,7 @@ def _print_tables(root: Path, rows: list[dict], console: Console) -> None:
     report = root / "report" / "accuracy.json"
     results = json.loads(report.read_text())
     types = sorted(next(iter(results.values()))["per_type"])
-    acc = Table(title="accuracy on easy-vqa test (greedy exact match, %)")
+    acc = Table(title="accuracy on easy-vqa colour/shape test questions (greedy exact match, %)")
     for col in ("model", "overall", *types):
         acc.add_column(col, justify="left" if col == "model" else "right")
     for name, r in results.items():

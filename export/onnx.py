@@ -9,6 +9,8 @@ use)::
                                  past_key_values.{i}.key/value (B, kv_heads, P, head_dim)
                                  -> logits (B, L, V),
                                     present.{i}.key/value (B, kv_heads, P + L, head_dim)
+    shared_embedding.data        int8/int4 with tied embeddings: the int8 table + scales, stored
+                                 once, external data of both embed_tokens and the decoder
     genai_config.json            I/O names, shapes and ids for other runtimes
     tokenizer + processor files  so runtimes need no checkpoint
 
@@ -25,8 +27,11 @@ declared as data below, optimum-style.
 
 Precisions: fp32; fp16 (weights and compute, fp32 graph I/O, norms and softmax fp32); int8
 (dynamic, per-channel weights) and int4 (MatMulNBits, ``int4_block_size``, default 32) for the
-decoder, with the lm_head untied and kept int8 and the embedding table int8 per row; the vision
-encoder stays fp32 in int8/int4. See :data:`PLANS`; the manifest records the same per component.
+decoder, with the lm_head kept int8 and the embedding table int8 per row; the vision encoder
+stays fp32 in int8/int4. With tied embeddings the int8 table and its per-row scales are stored
+once, in ``shared_embedding.data``, which both ``embed_tokens.onnx`` and the decoder's lm_head
+reference as ONNX external data (see :data:`SHARED_PLAN`); an untied model gets its own int8
+lm_head. See :data:`PLANS`; the manifest records the same per component.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from edgekd.export.base import ExportConfig, ExportError, register
 
 # ---- per-architecture facts ---------------------------------------------------------------
@@ -166,6 +172,12 @@ PLANS = {
         "int8 per-channel (baked, untied)",
     ),
 }
+# int8/int4 with tied embeddings: one int8 table + fp32 scales for the embedding and lm_head.
+SHARED_PLAN = {
+    "table": "int8 symmetric per vocab row, fp32 scales; [hidden, vocab] layout, stored once",
+    "embed": "int8 per-row, fp32 scales (the tied table in shared_embedding.data)",
+    "lm_head": "int8 per-channel (tied: the embedding's table in shared_embedding.data)",
+}
 OPTIONS: dict[str, Any] = {"int4_block_size": 32, "int4_accuracy_level": 4, "opset": 18}
 
 
@@ -225,19 +237,25 @@ class OnnxExporter:
         options = {**OPTIONS, **config.options}
         n_layers = vlm.config.text_config.num_hidden_layers
         files, facts, head = {}, {}, ""
+        # Tied table at int8/int4: quantized once, written once, read by embed and lm_head.
+        table = _tied_table(vlm) if config.precision in ("int8", "int4") else None
+        refs = g.write_shared_table(out / g.SHARED_DATA, *table) if table else None
+        del table
         for spec in GRAPHS:
             model = _trace(vlm, spec, n_layers, options["opset"])
             if spec is DECODER:
                 baked = g.bake_transposed_weights(model)  # before any quantizer sees the head
                 head = g.head_matmul(model)
-            model = _convert(spec.component, model, config.precision, options, head)
+                if refs:
+                    _check_tied_head(vlm, model, head)
+            model = _convert(spec.component, model, config.precision, options, head, refs)
             if spec is DECODER:
                 facts = _graph_facts(model, baked, head)
             files[spec.component] = g.save(model, out / spec.file)
             del model
         vlm.processor.save_pretrained(out)
         _write_genai_config(vlm, out, n_layers)
-        return _components(config.precision, options, files, out, facts)
+        return _components(config.precision, options, files, out, facts, shared=bool(refs))
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
         """Compare the artifact with PyTorch; see :mod:`edgekd.export.onnx_parity`."""
@@ -388,8 +406,19 @@ def _name_dims(model, spec: GraphSpec, n_layers: int) -> None:
 # ---- precisions ---------------------------------------------------------------------------
 
 
-def _convert(component: str, model, precision: str, options: dict[str, Any], head: str):
-    """One traced graph to ``precision`` (see :data:`PLANS` for what each component keeps)."""
+def _convert(
+    component: str,
+    model,
+    precision: str,
+    options: dict[str, Any],
+    head: str,
+    refs: dict[str, Any] | None = None,
+):
+    """One traced graph to ``precision`` (see :data:`PLANS` for what each component keeps).
+
+    ``refs`` (int8/int4 with tied embeddings): the shared table's external references; the
+    embedding and the lm_head then read it instead of each quantizing its own copy.
+    """
     from edgekd.export import onnx_graph as g
 
     if precision == "fp32" or (component == "vision" and precision in ("int8", "int4")):
@@ -397,17 +426,57 @@ def _convert(component: str, model, precision: str, options: dict[str, Any], hea
     if precision == "fp16":
         return g.to_fp16(model)
     if component == "embed":
-        g.quantize_gather_int8(model)
+        if refs:
+            g.share_tied_embedding(model, refs)
+        else:
+            g.quantize_gather_int8(model)
         return model
     if precision == "int8":
-        return g.quantize_int8(model)
-    model = g.quantize_int4(
-        model,
-        block_size=options["int4_block_size"],
-        accuracy_level=options["int4_accuracy_level"],
-        exclude=[head],
-    )
-    return g.quantize_int8(model, nodes=[head])  # the lm_head stays at 8 bits
+        if not refs:
+            return g.quantize_int8(model)
+        model = g.quantize_int8(model, exclude=[head])
+    else:
+        model = g.quantize_int4(
+            model,
+            block_size=options["int4_block_size"],
+            accuracy_level=options["int4_accuracy_level"],
+            exclude=[head],
+        )
+        if not refs:
+            return g.quantize_int8(model, nodes=[head])  # the lm_head stays at 8 bits
+    g.share_tied_lm_head(model, head, refs)  # int8 per channel on the shared table
+    return model
+
+
+def _tied_table(vlm):
+    """``(q_T [hidden, vocab] int8, scale [vocab] fp32)`` of a tied embedding, else ``None``.
+
+    Tied = the lm_head has no bias and its weight is the embedding's (the same tensor, as
+    ``tie_word_embeddings`` makes it, or an equal one).
+    """
+    import torch
+    from edgekd.export import onnx_graph as g
+
+    embed = vlm.language_model.get_input_embeddings().weight
+    head = vlm.lm_head
+    if getattr(head, "bias", None) is not None or head.weight.shape != embed.shape:
+        return None
+    if head.weight is not embed and not torch.equal(head.weight, embed):
+        return None
+    q, scale = g.quantize_rows_int8(embed.detach().float().cpu().numpy())
+    return np.ascontiguousarray(q.T), scale
+
+
+def _check_tied_head(vlm, model, head: str) -> None:
+    """The traced lm_head multiplies by the embedding table (transposed), or the export stops."""
+    from edgekd.export import onnx_graph as g
+
+    embed = vlm.language_model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    if not np.array_equal(g.head_weight(model, head), embed.T):
+        raise ExportError(
+            f"the lm_head '{head}' of the traced decoder is not the tied embedding table; "
+            "cannot share one int8 copy"
+        )
 
 
 def _graph_facts(model, baked: list[str], head: str) -> dict[str, Any]:
@@ -424,8 +493,14 @@ def _graph_facts(model, baked: list[str], head: str) -> dict[str, Any]:
     }
 
 
-def _components(precision, options, files, out: Path, decoder_facts) -> dict[str, Any]:
+def _components(
+    precision, options, files, out: Path, decoder_facts, shared: bool = False
+) -> dict[str, Any]:
+    from edgekd.export import onnx_graph as g
+
     plan = asdict(PLANS[precision])
+    if shared:
+        plan.update(embed=SHARED_PLAN["embed"], lm_head=SHARED_PLAN["lm_head"])
     components = {
         spec.component: {"files": files[spec.component], "precision": plan[spec.component]}
         for spec in GRAPHS
@@ -434,6 +509,15 @@ def _components(precision, options, files, out: Path, decoder_facts) -> dict[str
         block=options["int4_block_size"], level=options["int4_accuracy_level"]
     )
     components["decoder"].update({"lm_head": plan["lm_head"], **decoder_facts})
+    if shared:  # one file, one component; embed and decoder reference it
+        components["shared_embedding"] = {
+            "files": [g.SHARED_DATA],
+            "precision": SHARED_PLAN["table"],
+            "tensors": [g.SHARED_TABLE, g.SHARED_SCALE],
+            "used_by": ["embed", "decoder"],
+        }
+        for name in ("embed", "decoder"):
+            components[name]["shares"] = g.SHARED_DATA
     tokenizer_files = sorted(
         p.name
         for p in out.iterdir()

@@ -10,6 +10,7 @@ from edgekd.data.llava import (
     LlavaCollator,
     LlavaDataset,
     load_llava_json,
+    subset_by_type,
     validate_samples,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "LlavaCollator",
     "LlavaDataset",
     "load_llava_json",
+    "subset_by_type",
     "validate_samples",
     "write_easy_vqa",
     "write_fashion_grid",

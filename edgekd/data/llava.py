@@ -50,6 +50,24 @@ ROLES = {
 
 
 # ---- reading and validating ------------------------------------------------------------------
+def subset_by_type(path: str | os.PathLike, question_types: Sequence[str]) -> Path:
+    """The samples of ``path`` whose ``question_type`` is listed, as ``<stem>.<types>.json``.
+
+    Written once next to ``path`` (atomically) and reused; image paths stay valid because the
+    subset lives in the same folder.
+    """
+    from edgekd.io import atomic_write_text
+
+    src = Path(path)
+    dst = src.with_name(f"{src.stem}.{'-'.join(question_types)}.json")
+    if not dst.exists():
+        kept = [s for s in load_llava_json(src) if s.get("question_type") in question_types]
+        if not kept:
+            raise DataError(f"{src}: no sample has question_type in {list(question_types)}")
+        atomic_write_text(dst, json.dumps(kept))
+    return dst
+
+
 def load_llava_json(path: str | os.PathLike) -> list[dict]:
     """Read a LLaVA-format JSON file and validate every sample before training starts.
 

@@ -232,3 +232,74 @@ def test_parity_failure_raises_with_numbers_and_leaves_nothing(
         export(ExportConfig(str(tiny_checkpoint), "onnx", "fp32", tmp_path / "out"))
     assert re.search(r"logits: .*max_rel [0-9.e-]+, max_rel_limit 0,", str(e.value))
     assert _no_leftovers(tmp_path, "out")
+
+
+def _external_refs(path):
+    """``{initializer: (location, offset, length)}`` of a graph's external tensors."""
+    model = onnx.load(str(path), load_external_data=False)
+    refs = {}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            refs[t.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+    return refs
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_tied_table_is_stored_once_and_shared(onnx_artifact, tiny_vlm, precision):
+    root = onnx_artifact(precision)
+    data = root / g.SHARED_DATA
+    assert data.is_file()
+    embed = _external_refs(root / onnx_export.EMBED.file)
+    decoder = _external_refs(root / onnx_export.DECODER.file)
+    shared = {g.SHARED_TABLE, g.SHARED_SCALE}
+    assert set(embed) == shared and set(decoder) == shared
+    assert embed == decoder, "both graphs point at the same bytes"
+    vocab, hidden = tiny_vlm.lm_head.weight.shape
+    assert embed[g.SHARED_TABLE][0] == g.SHARED_DATA and embed[g.SHARED_TABLE][2] == vocab * hidden
+    assert embed[g.SHARED_SCALE][2] == 4 * vocab
+    assert data.stat().st_size == max(off + n for _, off, n in embed.values())
+    # No second copy: neither graph holds a vocab x hidden matrix of its own.
+    for f in (onnx_export.EMBED.file, onnx_export.DECODER.file):
+        model = onnx.load(str(root / f), load_external_data=False)
+        own = [t for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+        assert max(int(np.prod(t.dims)) for t in own) < vocab * hidden
+    assert (root / onnx_export.EMBED.file).stat().st_size < 4096
+    components = json.loads((root / "manifest.json").read_text())["components"]
+    assert components["shared_embedding"]["files"] == [g.SHARED_DATA]
+    assert components["embed"]["shares"] == components["decoder"]["shares"] == g.SHARED_DATA
+    assert "tied" in components["decoder"]["lm_head"]
+
+
+def test_untied_model_exports_its_own_int8_head_and_the_tied_one_is_smaller(
+    onnx_artifact, tokenizer, tmp_path
+):
+    import onnxruntime as ort
+
+    from edgekd.models import build_vlm
+
+    untied = build_vlm("tiny", tokenizer=tokenizer, seed=0, tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.language_model.get_input_embeddings().weight
+    ckpt = tmp_path / "untied"
+    untied.save_pretrained(ckpt)
+    out = tmp_path / "out"
+    manifest = export(
+        ExportConfig(str(ckpt), "onnx", "int8", out, n_parity_prompts=2, max_new_tokens=4)
+    )
+    assert manifest["parity"]["passed"]
+    assert not (out / g.SHARED_DATA).exists() and "shared_embedding" not in manifest["components"]
+    assert manifest["components"]["decoder"]["lm_head"] == "int8 per-channel (baked, untied)"
+    for f in (onnx_export.EMBED.file, onnx_export.DECODER.file):
+        assert _external_refs(out / f) == {}
+        ort.InferenceSession(str(out / f))
+    assert g.float_weights(_decoder(out), 256) == []
+
+    # The tied artifact holds the vocab x hidden int8 table once: the untied one twice.
+    vocab, hidden = untied.lm_head.weight.shape
+
+    def language(root):
+        names = (onnx_export.EMBED.file, onnx_export.DECODER.file, g.SHARED_DATA)
+        return sum((root / n).stat().st_size for n in names if (root / n).exists())
+
+    saved = language(out) - language(onnx_artifact("int8"))
+    assert saved >= 0.9 * vocab * hidden, (saved, vocab * hidden)
