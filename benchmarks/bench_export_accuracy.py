@@ -60,6 +60,28 @@ def held_out(data: Path, limit: int) -> list[dict]:
     return rows
 
 
+def first_token_margins(vlm, data: Path, images: Path, ids: set[str]) -> dict[str, float]:
+    """PyTorch's top-1 minus top-2 logit at the first answer token, for samples ``ids``."""
+    import torch
+
+    from edgekd.data import LlavaDataset, load_llava_json
+    from edgekd.evaluate import prompts_and_references
+
+    samples = [s for s in load_llava_json(data) if s["id"] in ids]
+    if not samples:
+        return {}
+    dataset = LlavaDataset(samples, images, vlm.processor, 2048)
+    margins = {}
+    for r in prompts_and_references(dataset):
+        pixels = dataset.load_pixels(r["index"])
+        kwargs = {} if pixels is None else {"pixel_values": pixels[None]}
+        with torch.no_grad():
+            logits = vlm.model(input_ids=torch.tensor([r["input_ids"]]), **kwargs).logits[0, -1]
+        top = logits.topk(2).values
+        margins[r["id"]] = float(top[0] - top[1])
+    return margins
+
+
 def open_backend(target: str, artifact: Path, threads: int):
     if target == "onnx":
         from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
@@ -138,8 +160,13 @@ def measure(vlm, args, work: Path, samples, reference, target, precision, label,
             {"id": r["id"], "pytorch": ref_pred[r["id"]], "artifact": r["prediction"]}
             for r, s in zip(rows, same)
             if not s
-        ][:20],
+        ],
     )
+    margins = first_token_margins(
+        vlm, args.eval_data, args.images, {d["id"] for d in row["disagreements"]}
+    )
+    for d in row["disagreements"]:
+        d["pytorch_first_token_margin"] = margins.get(d["id"])
     if max_drop is None:
         row["target_desc"] = "identical to PyTorch on every sample"
         row["meets_target"] = all(same)
