@@ -15,12 +15,14 @@ The KL baselines use T = 1 as GKD and MiniLLM do; BiLD and DBiLD use the recipe'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from edgekd.distill.losses import LOSSES, LossOutput
+from edgekd.profiles.schema import Method
 
-METHODS = ("sft", "kd", "rkl", "bild", "dbild", "switch-kd")
+METHODS: tuple[str, ...] = get_args(Method)  # sft, kd, rkl, bild, dbild, switch-kd
 IGNORE_INDEX = -100
 
 

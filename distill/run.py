@@ -31,7 +31,6 @@ from edgekd.errors import ModelError, OutputExistsError
 from edgekd.io import atomic_dir, atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-UNUSED_WEIGHTS = {"sft": ("w_align", "w_vsd"), "switch-kd": ()}
 
 
 @dataclass
@@ -60,11 +59,12 @@ class DistillJob:
 def resolve_recipe(job: DistillJob):
     """The recipe with the job's overrides applied, validated once (all problems in one error)."""
     from edgekd.profiles import load_recipe
+    from edgekd.profiles.schema import UNUSED_WEIGHTS
 
     overrides = dict(job.overrides)
     if job.method:
         overrides["method"] = job.method
-        for key in UNUSED_WEIGHTS.get(job.method, ("w_vsd",)):
+        for key in UNUSED_WEIGHTS.get(job.method, ()):
             overrides[f"loss.{key}"] = 0.0  # weights the recipe set for its own method
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     if world > 1:

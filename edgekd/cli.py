@@ -278,6 +278,58 @@ def demo(
     run_demo(output, console=console)
 
 
+@app.command("plan")
+def plan_command(
+    model: Annotated[
+        str, typer.Option(help="Preset (qwen2-0.5b-siglip-so400m), checkpoint dir or hub id.")
+    ],
+    profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")],
+    context: Annotated[int, typer.Option(help="Tokens held in the KV cache per sequence.")] = 2048,
+    batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 1,
+    power_mode: Annotated[
+        str | None, typer.Option(help="nvpmodel mode (default: the profile's).")
+    ] = None,
+) -> None:
+    """Will a model fit a device, and how fast can it decode? (weights, KV cache, roofline)"""
+    from rich.table import Table
+
+    from edgekd.profiles import load_device_profile
+    from edgekd.runtime.plan import GB, plan
+
+    device = load_device_profile(profile)  # a bad name fails before torch is imported
+    result = plan(model, device, context=context, batch=batch, power_mode=power_mode)
+    mode = f", {result.power_mode}" if result.power_mode else ""
+    table = Table(
+        title=f"{result.model} on {result.profile}{mode}: context {context}, batch {batch}; "
+        f"usable {result.usable_gb:.2f} of {result.memory_gb:g} GB, {result.bandwidth_gbps:g} GB/s"
+    )
+    table.add_column("precision", no_wrap=True)
+    for col in ("weights", "KV", "act.", "total", "fits", "margin", "tok/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("bound")
+    for row in result.rows:
+        colour = "green" if row.fits else "red"
+        table.add_row(
+            row.precision,
+            f"{row.weights / GB:.2f}",
+            f"{row.kv_bytes / GB:.3f}",
+            f"{row.activation_bytes / GB:.3f}",
+            f"{row.total_bytes / GB:.2f}",
+            f"[{colour}]{'yes' if row.fits else 'no'}[/{colour}]",
+            f"{row.margin_gb:+.2f}",
+            f"{row.decode_tok_s:,.1f}",
+            row.bound,
+        )
+    console.print(table)
+    for row in result.rows:
+        if not row.fits:
+            console.print(f"[red]✗[/red] {row.precision}: {row.verdict}", highlight=False)
+    console.print(
+        "sizes in GB (1e9 bytes); tok/s: decode roofline, an upper bound (bandwidth / bytes "
+        "read per token, or peak compute)"
+    )
+
+
 # ---- data -----------------------------------------------------------------------------------
 @data_app.command("easy-vqa")
 def data_easy_vqa(

@@ -26,7 +26,7 @@ class ExportError(EdgeKDError, ValueError):
 
 
 class ParityError(EdgeKDError, RuntimeError):
-    """The artifact does not match the PyTorch model within tolerance; the message has the numbers."""
+    """The artifact does not match the PyTorch model within tolerance (numbers in the message)."""
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Exporter(Protocol):
     def check(self, vlm, config: ExportConfig) -> None: ...
 
     def export(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
-        """Write the artifact; return its components: ``{name: {"files": [...], "precision": p}}``."""
+        """Write the artifact; return ``{component: {"files": [...], "precision": p}}``."""
         ...
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:

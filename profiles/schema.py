@@ -18,7 +18,7 @@ Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 Method = Literal["sft", "kd", "rkl", "bild", "dbild", "switch-kd"]
 # Loss weights a method ignores: set to 0 when left out, an error when given > 0.
-_UNUSED_WEIGHTS: dict[str, tuple[str, ...]] = {
+UNUSED_WEIGHTS: dict[str, tuple[str, ...]] = {
     "sft": ("w_align", "w_vsd"),
     "kd": ("w_vsd",),
     "rkl": ("w_vsd",),
@@ -381,7 +381,7 @@ class RecipeProfile(_Model):
         loss, method, train = self.loss, self.method, self.training
         if method != "sft" and not self.teacher:
             out.append(("teacher", f"required for method '{method}'"))
-        for key in _UNUSED_WEIGHTS[method]:
+        for key in UNUSED_WEIGHTS[method]:
             if key in loss.model_fields_set and getattr(loss, key) > 0:
                 out.append((f"loss.{key}", f"method '{method}' does not use it; set 0"))
             setattr(loss, key, 0.0)

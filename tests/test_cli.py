@@ -31,7 +31,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("distill", "export", "bench", "data", "convert", "profiles", "demo", "models"):
+    commands = (
+        "distill",
+        "export",
+        "bench",
+        "plan",
+        "data",
+        "convert",
+        "profiles",
+        "demo",
+        "models",
+    )
+    for command in commands:
         assert command in result.stdout
 
 
