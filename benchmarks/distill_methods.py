@@ -76,7 +76,7 @@ def train(
     steps: int,
     quiet: Console,
 ) -> Path:
-    from edgekd.distill.run import DistillJob, run
+    from edgekd.distill.run import DistillJob, has_checkpoint, run
 
     out = work / "runs" / f"{method}-seed{seed}" if teacher else work / "teacher"
     if (out / "model" / "model.safetensors").exists():
@@ -97,8 +97,8 @@ def train(
         student=str(student),
         data=split_file(args, "train"),
         overrides=overrides,
-        resume=(out / "checkpoints").is_dir(),  # a run cut short continues
-        overwrite=not (out / "checkpoints").is_dir(),
+        resume=has_checkpoint(out),  # a run cut short continues
+        overwrite=True,  # a leftover without a checkpoint is started over
         save_steps=250,
         logging_steps=50,
         device="cpu",

@@ -82,6 +82,14 @@ def resolve_recipe(job: DistillJob):
     return load_recipe(job.recipe, overrides=overrides)
 
 
+def has_checkpoint(output: str | Path) -> bool:
+    """Whether a run directory holds a complete checkpoint to ``--resume`` from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = Path(output) / "checkpoints"
+    return ckpt_dir.is_dir() and get_last_checkpoint(str(ckpt_dir)) is not None
+
+
 def prepare_output(job: DistillJob) -> str | None:
     """Check the output directory; return the checkpoint to resume from (or None)."""
     ckpt_dir = job.output / "checkpoints"

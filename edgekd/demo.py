@@ -41,7 +41,7 @@ def _train(
     root: Path, method: str, student: Path, teacher: Path | None, steps: int, console: Console
 ) -> Callable[[Path], object]:
     def stage(out: Path) -> object:
-        from edgekd.distill.run import DistillJob, run
+        from edgekd.distill.run import DistillJob, has_checkpoint, run
 
         overrides = {
             "training.max_steps": steps,
@@ -61,7 +61,7 @@ def _train(
             save_steps=100,
             logging_steps=50,
             device="cpu",
-            resume=(out / "checkpoints").is_dir(),
+            resume=has_checkpoint(out),
             overwrite=True,
         )
         return run(job, console=console)

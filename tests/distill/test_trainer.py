@@ -213,3 +213,15 @@ def test_builtin_dataset_names_are_written_once_to_the_cache(tmp_path, monkeypat
     assert resolve_dataset(str(first.parent)) == first  # a folder written by `edgekd data`
     with pytest.raises(DistillError, match="neither a file nor a built-in dataset.*toy-set"):
         resolve_dataset("no-such-set")
+
+
+def test_has_checkpoint_only_for_complete_checkpoints(job_factory):
+    from edgekd.distill.run import has_checkpoint
+
+    job = job_factory("sft")
+    assert not has_checkpoint(job.output)
+    (job.output / "checkpoints" / ".staging" / "checkpoint-2").mkdir(parents=True)
+    assert not has_checkpoint(job.output)  # a save cut short is not a checkpoint
+    job.overwrite = True
+    run(job)
+    assert has_checkpoint(job.output)
