@@ -83,15 +83,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgekd.envinfo import snapshot
-    from edgekd.models import VLM, build_vlm, count_parameters
+    from edgekd.models import VLM
+    from edgekd.models.factory import create_checkpoint
 
     results: dict = {"preset": PRESET, "seed": 0, "targets_MB": TARGETS_MB, "precisions": {}}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        build_vlm(PRESET, seed=0).save_pretrained(work / "ckpt")
+        results["parameters"] = create_checkpoint(PRESET, work / "ckpt", seed=0)
         vlm = VLM.from_pretrained(work / "ckpt")
-        results["parameters"] = count_parameters(vlm)
         results["checkpoint_s"] = time.perf_counter() - t0
         lm = results["parameters"]["language_model"]
         results["fp32_language_bytes_tied"] = 4 * lm  # the checkpoint's own (tied) size
