@@ -1,0 +1,148 @@
+"""The fp32 backends agree token for token with TorchBackend, and TorchBackend with HF greedy.
+
+TorchBackend is the reference the exported backends are compared against, so it is pinned
+to ``model.generate`` first; then the fp32 ONNX artifact (the session fixture) and an f32
+GGUF artifact must give its exact tokens for the same (image, prompt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.torch import TorchBackend
+from PIL import Image
+
+PROMPTS = [
+    (("red", (64, 64)), "What color is the shape?"),
+    (("blue", (80, 48)), "What shape is in the image?"),  # resized by the processor
+    (("green", (64, 64)), "Is there a <image> circle?"),  # image placed mid-prompt
+    (None, "Say something."),  # text only
+]
+
+
+def _image(spec):
+    return None if spec is None else Image.new("RGB", spec[1], spec[0])
+
+
+def _noise(seed, size=64):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def torch_backend(tiny_checkpoint):
+    return TorchBackend(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def onnx_backend(onnx_fp32_artifact):
+    from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(onnx_fp32_artifact, providers=("cpu",), threads=1)
+
+
+def _hf_greedy(vlm, backend, image, prompt, max_new_tokens):
+    ids, pixels = backend.encode(image, prompt)
+    images = {} if pixels is None else {"pixel_values": pixels}
+    with torch.no_grad():
+        out = vlm.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            **images,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(backend.eos_token_ids),
+            pad_token_id=vlm.tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def _check_timed(gen: Generation, with_image: bool) -> None:
+    assert isinstance(gen, Generation)
+    assert gen.prefill_ms > 0 and (gen.vision_ms > 0) == with_image
+    assert len(gen.token_ids) < 2 or gen.decode_ms > 0
+
+
+@pytest.mark.parametrize("spec,prompt", PROMPTS)
+def test_torch_backend_equals_hf_greedy_and_onnx_fp32(
+    torch_backend, onnx_backend, tiny_vlm, spec, prompt
+):
+    got = torch_backend.generate(_image(spec), prompt, max_new_tokens=10)
+    assert got.token_ids == _hf_greedy(tiny_vlm, torch_backend, _image(spec), prompt, 10)
+    assert got.text == tiny_vlm.tokenizer.decode(got.token_ids, skip_special_tokens=True).strip()
+    _check_timed(got, spec is not None)
+    onnx = onnx_backend.generate(_image(spec), prompt, max_new_tokens=10)
+    assert onnx.token_ids == got.token_ids and onnx.prompt_tokens == got.prompt_tokens
+
+
+def test_generation_stops_at_a_stop_token(torch_backend, monkeypatch):
+    image, prompt = _image(PROMPTS[0][0]), PROMPTS[0][1]
+    first = torch_backend.generate(image, prompt, max_new_tokens=4).token_ids
+    assert len(first) == 4
+    monkeypatch.setattr(torch_backend, "eos_token_ids", {first[0]})
+    assert torch_backend.generate(image, prompt, 4).token_ids == first[:1]  # kept, as HF does
+
+
+@pytest.fixture(scope="module")
+def contrast(tokenizer, tmp_path_factory):
+    """The tiny VLM with weights x4 (answers depend on the input) saved as an ``edgekd
+    distill`` run directory, and its f32 GGUF artifact."""
+    pytest.importorskip("llama_cpp")
+    from edgekd.export import manifest
+    from edgekd.export.base import ExportConfig
+    from edgekd.export.gguf import GgufExporter
+
+    from edgekd.models import build_vlm
+
+    vlm = build_vlm("tiny", tokenizer=tokenizer, seed=0)
+    with torch.no_grad():
+        for p in vlm.model.parameters():
+            if p.ndim >= 2:
+                p.mul_(4.0)
+    root = tmp_path_factory.mktemp("agreement")
+    vlm.save_pretrained(root / "run" / "model")
+    out = root / "gguf-f32"
+    config = ExportConfig(checkpoint="contrast-tiny", target="gguf", precision="f32", output=out)
+    exporter = GgufExporter()
+    exporter.check(vlm, config)
+    components = exporter.export(vlm, config, out)
+    manifest.write(
+        out,
+        target="gguf",
+        precision="f32",
+        checkpoint="contrast-tiny",
+        components=components,
+        vlm=vlm,
+        parity={},
+    )
+    return vlm, root / "run", out
+
+
+def test_gguf_f32_equals_torch_backend(contrast):
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+
+    vlm, run_dir, artifact = contrast
+    reference = TorchBackend(run_dir)  # a distill run directory: the student in model/
+    llama = LlamaCppBackend(artifact, n_threads=1)
+    answers = set()
+    try:
+        for seed, question in ((7, "What shape is in the image?"), (8, "Is there a red circle?")):
+            # llama.cpp renders [image, text]; "<image>" first makes the processor render the same
+            prompt = f"<image>{question}"
+            ref = reference.generate(_noise(seed), prompt, max_new_tokens=8)
+            assert ref.token_ids == _hf_greedy(vlm, reference, _noise(seed), prompt, 8)
+            gen = llama.generate(_noise(seed), question, max_new_tokens=8)
+            assert gen.token_ids == ref.token_ids and gen.prompt_tokens == ref.prompt_tokens
+            _check_timed(ref, True)
+            answers.add(tuple(ref.token_ids))
+    finally:
+        llama.close()
+    assert len(answers) == 2  # not two stuck outputs compared
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_line(tiny_checkpoint):
+    with pytest.raises(BackendError, match="no CUDA GPU") as err:
+        TorchBackend(tiny_checkpoint, device="cuda")
+    assert "\n" not in str(err.value)
