@@ -8,6 +8,8 @@ like with like across backends.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,3 +48,51 @@ class Backend(Protocol):
     name: str
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation: ...
+
+
+def greedy_generate(
+    *,
+    encode_image: Callable[[], Any],
+    prefill: Callable[[Any], int],
+    step: Callable[[int, int], int],
+    prompt_tokens: int,
+    max_new_tokens: int,
+    stop_ids: Iterable[int],
+    decode: Callable[[list[int]], str],
+    has_image: bool,
+    sync: Callable[[], None] = lambda: None,
+    extra: dict[str, Any] | None = None,
+) -> Generation:
+    """The greedy loop every backend shares, timed per stage.
+
+    Args:
+        encode_image: Runs the vision encoder (returns visual tokens, or None without an image).
+        prefill: Takes the visual tokens, runs the prompt, returns the first generated token.
+        step: Takes the last token and its position, returns the next token (KV cache kept by
+            the backend).
+        prompt_tokens: Prompt length, image tokens included (the first decode position).
+        stop_ids: Tokens that end generation (kept in the output, as transformers does).
+        decode: Token ids -> text.
+        has_image: Without an image the vision time is 0.
+        sync: Waits for the device (CUDA backends), so stage boundaries are honest.
+    """
+    stops = set(stop_ids)
+    t0 = time.perf_counter()
+    visual = encode_image()
+    sync()
+    t1 = time.perf_counter() if has_image else t0
+    tokens = [prefill(visual)]
+    t2 = time.perf_counter()
+    while len(tokens) < max_new_tokens and tokens[-1] not in stops:
+        tokens.append(step(tokens[-1], prompt_tokens + len(tokens) - 1))
+    sync()
+    t3 = time.perf_counter()
+    return Generation(
+        decode(tokens).strip(),
+        tokens,
+        prompt_tokens,
+        vision_ms=(t1 - t0) * 1e3,
+        prefill_ms=(t2 - t1) * 1e3,
+        decode_ms=(t3 - t2) * 1e3,
+        extra=extra or {},
+    )

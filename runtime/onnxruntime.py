@@ -14,12 +14,11 @@ with ``present.*`` fed back as ``past_key_values.*``, until an end-of-turn id of
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.base import BackendError, Generation, greedy_generate
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -243,26 +242,29 @@ class OnnxRuntimeBackend:
                 f"prompt ({ids.shape[1]} tokens) + max_new_tokens "
                 f"({max_new_tokens}) exceed the context length {self.context_length}"
             )
-        t0 = time.perf_counter()
-        visual = None if pixel_values is None else self.visual_tokens(pixel_values)
-        t1 = time.perf_counter()
-        logits, past = self._decode_step(self.embeddings(ids, visual), self._empty_cache(1), 0)
-        tokens = [int(logits[0, -1].argmax())]
-        t2 = time.perf_counter()
-        while len(tokens) < max_new_tokens and tokens[-1] not in self.eos_token_ids:
-            start = ids.shape[1] + len(tokens) - 1
-            logits, past = self._decode_step(self._embed_token(tokens[-1]), past, start)
-            tokens.append(int(logits[0, -1].argmax()))
-        t3 = time.perf_counter()
-        t1 = t0 if pixel_values is None else t1  # no image: no vision time
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return Generation(
-            text,
-            tokens,
-            ids.shape[1],
-            vision_ms=(t1 - t0) * 1e3,
-            prefill_ms=(t2 - t1) * 1e3,
-            decode_ms=(t3 - t2) * 1e3,
+        state: dict[str, Any] = {}
+
+        def prefill(visual) -> int:
+            logits, state["past"] = self._decode_step(
+                self.embeddings(ids, visual), self._empty_cache(1), 0
+            )
+            return int(logits[0, -1].argmax())
+
+        def step(token: int, position: int) -> int:
+            logits, state["past"] = self._decode_step(
+                self._embed_token(token), state["past"], position
+            )
+            return int(logits[0, -1].argmax())
+
+        return greedy_generate(
+            encode_image=lambda: None if pixel_values is None else self.visual_tokens(pixel_values),
+            prefill=prefill,
+            step=step,
+            prompt_tokens=ids.shape[1],
+            max_new_tokens=max_new_tokens,
+            stop_ids=self.eos_token_ids,
+            decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
+            has_image=pixel_values is not None,
             extra={"providers": self.decoder.get_providers()},
         )
 

@@ -21,12 +21,11 @@ KV cache), then one token per step with ``present.*`` fed back as ``past_key_val
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.base import BackendError, Generation, greedy_generate
 
 INSTALL_HINT = (
     "the tensorrt backend needs the tensorrt package and an NVIDIA GPU: pip install "
@@ -348,29 +347,30 @@ class TensorRTBackend:
                 f"engines (prefill <= {self.max_prompt} tokens, KV cache <= {self.max_past + 1}); "
                 "re-export with a device profile of larger tensorrt.max_seq_len / max_past_len"
             )
+        state: dict[str, Any] = {}
+
+        def prefill(visual) -> int:
+            logits, state["past"] = self._step(self.prefill, self._embeddings(ids, visual), {}, 0)
+            return int(logits[0, -1].argmax())
+
+        def step(token: int, position: int) -> int:
+            embeds = _first(self.embed({"input_ids": torch.tensor([[token]])}))
+            logits, state["past"] = self._step(self.decode, embeds, state["past"], position)
+            return int(logits[0, -1].argmax())
+
         with torch.inference_mode(), self._on_stream():
-            t0 = time.perf_counter()
-            visual = None if pixel_values is None else self._visual(pixel_values)
-            self._sync()
-            t1 = time.perf_counter()
-            logits, past = self._step(self.prefill, self._embeddings(ids, visual), {}, 0)
-            tokens = [int(logits[0, -1].argmax())]
-            t2 = time.perf_counter()
-            while len(tokens) < max_new_tokens and tokens[-1] not in self.eos_ids:
-                step = _first(self.embed({"input_ids": torch.tensor([[tokens[-1]]])}))
-                logits, past = self._step(self.decode, step, past, length + len(tokens) - 1)
-                tokens.append(int(logits[0, -1].argmax()))
-            t3 = time.perf_counter()
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return Generation(
-            text,
-            tokens,
-            length,
-            vision_ms=(t1 - t0) * 1e3,
-            prefill_ms=(t2 - t1) * 1e3,
-            decode_ms=(t3 - t2) * 1e3,
-            extra={"device": self.config["device"]["name"]},
-        )
+            return greedy_generate(
+                encode_image=lambda: None if pixel_values is None else self._visual(pixel_values),
+                prefill=prefill,
+                step=step,
+                prompt_tokens=length,
+                max_new_tokens=max_new_tokens,
+                stop_ids=self.eos_ids,
+                decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
+                has_image=pixel_values is not None,
+                sync=self._sync,
+                extra={"device": self.config["device"]["name"]},
+            )
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
         """Greedy answer to ``prompt`` about ``image`` (a PIL image, a path, or ``None``)."""

@@ -23,12 +23,11 @@ This module is ``edgekd.runtime.torch``; ``import torch`` inside it is PyTorch i
 from __future__ import annotations
 
 import inspect
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.base import BackendError, Generation, greedy_generate
 
 
 def _check_device(device: str | torch.device) -> torch.device:
@@ -147,27 +146,27 @@ class TorchBackend:
             )
         vlm, cache = self.vlm, DynamicCache(config=self.vlm.config.text_config)
         self._sync()
-        t0 = time.perf_counter()
-        visual = None if pixel_values is None else vlm.project(vlm.vision_features(pixel_values))
-        self._sync()
-        t1 = time.perf_counter()
-        embeds = self._merge(vlm.embed(ids), visual, ids)
-        tokens = [int(self._step(embeds, cache, 0).argmax(-1))]  # .item() synchronises
-        t2 = time.perf_counter()
-        while len(tokens) < max_new_tokens and tokens[-1] not in self.eos_token_ids:
-            step = vlm.embed(torch.tensor([[tokens[-1]]], device=self.device))
-            logits = self._step(step, cache, ids.shape[1] + len(tokens) - 1)
-            tokens.append(int(logits.argmax(-1)))
-        t3 = time.perf_counter()
-        t1 = t0 if pixel_values is None else t1  # no image: no vision time
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return Generation(
-            text,
-            tokens,
-            ids.shape[1],
-            vision_ms=(t1 - t0) * 1e3,
-            prefill_ms=(t2 - t1) * 1e3,
-            decode_ms=(t3 - t2) * 1e3,
+
+        def prefill(visual) -> int:
+            embeds = self._merge(vlm.embed(ids), visual, ids)
+            return int(self._step(embeds, cache, 0).argmax(-1))  # int() synchronises
+
+        def step(token: int, position: int) -> int:
+            embeds = vlm.embed(torch.tensor([[token]], device=self.device))
+            return int(self._step(embeds, cache, position).argmax(-1))
+
+        return greedy_generate(
+            encode_image=lambda: (
+                None if pixel_values is None else vlm.project(vlm.vision_features(pixel_values))
+            ),
+            prefill=prefill,
+            step=step,
+            prompt_tokens=ids.shape[1],
+            max_new_tokens=max_new_tokens,
+            stop_ids=self.eos_token_ids,
+            decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
+            has_image=pixel_values is not None,
+            sync=self._sync,
             extra={"device": str(self.device), "dtype": str(vlm.dtype).removeprefix("torch.")},
         )
 
