@@ -13,17 +13,7 @@ import torch
 from edgekd.runtime.base import BackendError, Generation
 from edgekd.runtime.torch import TorchBackend
 from PIL import Image
-
-PROMPTS = [
-    (("red", (64, 64)), "What color is the shape?"),
-    (("blue", (80, 48)), "What shape is in the image?"),  # resized by the processor
-    (("green", (64, 64)), "Is there a <image> circle?"),  # image placed mid-prompt
-    (None, "Say something."),  # text only
-]
-
-
-def _image(spec):
-    return None if spec is None else Image.new("RGB", spec[1], spec[0])
+from runtime_prompts import PROMPTS, image_for
 
 
 def _noise(seed, size=64):
@@ -68,16 +58,16 @@ def _check_timed(gen: Generation, with_image: bool) -> None:
 def test_torch_backend_equals_hf_greedy_and_onnx_fp32(
     torch_backend, onnx_backend, tiny_vlm, spec, prompt
 ):
-    got = torch_backend.generate(_image(spec), prompt, max_new_tokens=10)
-    assert got.token_ids == _hf_greedy(tiny_vlm, torch_backend, _image(spec), prompt, 10)
+    got = torch_backend.generate(image_for(spec), prompt, max_new_tokens=10)
+    assert got.token_ids == _hf_greedy(tiny_vlm, torch_backend, image_for(spec), prompt, 10)
     assert got.text == tiny_vlm.tokenizer.decode(got.token_ids, skip_special_tokens=True).strip()
     _check_timed(got, spec is not None)
-    onnx = onnx_backend.generate(_image(spec), prompt, max_new_tokens=10)
+    onnx = onnx_backend.generate(image_for(spec), prompt, max_new_tokens=10)
     assert onnx.token_ids == got.token_ids and onnx.prompt_tokens == got.prompt_tokens
 
 
 def test_generation_stops_at_a_stop_token(torch_backend, monkeypatch):
-    image, prompt = _image(PROMPTS[0][0]), PROMPTS[0][1]
+    image, prompt = image_for(PROMPTS[0][0]), PROMPTS[0][1]
     first = torch_backend.generate(image, prompt, max_new_tokens=4).token_ids
     assert len(first) == 4
     monkeypatch.setattr(torch_backend, "eos_token_ids", {first[0]})
@@ -85,38 +75,11 @@ def test_generation_stops_at_a_stop_token(torch_backend, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def contrast(tokenizer, tmp_path_factory):
-    """The tiny VLM with weights x4 (answers depend on the input) saved as an ``edgekd
-    distill`` run directory, and its f32 GGUF artifact."""
-    pytest.importorskip("llama_cpp")
-    from edgekd.export import manifest
-    from edgekd.export.base import ExportConfig
-    from edgekd.export.gguf import GgufExporter
-
-    from edgekd.models import build_vlm
-
-    vlm = build_vlm("tiny", tokenizer=tokenizer, seed=0)
-    with torch.no_grad():
-        for p in vlm.model.parameters():
-            if p.ndim >= 2:
-                p.mul_(4.0)
+def contrast(contrast_vlm, gguf_f32_artifact, tmp_path_factory):
+    """``contrast_vlm`` saved as an ``edgekd distill`` run directory, and its f32 GGUF."""
     root = tmp_path_factory.mktemp("agreement")
-    vlm.save_pretrained(root / "run" / "model")
-    out = root / "gguf-f32"
-    config = ExportConfig(checkpoint="contrast-tiny", target="gguf", precision="f32", output=out)
-    exporter = GgufExporter()
-    exporter.check(vlm, config)
-    components = exporter.export(vlm, config, out)
-    manifest.write(
-        out,
-        target="gguf",
-        precision="f32",
-        checkpoint="contrast-tiny",
-        components=components,
-        vlm=vlm,
-        parity={},
-    )
-    return vlm, root / "run", out
+    contrast_vlm.save_pretrained(root / "run" / "model")
+    return contrast_vlm, root / "run", gguf_f32_artifact
 
 
 def test_gguf_f32_equals_torch_backend(contrast):

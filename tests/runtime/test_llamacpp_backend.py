@@ -12,42 +12,8 @@ from edgekd.runtime.base import BackendError, Generation
 
 
 @pytest.fixture(scope="module")
-def contrast_vlm(tokenizer):
-    """The tiny VLM with its weight matrices scaled x4: unscaled, a random tiny model answers
-    one repeated token whatever it sees; scaled, answers depend on the image and the prompt."""
-    from edgekd.models import build_vlm
-
-    vlm = build_vlm("tiny", tokenizer=tokenizer, seed=0)
-    with torch.no_grad():
-        for p in vlm.model.parameters():
-            if p.ndim >= 2:
-                p.mul_(4.0)
-    return vlm
-
-
-@pytest.fixture(scope="module")
-def artifact(contrast_vlm, tmp_path_factory):
-    """An f32 gguf artifact with its manifest (the exporter's own tests validate it)."""
-    pytest.importorskip("llama_cpp")
-    from edgekd.export import manifest
-    from edgekd.export.base import ExportConfig
-    from edgekd.export.gguf import GgufExporter
-
-    out = tmp_path_factory.mktemp("llamacpp") / "f32"
-    config = ExportConfig(checkpoint="contrast-tiny", target="gguf", precision="f32", output=out)
-    exporter = GgufExporter()
-    exporter.check(contrast_vlm, config)
-    components = exporter.export(contrast_vlm, config, out)
-    manifest.write(
-        out,
-        target="gguf",
-        precision="f32",
-        checkpoint="contrast-tiny",
-        components=components,
-        vlm=contrast_vlm,
-        parity={},
-    )
-    return out
+def artifact(gguf_f32_artifact):
+    return gguf_f32_artifact
 
 
 @pytest.fixture

@@ -11,17 +11,7 @@ from edgekd.export.manifest import ArtifactError
 from edgekd.runtime.base import BackendError
 from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, encode_prompt, resolve_providers
 from PIL import Image
-
-PROMPTS = [
-    (("red", (64, 64)), "What color is the shape?"),
-    (("blue", (80, 48)), "What shape is in the image?"),  # resized by the processor
-    (("green", (64, 64)), "Is there a <image> circle?"),  # image placed mid-prompt
-    (None, "Say something."),  # text only
-]
-
-
-def _image(spec):
-    return None if spec is None else Image.new("RGB", spec[1], spec[0])
+from runtime_prompts import PROMPTS, image_for
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +41,15 @@ def _torch_generate(vlm, image, prompt, max_new_tokens):
 
 @pytest.mark.parametrize("spec,prompt", PROMPTS)
 def test_generate_equals_torch_greedy_token_for_token(backend, tiny_vlm, spec, prompt):
-    got = backend.generate(_image(spec), prompt, max_new_tokens=12)
-    assert got.token_ids == _torch_generate(tiny_vlm, _image(spec), prompt, 12)
+    got = backend.generate(image_for(spec), prompt, max_new_tokens=12)
+    assert got.token_ids == _torch_generate(tiny_vlm, image_for(spec), prompt, 12)
     assert got.prompt_tokens > (16 if spec else 0)
     assert got.prefill_ms > 0 and (got.vision_ms > 0) == (spec is not None)
     assert got.text == tiny_vlm.tokenizer.decode(got.token_ids, skip_special_tokens=True).strip()
 
 
 def test_generate_stops_at_eos(backend, monkeypatch):
-    image, prompt = _image(PROMPTS[0][0]), PROMPTS[0][1]
+    image, prompt = image_for(PROMPTS[0][0]), PROMPTS[0][1]
     first = backend.generate(image, prompt, max_new_tokens=5).token_ids
     assert len(first) == 5
     monkeypatch.setattr(backend, "eos_token_ids", {first[0]})
@@ -67,7 +57,7 @@ def test_generate_stops_at_eos(backend, monkeypatch):
 
 
 def test_decode_steps_through_the_kv_cache_match_a_full_forward(backend, tiny_vlm):
-    ids, pixels = backend.encode(_image(PROMPTS[0][0]), PROMPTS[0][1])
+    ids, pixels = backend.encode(image_for(PROMPTS[0][0]), PROMPTS[0][1])
     forced = [5, 77, 300, 12, 9]
     got = backend.incremental_logits(ids, pixels, forced)
     full = torch.from_numpy(np.concatenate([ids, [forced]], axis=1))
