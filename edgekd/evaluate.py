@@ -69,6 +69,51 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 
 
 @torch.no_grad()
+def greedy_reference(
+    vlm,
+    input_ids,
+    pixel_values=None,
+    max_new_tokens: int = 32,
+    stop_ids: Sequence[int] | None = None,
+) -> list[int]:
+    """transformers' greedy ``generate`` for one prompt: the reference every backend must match.
+
+    Args:
+        vlm: A ``VLM``.
+        input_ids: Prompt ids with image tokens expanded, (L,) or (1, L); tensor or numpy.
+        pixel_values: The prompt's images, (3, H, W) or (N, 3, H, W), or None for text only.
+        max_new_tokens: Tokens generated at most.
+        stop_ids: Tokens that end generation (default: :func:`stop_token_ids`).
+
+    Returns:
+        The generated ids after the prompt, the first stop token included when reached.
+    """
+    stops = (
+        list(stop_ids)
+        if stop_ids is not None
+        else stop_token_ids(vlm.tokenizer, vlm.model.generation_config)
+    )
+    pad = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else stops[0]
+    ids = torch.as_tensor(input_ids).reshape(1, -1).to(vlm.device)
+    kwargs = {}
+    if pixel_values is not None:  # an explicit pixel_values=None makes generate run the tower
+        pv = torch.as_tensor(pixel_values)
+        kwargs["pixel_values"] = (pv[None] if pv.ndim == 3 else pv).to(vlm.device, vlm.dtype)
+    out = vlm.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        **kwargs,
+    )
+    tokens = out[0, ids.shape[1] :].tolist()
+    cut = next((k + 1 for k, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokens[:cut]
+
+
+@torch.no_grad()
 def generate_answers(
     vlm,
     dataset,

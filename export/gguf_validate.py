@@ -24,6 +24,8 @@ from edgekd.export.base import ExportConfig, ExportError, ParityError
 from edgekd.export.gguf_write import MMPROJ_FILE, MODEL_FILE, PRECISIONS, chat_template
 from edgekd.runtime.llamacpp import LlamaCppSession
 
+from edgekd.evaluate import greedy_reference
+
 log = logging.getLogger(__name__)
 
 SAMPLE_TEXTS = [
@@ -210,16 +212,7 @@ def check_greedy(vlm, session, config: ExportConfig) -> dict[str, Any]:
     for k in range(config.n_parity_prompts):
         prompt, image = PROMPTS[k % len(PROMPTS)], synthetic_image(vlm, 100 + k)
         ids, pixels = _pytorch_inputs(vlm, session, prompt, image)
-        out = vlm.model.generate(
-            input_ids=ids.to(vlm.device),
-            attention_mask=torch.ones_like(ids).to(vlm.device),
-            pixel_values=pixels.to(vlm.device),
-            max_new_tokens=config.max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=vlm.tokenizer.pad_token_id or stops[0],
-        )
-        ref = _trim(out[0, ids.shape[1] :].tolist(), session.stop_ids)
+        ref = greedy_reference(vlm, ids, pixels, config.max_new_tokens, stop_ids=stops)
         pieces = session.prompt_pieces(prompt, image)
         ids_match = pieces == split_at_image(ids[0].tolist(), vlm.image_token_id)[: len(pieces)]
         got = _trim(

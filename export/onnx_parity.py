@@ -203,24 +203,9 @@ def _torch_logits(vlm, ids: np.ndarray, pixels: np.ndarray | None) -> np.ndarray
 
 def torch_greedy(vlm, ids: np.ndarray, pixels: np.ndarray | None, max_new_tokens: int) -> list:
     """``model.generate`` greedy tokens (batch 1), stopping at the checkpoint's stop ids."""
-    import torch
+    from edgekd.evaluate import greedy_reference
 
-    from edgekd.evaluate import stop_token_ids
-
-    stops = stop_token_ids(vlm.tokenizer, vlm.model.generation_config)
-    pad = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else stops[0]
-    input_ids = torch.from_numpy(ids)
-    with torch.no_grad():
-        out = vlm.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            pixel_values=None if pixels is None else torch.from_numpy(pixels),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=pad,
-        )
-    return out[0, input_ids.shape[1] :].tolist()
+    return greedy_reference(vlm, ids, pixels, max_new_tokens)
 
 
 def _check_greedy(vlm, backend, cases, encoded, max_new_tokens, tol) -> dict[str, Any]:

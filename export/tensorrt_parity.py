@@ -188,18 +188,6 @@ def reference_greedy(
     vlm, input_ids, pixel_values, max_new_tokens: int, eos: Sequence[int]
 ) -> list[int]:
     """PyTorch greedy token ids after the prompt (the stop token included when reached)."""
-    import torch
+    from edgekd.evaluate import greedy_reference
 
-    ids = input_ids[None].to(vlm.device)
-    pv = None if pixel_values is None else pixel_values[None].to(vlm.device, vlm.dtype)
-    with torch.no_grad():
-        out = vlm.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=pv,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=list(eos),
-            pad_token_id=list(eos)[0],
-        )
-    return out[0, ids.shape[1] :].tolist()
+    return greedy_reference(vlm, input_ids, pixel_values, max_new_tokens, stop_ids=list(eos))

@@ -62,3 +62,26 @@ def test_evaluate_greedy_answers_for_image_and_text_only_batches(tiny_vlm, tmp_p
     assert [p["prediction"] for p in batched["predictions"]] == [
         p["prediction"] for p in result["predictions"]
     ]
+
+
+def test_greedy_reference_text_only_and_with_image(tiny_vlm):
+    import torch
+
+    from edgekd.evaluate import greedy_reference, stop_token_ids
+
+    ids = tiny_vlm.tokenizer("<|im_start|>user\nSay yes.<|im_end|>\n")["input_ids"]
+    got = greedy_reference(tiny_vlm, ids, None, max_new_tokens=3)  # no pixel_values at all
+    stops = stop_token_ids(tiny_vlm.tokenizer, tiny_vlm.model.generation_config)
+    ref = tiny_vlm.model.generate(
+        input_ids=torch.tensor([ids]),
+        max_new_tokens=3,
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=tiny_vlm.tokenizer.pad_token_id,
+    )
+    assert got == ref[0, len(ids) :].tolist()[: len(got)] and 1 <= len(got) <= 3
+    enc = tiny_vlm.processor(
+        text="<image>What?", images=Image.new("RGB", (64, 64)), return_tensors="pt"
+    )
+    with_image = greedy_reference(tiny_vlm, enc["input_ids"][0], enc["pixel_values"][0], 3)
+    assert with_image == greedy_reference(tiny_vlm, enc["input_ids"], enc["pixel_values"], 3)

@@ -15,6 +15,8 @@ from edgekd.runtime.torch import TorchBackend
 from PIL import Image
 from runtime_prompts import PROMPTS, image_for
 
+from edgekd.evaluate import greedy_reference
+
 
 def _noise(seed, size=64):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), np.uint8))
@@ -34,18 +36,9 @@ def onnx_backend(onnx_fp32_artifact):
 
 def _hf_greedy(vlm, backend, image, prompt, max_new_tokens):
     ids, pixels = backend.encode(image, prompt)
-    images = {} if pixels is None else {"pixel_values": pixels}
-    with torch.no_grad():
-        out = vlm.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            **images,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=sorted(backend.eos_token_ids),
-            pad_token_id=vlm.tokenizer.pad_token_id,
-        )
-    return out[0, ids.shape[1] :].tolist()
+    return greedy_reference(
+        vlm, ids, pixels, max_new_tokens, stop_ids=sorted(backend.eos_token_ids)
+    )
 
 
 def _check_timed(gen: Generation, with_image: bool) -> None:

@@ -7,8 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from edgekd.runtime.base import BackendError, Generation
+
+from edgekd.evaluate import greedy_reference
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +35,12 @@ def _image(seed=7, size=64):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), np.uint8))
 
 
-@torch.no_grad()
 def _pytorch_greedy(vlm, image, prompt, max_new_tokens):
-    from edgekd.evaluate import stop_token_ids
-
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = vlm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     enc = vlm.processor(images=image, text=text, return_tensors="pt")
-    stops = stop_token_ids(vlm.tokenizer, vlm.model.generation_config)
-    out = vlm.model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stops,
-        pad_token_id=stops[0],
-    )
-    ids = out[0, enc["input_ids"].shape[1] :].tolist()
-    cut = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
-    return ids[:cut], enc["input_ids"].shape[1]
+    ids = greedy_reference(vlm, enc["input_ids"], enc["pixel_values"], max_new_tokens)
+    return ids, enc["input_ids"].shape[1]
 
 
 def test_generate_is_token_exact_with_pytorch_and_timed(artifact, contrast_vlm):

@@ -13,6 +13,8 @@ from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, encode_prompt, resolv
 from PIL import Image
 from runtime_prompts import PROMPTS, image_for
 
+from edgekd.evaluate import greedy_reference
+
 
 @pytest.fixture(scope="module")
 def backend(onnx_fp32_artifact):
@@ -20,23 +22,8 @@ def backend(onnx_fp32_artifact):
 
 
 def _torch_generate(vlm, image, prompt, max_new_tokens):
-    from edgekd.evaluate import stop_token_ids
-
     ids, pixels = encode_prompt(vlm.processor, image, prompt)
-    input_ids = torch.from_numpy(ids)
-    stops = stop_token_ids(vlm.tokenizer, vlm.model.generation_config)
-    images = {} if pixels is None else {"pixel_values": torch.from_numpy(pixels)}
-    with torch.no_grad():
-        out = vlm.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            **images,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=vlm.tokenizer.pad_token_id,
-        )
-    return out[0, input_ids.shape[1] :].tolist()
+    return greedy_reference(vlm, ids, pixels, max_new_tokens)
 
 
 @pytest.mark.parametrize("spec,prompt", PROMPTS)
