@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgekd.data.llava import qa_sample
 from edgekd.errors import DataError
 from edgekd.io import atomic_dir, atomic_write_json
 
@@ -107,16 +108,7 @@ def _write_split(root: Path, split: str, rows: list[tuple], image_paths: dict) -
         if not (root / rel).exists():
             shutil.copyfile(image_paths[image_id], root / rel)
         samples.append(
-            {
-                "id": f"{split}-{n:0{width}d}",
-                "image": rel,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{question}"},
-                    {"from": "gpt", "value": answer},
-                ],
-                "answer": answer,
-                "question_type": question_type(question),
-            }
+            qa_sample(f"{split}-{n:0{width}d}", rel, question, answer, question_type(question))
         )
     atomic_write_json(root / f"{split}.json", samples)
     return samples

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.data.easyvqa import qa_summary
+from edgekd.data.llava import qa_sample
 from edgekd.errors import DataError
 from edgekd.io import atomic_dir, atomic_write_json
 
@@ -243,19 +244,9 @@ def _generate_split(
             cells, questions_per_image, rng, want_yes=n_yes_no % 2 == 0
         ):
             n_yes_no += kind == "yes/no"
-            samples.append(
-                {
-                    "id": f"{split}-{len(samples):0{width}d}",
-                    "image": rel,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{question}"},
-                        {"from": "gpt", "value": answer},
-                    ],
-                    "answer": answer,
-                    "question_type": kind,
-                    "cells": [None if c is None else CATEGORIES[c] for c in cells],
-                }
-            )
+            cell_names = [None if c is None else CATEGORIES[c] for c in cells]
+            sample_id = f"{split}-{len(samples):0{width}d}"
+            samples.append(qa_sample(sample_id, rel, question, answer, kind, cells=cell_names))
     atomic_write_json(root / f"{split}.json", samples)
     return samples
 

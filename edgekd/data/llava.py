@@ -50,6 +50,23 @@ ROLES = {
 
 
 # ---- reading and validating ------------------------------------------------------------------
+def qa_sample(
+    sample_id: str, image: str, question: str, answer: str, question_type: str, **extra: Any
+) -> dict:
+    """One single-turn LLaVA sample about an image, with the fields evaluation scores by."""
+    return {
+        "id": sample_id,
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "answer": answer,
+        "question_type": question_type,
+        **extra,
+    }
+
+
 def subset_by_type(path: str | os.PathLike, question_types: Sequence[str]) -> Path:
     """The samples of ``path`` whose ``question_type`` is listed, as ``<stem>.<types>.json``.
 
