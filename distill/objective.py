@@ -89,7 +89,7 @@ class Objective:
         teacher_logits: torch.Tensor | None = None,
         switch_logits: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its parts.
 
         Args:
@@ -100,31 +100,33 @@ class Objective:
             has_image: (B,) bool.
 
         Returns:
-            (loss, stats) with stats ``ce``, ``align``, ``vsd``, ``k_t``, ``k_s`` as floats.
+            (loss, stats) with stats ``ce``, ``align``, ``vsd``, ``k_t``, ``k_s`` as detached 0-d
+            tensors: reading them is left to the logging step, so a training step does not wait
+            for the device.
         """
         logits, targets = student_logits[:, :-1], labels[:, 1:]
         mask = targets != IGNORE_INDEX
-        n = int(mask.sum())
-        ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / max(n, 1)
+        n = mask.sum().clamp(min=1)
+        ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / n
         loss = self.w_ce * ce
-        stats = {"ce": float(ce.detach())}
+        stats = {"ce": ce.detach()}
         if self.needs_teacher:
             if teacher_logits is None:
                 raise ValueError(f"method '{self.method}' needs teacher logits")
             align = self.distill(logits, teacher_logits[:, :-1], mask)
             loss = loss + self.w_align * align.loss
-            stats["align"] = float(align.loss.detach())
+            stats["align"] = align.loss.detach()
             _k_stats(stats, align)
         if self.uses_switch and switch_logits is not None:
             rows = has_image if has_image is not None else torch.ones_like(mask[:, 0])
             vsd = self.distill(switch_logits[:, :-1], teacher_logits[rows][:, :-1], mask[rows])
             loss = loss + self.w_vsd * vsd.loss
-            stats["vsd"] = float(vsd.loss.detach())
+            stats["vsd"] = vsd.loss.detach()
         return loss, stats
 
 
-def _k_stats(stats: dict[str, float], out: LossOutput) -> None:
+def _k_stats(stats: dict[str, torch.Tensor], out: LossOutput) -> None:
     if out.k_t is not None:
-        stats["k_t"] = float(out.k_t)
+        stats["k_t"] = torch.as_tensor(out.k_t).detach()
     if out.k_s is not None:
-        stats["k_s"] = float(out.k_s)
+        stats["k_s"] = torch.as_tensor(out.k_s).detach()

@@ -61,7 +61,7 @@ class DistillTrainer(Trainer):
             else None
         )
         self.teacher = self._place_teacher(teacher_model) if objective.needs_teacher else None
-        self._stats: dict[str, list[float]] = defaultdict(list)
+        self._stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._tokens = 0
         self._clock = time.perf_counter()
 
@@ -90,11 +90,12 @@ class DistillTrainer(Trainer):
         self._stop_if_not_finite(loss)
         for key, value in stats.items():
             self._stats[key].append(value)
-        self._tokens += int(attn.sum())
+        self._tokens = self._tokens + attn.sum()  # a device tensor: read at log time
         return (loss, out) if return_outputs else loss
 
     def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+        # the one device sync a step pays: a non-finite loss must stop at the step it appears
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if self.args.world_size > 1:  # every rank must stop together, or the others hang
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
@@ -113,8 +114,8 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats:  # a training log: add the loss parts and throughput
             for key, values in self._stats.items():
-                logs[key] = round(sum(values) / len(values), 4)
-            tokens = torch.tensor([float(self._tokens)], device=self.args.device)
+                logs[key] = round(torch.stack(values).float().mean().item(), 4)
+            tokens = torch.as_tensor(self._tokens, device=self.args.device).float().reshape(1)
             if self.args.world_size > 1:
                 tokens = self.accelerator.reduce(tokens, reduction="sum")
             now = time.perf_counter()
