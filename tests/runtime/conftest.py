@@ -74,3 +74,25 @@ def gguf_f32_artifact(contrast_vlm, tmp_path_factory) -> Path:
         parity={},
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def contrast_checkpoint(contrast_vlm, tmp_path_factory) -> Path:
+    """``contrast_vlm`` saved as an ``edgekd distill`` run directory (the student in model/)."""
+    run = tmp_path_factory.mktemp("contrast") / "run"
+    contrast_vlm.save_pretrained(run / "model")
+    return run
+
+
+@pytest.fixture(scope="session")
+def contrast_onnx_artifact(contrast_checkpoint, tmp_path_factory) -> Path:
+    """``contrast_vlm`` exported to fp32 ONNX (parity checked by the export)."""
+    from edgekd.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("contrast-onnx") / "fp32"
+    export(
+        ExportConfig(
+            str(contrast_checkpoint), "onnx", "fp32", out, n_parity_prompts=2, max_new_tokens=6
+        )
+    )
+    return out
