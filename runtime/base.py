@@ -47,7 +47,11 @@ class Backend(Protocol):
 
     name: str
 
-    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation: ...
+    def generate(
+        self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
+        """Greedy answer; ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens."""
+        ...
 
 
 def greedy_generate(

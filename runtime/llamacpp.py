@@ -313,9 +313,15 @@ class LlamaCppSession:
             raise self._error("the prompt must end with text tokens (the chat template's turn end)")
         return vision_ms
 
-    def generate_pieces(self, pieces: list, image=None, max_new_tokens: int = 32) -> Generation:
-        """Greedy decoding after ``pieces`` (token-id lists and ``"image"`` markers)."""
+    def generate_pieces(
+        self, pieces: list, image=None, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
+        """Greedy decoding after ``pieces`` (token-id lists and ``"image"`` markers).
+
+        ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (fixed-length speed runs).
+        """
         llm = self.llm
+        stops = set() if ignore_eos else set(self.stop_ids)
         t0 = time.perf_counter()
         vision_ms = self.prefill(pieces, image)
         token = int(np.argmax(self.last_logits()))
@@ -323,7 +329,7 @@ class LlamaCppSession:
         prompt_tokens = llm.n_tokens
         ids = [token]
         t1 = time.perf_counter()
-        while len(ids) < max_new_tokens and token not in self.stop_ids:
+        while len(ids) < max_new_tokens and token not in stops:
             if llm.n_tokens + 1 > llm.n_ctx():
                 break
             llm.eval([token])
@@ -340,9 +346,12 @@ class LlamaCppSession:
             decode_ms=decode_ms,
         )
 
-    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+    def generate(
+        self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
         """Greedy answer to ``prompt`` about ``image`` (PIL image, path, uint8 array or None)."""
-        return self.generate_pieces(self.prompt_pieces(prompt, image), image, max_new_tokens)
+        pieces = self.prompt_pieces(prompt, image)
+        return self.generate_pieces(pieces, image, max_new_tokens, ignore_eos)
 
     def close(self) -> None:
         self.llm.close()
@@ -395,9 +404,11 @@ class LlamaCppBackend:
             resample=int(vision.get("image_resample", 3)),
         )
 
-    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+    def generate(
+        self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
         """Greedy answer with stage timings (see the module docstring for what each covers)."""
-        return self.session.generate(image, prompt, max_new_tokens)
+        return self.session.generate(image, prompt, max_new_tokens, ignore_eos)
 
     def close(self) -> None:
         self.session.close()

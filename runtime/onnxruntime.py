@@ -234,8 +234,12 @@ class OnnxRuntimeBackend:
         input_ids: np.ndarray,
         pixel_values: np.ndarray | None = None,
         max_new_tokens: int = 32,
+        ignore_eos: bool = False,
     ) -> Generation:
-        """Greedy decoding of one encoded prompt (batch 1), timed per stage."""
+        """Greedy decoding of one encoded prompt (batch 1), timed per stage.
+
+        ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (fixed-length speed runs).
+        """
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
         if ids.shape[1] + max_new_tokens > self.context_length:
             raise BackendError(
@@ -262,7 +266,7 @@ class OnnxRuntimeBackend:
             step=step,
             prompt_tokens=ids.shape[1],
             max_new_tokens=max_new_tokens,
-            stop_ids=self.eos_token_ids,
+            stop_ids=() if ignore_eos else self.eos_token_ids,
             decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
             has_image=pixel_values is not None,
             extra={"providers": self.decoder.get_providers()},
@@ -285,9 +289,13 @@ class OnnxRuntimeBackend:
             rows.append(logits[0, -1])
         return np.stack(rows)
 
-    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+    def generate(
+        self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
         """Greedy answer to ``prompt`` about ``image`` (a PIL image, a path, or ``None``)."""
-        return self.generate_ids(*self.encode(image, prompt), max_new_tokens=max_new_tokens)
+        return self.generate_ids(
+            *self.encode(image, prompt), max_new_tokens=max_new_tokens, ignore_eos=ignore_eos
+        )
 
     def info(self) -> dict[str, Any]:
         """What a benchmark records about this backend."""

@@ -335,8 +335,13 @@ class TensorRTBackend:
         return out["logits"], present
 
     # ---- generation -------------------------------------------------------------------------
-    def generate_ids(self, input_ids, pixel_values=None, max_new_tokens: int = 32) -> Generation:
-        """Greedy decoding of one encoded prompt (batch 1), timed per stage."""
+    def generate_ids(
+        self, input_ids, pixel_values=None, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
+        """Greedy decoding of one encoded prompt (batch 1), timed per stage.
+
+        ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (fixed-length speed runs).
+        """
         import torch
 
         ids = self._ids(input_ids)
@@ -365,16 +370,20 @@ class TensorRTBackend:
                 step=step,
                 prompt_tokens=length,
                 max_new_tokens=max_new_tokens,
-                stop_ids=self.eos_ids,
+                stop_ids=() if ignore_eos else self.eos_ids,
                 decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
                 has_image=pixel_values is not None,
                 sync=self._sync,
                 extra={"device": self.config["device"]["name"]},
             )
 
-    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+    def generate(
+        self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
         """Greedy answer to ``prompt`` about ``image`` (a PIL image, a path, or ``None``)."""
-        return self.generate_ids(*self.encode(image, prompt), max_new_tokens=max_new_tokens)
+        return self.generate_ids(
+            *self.encode(image, prompt), max_new_tokens=max_new_tokens, ignore_eos=ignore_eos
+        )
 
     def info(self) -> dict[str, Any]:
         """What a benchmark records about this backend."""

@@ -134,8 +134,12 @@ class TorchBackend:
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         max_new_tokens: int = 32,
+        ignore_eos: bool = False,
     ) -> Generation:
-        """Greedy decoding of one encoded prompt (batch 1), timed per stage."""
+        """Greedy decoding of one encoded prompt (batch 1), timed per stage.
+
+        ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (fixed-length speed runs).
+        """
         from transformers import DynamicCache
 
         ids = input_ids.reshape(1, -1).to(self.device)
@@ -163,20 +167,24 @@ class TorchBackend:
             step=step,
             prompt_tokens=ids.shape[1],
             max_new_tokens=max_new_tokens,
-            stop_ids=self.eos_token_ids,
+            stop_ids=() if ignore_eos else self.eos_token_ids,
             decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
             has_image=pixel_values is not None,
             sync=self._sync,
             extra={"device": str(self.device), "dtype": str(vlm.dtype).removeprefix("torch.")},
         )
 
-    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+    def generate(
+        self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
         """Greedy answer to ``prompt`` about ``image`` (a PIL image, a path, or ``None``).
 
         ``<image>`` in ``prompt`` marks where the image goes; without it the image goes first,
         followed by a newline (as in the ONNX backend).
         """
-        return self.generate_ids(*self.encode(image, prompt), max_new_tokens=max_new_tokens)
+        return self.generate_ids(
+            *self.encode(image, prompt), max_new_tokens=max_new_tokens, ignore_eos=ignore_eos
+        )
 
     def info(self) -> dict[str, Any]:
         """What a benchmark records about this backend."""

@@ -106,3 +106,25 @@ def test_cuda_without_a_gpu_is_one_line(tiny_checkpoint):
     with pytest.raises(BackendError, match="no CUDA GPU") as err:
         TorchBackend(tiny_checkpoint, device="cuda")
     assert "\n" not in str(err.value)
+
+
+def test_ignore_eos_decodes_exactly_max_new_tokens(
+    torch_backend, onnx_backend, contrast, monkeypatch
+):
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+
+    image, prompt = image_for(PROMPTS[0][0]), PROMPTS[0][1]
+    first = torch_backend.generate(image, prompt, max_new_tokens=1).token_ids[0]
+    llama = LlamaCppBackend(contrast[2], n_threads=1)
+    try:
+        for backend, attr in (
+            (torch_backend, "eos_token_ids"),
+            (onnx_backend, "eos_token_ids"),
+            (llama.session, "stop_ids"),
+        ):
+            monkeypatch.setattr(backend, attr, {first})  # the first answer token now stops
+            assert len(backend.generate(image, prompt, 5).token_ids) == 1
+            fixed = backend.generate(image, prompt, 5, ignore_eos=True)
+            assert len(fixed.token_ids) == 5 and fixed.decode_tokens_per_s > 0
+    finally:
+        llama.close()
