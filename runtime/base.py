@@ -15,6 +15,25 @@ from typing import Any, Protocol
 
 from edgekd.errors import EdgeKDError
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def user_content(prompt: str, has_image: bool) -> list[dict[str, str]]:
+    """One user turn as chat-template content items; every backend renders prompts with it.
+
+    ``<image>`` in ``prompt`` marks where the image goes; without it an image goes first,
+    followed by a newline, as in LLaVA data (``"<image>\\n{question}"``).
+    """
+    if has_image and IMAGE_PLACEHOLDER not in prompt:
+        prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
+    content: list[dict[str, str]] = []
+    for k, piece in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
+        if k:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
+
 
 class BackendError(EdgeKDError, RuntimeError):
     """A backend cannot run here (missing package, no GPU) or its artifact is unusable."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.base import BackendError, Generation, user_content
 
 INSTALL_HINT = "pip install edgekd[gguf]"
 MODEL_FILE, MMPROJ_FILE = "model.gguf", "mmproj.gguf"
@@ -48,7 +48,11 @@ def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the lla
 
 
 def render_prompt(template: str, prompt: str, with_image: bool, **special: str) -> str:
-    """One user turn (an image item, then the text) through the chat template, as transformers.
+    """One user turn through the chat template, as transformers renders it.
+
+    The content items come from :func:`edgekd.runtime.base.user_content`, as in every backend:
+    ``<image>`` in ``prompt`` marks the image's place, else the image goes first and a newline
+    follows it.
 
     ``special`` (``bos_token``, ``eos_token``) is passed to the template like transformers does.
     """
@@ -61,7 +65,9 @@ def render_prompt(template: str, prompt: str, with_image: bool, **special: str) 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
     )
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    content = user_content(prompt, with_image)
+    if with_image and sum(item["type"] == "image" for item in content) != 1:
+        raise BackendError("the prompt must hold one '<image>' (this backend takes one image)")
     return env.from_string(template).render(
         messages=[{"role": "user", "content": content}],
         add_generation_prompt=True,

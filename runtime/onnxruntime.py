@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgekd.runtime.base import BackendError, Generation, greedy_generate
+from edgekd.runtime.base import (
+    IMAGE_PLACEHOLDER,
+    BackendError,
+    Generation,
+    greedy_generate,
+    user_content,
+)
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -32,7 +38,6 @@ _INSTALL = {
     "TensorRT libraries (JetPack on Jetson) on a machine with an NVIDIA GPU",
 }
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-IMAGE_PLACEHOLDER = "<image>"
 
 
 def resolve_providers(providers: str | tuple[str, ...] | list[str]) -> list[str]:
@@ -68,17 +73,12 @@ def render_prompt(processor, prompt: str, has_image: bool) -> str:
     ``<image>`` in ``prompt`` marks where the image goes; without it an image goes first,
     followed by a newline, as in LLaVA data (``"<image>\\n{question}"``).
     """
-    if has_image and IMAGE_PLACEHOLDER not in prompt:
-        prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
     if getattr(processor, "chat_template", None):
-        content: list[dict[str, str]] = []
-        for k, piece in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
-            if k:
-                content.append({"type": "image"})
-            if piece:
-                content.append({"type": "text", "text": piece})
-        owner, messages = processor, [{"role": "user", "content": content}]
+        owner = processor
+        messages = [{"role": "user", "content": user_content(prompt, has_image)}]
     else:
+        if has_image and IMAGE_PLACEHOLDER not in prompt:
+            prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
         owner = getattr(processor, "tokenizer", processor)
         messages = [{"role": "user", "content": prompt}]
     return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -88,17 +88,16 @@ def test_gguf_f32_equals_torch_backend(contrast):
     answers = set()
     try:
         for seed, question in ((7, "What shape is in the image?"), (8, "Is there a red circle?")):
-            # llama.cpp renders [image, text]; "<image>" first makes the processor render the same
-            prompt = f"<image>{question}"
-            ref = reference.generate(_noise(seed), prompt, max_new_tokens=8)
-            assert ref.token_ids == _hf_greedy(vlm, reference, _noise(seed), prompt, 8)
-            gen = llama.generate(_noise(seed), question, max_new_tokens=8)
-            assert gen.token_ids == ref.token_ids and gen.prompt_tokens == ref.prompt_tokens
-            _check_timed(ref, True)
-            answers.add(tuple(ref.token_ids))
+            for prompt in (question, f"<image>{question}"):  # image + newline first; marker
+                ref = reference.generate(_noise(seed), prompt, max_new_tokens=8)
+                assert ref.token_ids == _hf_greedy(vlm, reference, _noise(seed), prompt, 8)
+                gen = llama.generate(_noise(seed), prompt, max_new_tokens=8)
+                assert gen.token_ids == ref.token_ids and gen.prompt_tokens == ref.prompt_tokens
+                _check_timed(ref, True)
+                answers.add(tuple(ref.token_ids))
     finally:
         llama.close()
-    assert len(answers) == 2  # not two stuck outputs compared
+    assert len(answers) >= 2  # not stuck outputs compared
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

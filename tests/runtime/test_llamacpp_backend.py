@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.base import BackendError, Generation, user_content
 
 from edgekd.evaluate import greedy_reference
 
@@ -36,7 +36,7 @@ def _image(seed=7, size=64):
 
 
 def _pytorch_greedy(vlm, image, prompt, max_new_tokens):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    messages = [{"role": "user", "content": user_content(prompt, has_image=True)}]
     text = vlm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     enc = vlm.processor(images=image, text=text, return_tensors="pt")
     ids = greedy_reference(vlm, enc["input_ids"], enc["pixel_values"], max_new_tokens)
