@@ -45,16 +45,6 @@ err_console = Console(stderr=True)
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 
 
-def _not_landed(command: str, what: str) -> None:
-    raise EdgeKDError(f"'edgekd {command}' ({what}) is not available in edgekd {_version()} yet")
-
-
-def _version() -> str:
-    from edgekd import __version__
-
-    return __version__
-
-
 # ---- stages ---------------------------------------------------------------------------------
 @app.command()
 def distill(
@@ -260,10 +250,68 @@ def _fmt(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """Benchmark exported models: latency, memory, energy and accuracy against the teacher."""
-    _not_landed("bench", "benchmarks on CPU, GPU and Jetson")
+@app.command()
+def bench(
+    model: Annotated[
+        list[str],
+        typer.Option(help="Artifact dir (edgekd export) or checkpoint; repeat for each variant."),
+    ],
+    data: Annotated[Path, typer.Option(help="LLaVA-format eval JSON (single-turn questions).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report directory.")] = Path(
+        "bench"
+    ),
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher checkpoint: accuracy and answers to compare.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or jetson.")] = "cpu",
+    profile: Annotated[
+        str | None, typer.Option(help="Device profile (default on jetson: the detected board).")
+    ] = None,
+    power_mode: Annotated[
+        str | None, typer.Option(help="Power mode for the roofline (jetson: nvpmodel's).")
+    ] = None,
+    image_root: Annotated[
+        Path | None, typer.Option(help="Folder of the eval images (default: the JSON's).")
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
+    speed_tokens: Annotated[int, typer.Option(help="Tokens decoded per timed run.")] = 32,
+    limit: Annotated[int, typer.Option(help="Eval questions answered per model.")] = 200,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 16,
+    context: Annotated[int, typer.Option(help="KV-cache tokens in the memory-fit check.")] = 2048,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per runtime.")] = None,
+    name: Annotated[
+        list[str] | None, typer.Option(help="Label per --model, in order (default: dir names).")
+    ] = None,
+    isolate: Annotated[
+        bool, typer.Option(help="Each model in its own process (its own peak memory).")
+    ] = True,
+    overwrite: Overwrite = False,
+) -> None:
+    """Benchmark models: latency, memory, power and accuracy against the teacher."""
+    from edgekd.runtime.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        models=model,
+        data=data,
+        output=output,
+        teacher=teacher,
+        device=device,
+        profile=profile,
+        power_mode=power_mode,
+        image_root=image_root,
+        runs=runs,
+        warmup=warmup,
+        speed_tokens=speed_tokens,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        context=context,
+        threads=threads,
+        names=name or [],
+        isolate=isolate,
+        overwrite=overwrite,
+    )
+    run_bench(config, console=console)
 
 
 @app.command()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -51,11 +49,6 @@ def test_cli_import_stays_light():
     code = "import sys, edgekd.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-@pytest.mark.parametrize("command", ["bench"])
-def test_stages_not_in_this_version_say_so(command):
-    assert_one_line_error(run_cli(command, "--anything"), f"edgekd {command}", "not available")
 
 
 def test_unknown_profile_lists_valid_ones():

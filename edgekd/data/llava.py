@@ -264,7 +264,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_token, self.image_token_id = _image_token(
             processor, self.tokenizer, image_token_id
         )
-        self.image_paths = _resolve_images(self.samples, image_root)
+        self.image_paths = resolve_images(self.samples, image_root)
         has_images = any(p is not None for p in self.image_paths)
         self.num_image_tokens = (
             _measure_image_tokens(processor, self.image_token, self.image_token_id)
@@ -501,7 +501,13 @@ def _processor_image_size(image_processor: Any) -> tuple[int, int]:
     return 224, 224
 
 
-def _resolve_images(samples: list[dict], root: str | os.PathLike | None) -> list[Path | None]:
+def resolve_images(samples: list[dict], root: str | os.PathLike | None) -> list[Path | None]:
+    """Each sample's image path under ``root`` (None for text-only samples).
+
+    Raises:
+        DataError: an absolute path, a path leaving ``root``, or missing files (one line:
+            the count and the first one).
+    """
     paths: list[Path | None] = []
     missing = []
     for s in samples:

@@ -1,0 +1,170 @@
+"""The bench report: ``bench.json`` (everything), ``bench.md`` (tables), ``bench.png`` (accuracy
+against latency per variant) and the rich table printed at the end of ``edgekd bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgekd.io import atomic_write_json, atomic_write_text
+
+COLUMNS = (
+    ("model", "model"),
+    ("backend", "backend"),
+    ("precision", "precision"),
+    ("vision ms", "vision"),
+    ("TTFT ms", "ttft"),
+    ("decode tok/s", "decode"),
+    ("e2e ms p50 / p90 / p99", "e2e"),
+    ("peak RSS MB", "rss"),
+    ("GPU MB", "gpu"),
+    ("power W", "power"),
+    ("mJ / token", "energy"),
+    ("roofline tok/s (achieved)", "roofline"),
+    ("exact %", "exact"),
+    ("normalised %", "normalized"),
+    ("agrees with teacher %", "agreement"),
+)
+
+
+def _num(value, fmt: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def row_cells(r: dict[str, Any]) -> dict[str, str]:
+    """One result as the table's cells (strings)."""
+    lat, mem, power, roof = r["latency"], r["memory"], r["power"], r.get("roofline", {})
+    e2e = lat["e2e_ms"]
+    energy = power.get("energy_per_token_j")
+    agreement = r.get("agreement_with_teacher")
+    return {
+        "model": r["name"] + (" (teacher)" if r["role"] == "teacher" else ""),
+        "backend": r["kind"],
+        "precision": r.get("precision") or r["backend"].get("dtype", "") or "",
+        "vision": _num(lat["vision_ms"]["p50"]),
+        "ttft": _num(lat["ttft_ms"]["p50"]),
+        "decode": _num(lat["decode_tok_s"]["p50"]),
+        "e2e": f"{e2e['p50']:.1f} / {e2e['p90']:.1f} / {e2e['p99']:.1f}",
+        "rss": _num(mem.get("peak_rss_mb"), ".0f"),
+        "gpu": _num(mem.get("gpu_peak_mb"), ".0f"),
+        "power": _num(power.get("mean_w")),
+        "energy": _num(None if energy is None else energy * 1e3),
+        "roofline": (
+            f"{roof['tok_s']:.1f} ({100 * roof['fraction']:.0f}%)"
+            if roof.get("tok_s") and roof.get("fraction") is not None
+            else "n/a"
+        ),
+        "exact": _num(100 * r["accuracy"]["exact_match"]),
+        "normalized": _num(100 * r["accuracy"]["normalized_match"]),
+        "agreement": _num(None if agreement is None else 100 * agreement),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: setting, the main table, accuracy per question type, notes."""
+    env, results = report["environment"], report["results"]
+    cfg = report["config"]
+    lines = [
+        "# edgekd bench",
+        "",
+        f"- device: {env['device']}"
+        + (f", profile {env['profile']}" if env.get("profile") else "")
+        + (f", power mode {env['power_mode']}" if env.get("power_mode") else ""),
+        f"- eval set: {report['eval']['data']} ({report['eval']['questions']} questions, "
+        f"greedy, up to {cfg['max_new_tokens']} new tokens)",
+        f"- latency: {cfg['runs']} runs after {cfg['warmup']} warm-up, {cfg['speed_tokens']} "
+        "decoded tokens each (end of turn ignored), one eval image and question",
+        "- memory bandwidth for the roofline: "
+        + (
+            f"{env['bandwidth_gbps']:.1f} GB/s ({env['bandwidth_source']})"
+            if env.get("bandwidth_gbps")
+            else "none"
+        ),
+        f"- commit {env.get('commit')}, {env['date']}",
+        "",
+        "| " + " | ".join(title for title, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for r in results:
+        cells = row_cells(r)
+        lines.append("| " + " | ".join(cells[key] for _, key in COLUMNS) + " |")
+    types = sorted({t for r in results for t in r["accuracy"]["per_type"]})
+    lines += [
+        "",
+        "## Accuracy per question type (normalised match %, exact match % in brackets)",
+        "",
+        "| model | " + " | ".join(types) + " |",
+        "|" + "---|" * (len(types) + 1),
+    ]
+    for r in results:
+        per = r["accuracy"]["per_type"]
+        cells = [
+            f"{100 * per[t]['normalized_match']:.1f} ({100 * per[t]['exact_match']:.1f})"
+            if t in per
+            else ""
+            for t in types
+        ]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    notes = sorted({r["power"]["why"] for r in results if r["power"].get("why")})
+    if notes:
+        lines += ["", "Power not measured: " + "; ".join(notes)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Accuracy (normalised match) against end-to-end p50 latency, one point per variant.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in report["results"]:
+        x = r["latency"]["e2e_ms"]["p50"]
+        y = 100 * r["accuracy"]["normalized_match"]
+        teacher = r["role"] == "teacher"
+        ax.scatter(x, y, marker="*" if teacher else "o", s=140 if teacher else 50, zorder=3)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(
+        f"end-to-end latency p50, ms ({report['config']['speed_tokens']} tokens; log scale)"
+    )
+    ax.set_ylabel("accuracy, normalised match %")
+    env = report["environment"]
+    ax.set_title(f"edgekd bench on {env.get('profile') or env['device']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """``bench.json``, ``bench.md`` and (with matplotlib) ``bench.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    report["plot"] = "bench.png" if plot(report, out_dir / "bench.png") else None
+    if report["plot"] is None:
+        report["plot_note"] = "matplotlib is not installed: pip install 'edgekd[plot]'"
+    atomic_write_json(out_dir / "bench.json", report)
+    atomic_write_text(out_dir / "bench.md", markdown(report))
+
+
+def print_table(report: dict[str, Any], console) -> None:
+    """The main table on screen (rich)."""
+    from rich.table import Table
+
+    env = report["environment"]
+    table = Table(title=f"edgekd bench: {env.get('profile') or env['device']}")
+    for title, key in COLUMNS:
+        table.add_column(title, justify="left" if key in ("model", "backend") else "right")
+    for r in report["results"]:
+        cells = row_cells(r)
+        table.add_row(*(cells[key] for _, key in COLUMNS))
+    console.print(table)
