@@ -6,7 +6,9 @@ reuses every finished stage and redoes only what is missing or was interrupted.
 Stages: data (easy-vqa in LLaVA format, colour and shape questions) -> initial teacher and
 student checkpoints (tiny SigLIP + Qwen2 models sharing one tokenizer trained on the data) ->
 teacher trained with sft -> students distilled with switch-kd and, for reference, trained with
-sft -> accuracy of each on the test split.
+sft -> accuracy of each on the test split -> the switch-kd student exported to ONNX (fp32,
+int8) and GGUF (f16, Q8_0, Q4_K_M), each proving parity with PyTorch -> ``edgekd bench`` of
+every student and artifact against the teacher (latency, memory, accuracy, agreement).
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ TEACHER_SIZE, STUDENT_SIZE = "small", "tiny"
 QUESTION_TYPES = ("color", "shape")
 TEACHER_STEPS, STUDENT_STEPS, BATCH, LR = 2000, 300, 32, 1e-3
 EVAL_LIMIT = 600
+EXPORTS = (
+    ("onnx", "fp32"),
+    ("onnx", "int8"),
+    ("gguf", "f16"),
+    ("gguf", "q8_0"),
+    ("gguf", "q4_k_m"),
+)
+BENCH_LIMIT, BENCH_RUNS, BENCH_TOKENS = 300, 10, 16
+EXPORT_EVAL_LIMIT = 100  # questions for the accuracy delta of the quantized exports
+BENCH_ISOLATE = True  # each benched model in its own process (its own peak memory)
 
 
 @dataclass
@@ -117,7 +129,66 @@ def demo_stages(root: Path, console: Console) -> list[Stage]:
             lambda out: _accuracy(root, out),
             f"greedy exact match on {EVAL_LIMIT} test questions",
         ),
+        *(
+            Stage(
+                f"export-{target}-{precision}",
+                root / "artifacts" / f"{target}-{precision}",
+                _export(root, target, precision),
+                f"switch-kd student -> {target} {precision}, parity with PyTorch checked",
+            )
+            for target, precision in EXPORTS
+        ),
+        Stage(
+            "bench",
+            root / "report" / "bench",
+            lambda out: _bench(root, out, console),
+            f"latency, memory and accuracy on {BENCH_LIMIT} test questions, against the teacher",
+        ),
     ]
+
+
+def _export(root: Path, target: str, precision: str) -> Callable[[Path], object]:
+    def stage(out: Path) -> object:
+        from edgekd.export import ExportConfig, export
+
+        config = ExportConfig(
+            checkpoint=str(root / "runs" / "switch-kd" / "model"),
+            target=target,
+            precision=precision,
+            output=out,
+            n_parity_prompts=4,
+            eval_data=_split(root, "test") if precision not in ("fp32", "f16") else None,
+            eval_limit=EXPORT_EVAL_LIMIT,
+        )
+        return export(config)
+
+    return stage
+
+
+def _bench(root: Path, out: Path, console: Console) -> object:
+    from edgekd.runtime.bench import BenchConfig, run_bench
+
+    models = {
+        "switch-kd (torch)": root / "runs" / "switch-kd" / "model",
+        "sft (torch)": root / "runs" / "sft" / "model",
+        **{f"switch-kd {t} {p}": root / "artifacts" / f"{t}-{p}" for t, p in EXPORTS},
+    }
+    config = BenchConfig(
+        models=[str(m) for m in models.values()],
+        names=list(models),
+        teacher=str(root / "runs" / "teacher" / "model"),
+        data=_split(root, "test"),
+        output=out,
+        device="cpu",
+        threads=min(2, os.cpu_count() or 1),
+        runs=BENCH_RUNS,
+        warmup=2,
+        speed_tokens=BENCH_TOKENS,
+        limit=BENCH_LIMIT,
+        max_new_tokens=6,
+        isolate=BENCH_ISOLATE,
+    )
+    return run_bench(config, console=console)
 
 
 def _split(root: Path, split: str) -> Path:
@@ -213,4 +284,12 @@ def _print_tables(root: Path, rows: list[dict], console: Console) -> None:
             *(f"{100 * r['per_type'][t]['exact_match']:.1f}" for t in types),
         )
     console.print(acc)
-    console.print(f"report: {report}")
+    bench = root / "report" / "bench"
+    if (bench / "bench.json").is_file():
+        from edgekd.runtime.report import print_table
+
+        print_table(json.loads((bench / "bench.json").read_text()), console)
+        console.print(f"accuracy: {report}")
+        console.print(f"report: {bench / 'bench.md'} (bench.json, bench.png)")
+    else:
+        console.print(f"report: {report}")
