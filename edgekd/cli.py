@@ -280,6 +280,9 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 16,
     context: Annotated[int, typer.Option(help="KV-cache tokens in the memory-fit check.")] = 2048,
     threads: Annotated[int | None, typer.Option(help="CPU threads per runtime.")] = None,
+    ort_provider: Annotated[
+        str, typer.Option(help="onnxruntime on cuda/jetson: cuda or tensorrt (TensorRT EP).")
+    ] = "cuda",
     name: Annotated[
         list[str] | None, typer.Option(help="Label per --model, in order (default: dir names).")
     ] = None,
@@ -307,6 +310,7 @@ def bench(
         max_new_tokens=max_new_tokens,
         context=context,
         threads=threads,
+        ort_provider=ort_provider,
         names=name or [],
         isolate=isolate,
         overwrite=overwrite,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from edgekd.runtime.base import Backend
 
 DEVICES = ("cpu", "cuda", "jetson")
+ORT_GPU_PROVIDERS = {"cuda": ("cuda",), "tensorrt": ("tensorrt", "cuda")}
 
 
 def model_kind(path: str | Path) -> str:
@@ -55,7 +56,11 @@ def model_kind(path: str | Path) -> str:
 
 
 def load_backend(
-    path: str | Path, device: str = "cpu", threads: int | None = None, kind: str | None = None
+    path: str | Path,
+    device: str = "cpu",
+    threads: int | None = None,
+    kind: str | None = None,
+    ort_provider: str = "cuda",
 ) -> Backend:
     """Open an artifact directory or a checkpoint as a backend for ``device``.
 
@@ -65,6 +70,8 @@ def load_backend(
             provider, llama.cpp with every layer offloaded, TensorRT engines, torch on cuda).
         threads: CPU threads (torch, onnxruntime intra-op, llama.cpp); None keeps each default.
         kind: Skip detection (``torch``, ``onnx``, ``gguf``, ``tensorrt``).
+        ort_provider: onnxruntime's GPU provider on ``cuda``/``jetson``: ``cuda``, or
+            ``tensorrt`` (TensorRT execution provider, CUDA for what it does not take).
 
     Raises:
         BackendError: an unknown device, a backend not installed (naming the extra), a
@@ -86,7 +93,13 @@ def load_backend(
         _require("onnxruntime", "onnx")
         from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, providers=("cuda",) if gpu else ("cpu",), threads=threads)
+        if ort_provider not in ORT_GPU_PROVIDERS:
+            raise BackendError(
+                f"unknown onnxruntime GPU provider '{ort_provider}'; valid: "
+                + ", ".join(ORT_GPU_PROVIDERS)
+            )
+        providers = ORT_GPU_PROVIDERS[ort_provider] if gpu else ("cpu",)
+        return OnnxRuntimeBackend(path, providers=providers, threads=threads)
     if kind == "gguf":
         from edgekd.runtime.llamacpp import LlamaCppBackend, import_llama_cpp
 

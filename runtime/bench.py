@@ -72,6 +72,7 @@ class BenchConfig:
     max_new_tokens: int = 16
     context: int = 2048  # tokens of KV cache in the fit check against the profile
     threads: int | None = None
+    ort_provider: str = "cuda"  # onnxruntime's provider on cuda/jetson: cuda or tensorrt
     idle_s: float = 1.0  # idle power sampled this long before the timed runs (when metered)
     isolate: bool = True  # each model in its own process (peak memory of its own)
     overwrite: bool = False
@@ -94,6 +95,13 @@ class BenchConfig:
                 problems.append(f"{name} must be at least {low} (got {value})")
         if self.limit is not None and self.limit < 1:
             problems.append(f"--limit must be at least 1 (got {self.limit})")
+        from edgekd.runtime import ORT_GPU_PROVIDERS
+
+        if self.ort_provider not in ORT_GPU_PROVIDERS:
+            problems.append(
+                f"--ort-provider '{self.ort_provider}' is unknown (valid: "
+                f"{', '.join(ORT_GPU_PROVIDERS)})"
+            )
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads must be at least 1 (got {self.threads})")
         if self.names and len(self.names) != len(self.models):
@@ -190,7 +198,13 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
     device, threads = settings["device"], settings.get("threads")
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    backend = load_backend(spec["path"], device=device, threads=threads, kind=spec["kind"])
+    backend = load_backend(
+        spec["path"],
+        device=device,
+        threads=threads,
+        kind=spec["kind"],
+        ort_provider=settings.get("ort_provider", "cuda"),
+    )
     load_s = time.perf_counter() - t0
     try:
         item = next((it for it in items if it["image"]), items[0])
@@ -530,6 +544,7 @@ def run_bench(config: BenchConfig, console=None) -> dict[str, Any]:
     settings = {
         "device": config.device,
         "threads": config.threads,
+        "ort_provider": config.ort_provider,
         "runs": config.runs,
         "warmup": config.warmup,
         "speed_tokens": config.speed_tokens,

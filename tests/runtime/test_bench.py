@@ -230,8 +230,8 @@ def test_model_that_does_not_fit_says_by_how_much(contrast_onnx_artifact, eval_s
 def test_bad_options_are_reported_together(eval_set, tmp_path):
     _one_line_error(
         _cli("bench", "--model", str(tmp_path / "nope"), "--data", str(eval_set), "--runs", "0",
-             "--device", "tpu", "--output", str(tmp_path / "o")),
-        "--device 'tpu'", "--runs must be at least 1", "nope",
+             "--device", "tpu", "--ort-provider", "xla", "--output", str(tmp_path / "o")),
+        "--device 'tpu'", "--runs must be at least 1", "nope", "--ort-provider 'xla'",
     )  # fmt: skip
 
 
@@ -301,3 +301,15 @@ def test_multi_turn_samples_are_refused(eval_set, tmp_path):
     assert [it["reference"] for it in items] == ["rectangle", "blue"]
     assert items[1]["prompt"] == "<image>\nWhat color is the shape?"
     assert Path(items[1]["image"]).is_file() and items[1]["question_type"] == "color"
+
+
+def test_gpu_providers_missing_here_name_what_to_install(contrast_onnx_artifact):
+    import onnxruntime as ort
+    from edgekd.runtime import load_backend
+    from edgekd.runtime.base import BackendError
+
+    for provider, full in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "Tensorrt")):
+        if any(p.startswith(full) for p in ort.get_available_providers()):
+            continue
+        with pytest.raises(BackendError, match=f"{full}.*onnxruntime-gpu"):
+            load_backend(contrast_onnx_artifact, device="cuda", ort_provider=provider)
