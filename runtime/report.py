@@ -108,6 +108,13 @@ def markdown(report: dict[str, Any]) -> str:
     notes = sorted({r["power"]["why"] for r in results if r["power"].get("why")})
     if notes:
         lines += ["", "Power not measured: " + "; ".join(notes)]
+    above = [r["name"] for r in results if ((r.get("roofline") or {}).get("fraction") or 0) > 1]
+    if above:
+        lines += [
+            "",
+            f"Above 100% of the roofline ({', '.join(above)}): the bytes a token reads fit in "
+            "the caches, so memory bandwidth does not bound decoding at this size.",
+        ]
     return "\n".join(lines) + "\n"
 
 
