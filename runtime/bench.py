@@ -165,10 +165,28 @@ def _rss_mb() -> float:
         return 0.0
 
 
-def _peak_rss_mb() -> float:
-    import resource
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (``VmHWM``); False where the kernel does not allow it.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    (``getrusage``'s ``ru_maxrss`` is no use here: it survives ``exec``, so a spawned worker
+    would report its parent's peak.)
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since start or :func:`reset_peak_rss` (VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -196,6 +214,7 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
     from edgekd.evaluate import score
 
     device, threads = settings["device"], settings.get("threads")
+    peak_is_own = reset_peak_rss() or settings["isolate"]  # a fresh process: its own mark
     rss0 = _rss_mb()
     t0 = time.perf_counter()
     backend = load_backend(
@@ -259,7 +278,7 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
         }
         memory = {
             "rss_before_load_mb": rss0,
-            "peak_rss_mb": max(_peak_rss_mb(), _rss_mb()) if settings["isolate"] else None,
+            "peak_rss_mb": peak_rss_mb() if peak_is_own else None,
             "rss_after_mb": _rss_mb(),
             "gpu_peak_mb": _gpu_peak_mb(device, spec["kind"], trace),
         }
@@ -562,7 +581,7 @@ def run_bench(config: BenchConfig, console=None) -> dict[str, Any]:
             console.print(f"[{i}/{len(specs)}] {spec['name']}: [dim]reused[/dim] {saved}")
             results.append(json.loads(saved.read_text()))
             continue
-        console.print(f"[{i}/{len(specs)}] {spec['name']} ({spec['kind']}) on {config.device} ...")
+        console.print(f"[{i}/{len(specs)}] {spec['name']}: {spec['kind']} on {config.device} ...")
         start = time.perf_counter()
         if config.isolate:
             result = _run_isolated(spec, settings, items)

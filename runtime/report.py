@@ -38,7 +38,7 @@ def row_cells(r: dict[str, Any]) -> dict[str, str]:
     energy = power.get("energy_per_token_j")
     agreement = r.get("agreement_with_teacher")
     return {
-        "model": r["name"] + (" (teacher)" if r["role"] == "teacher" else ""),
+        "model": r["name"] + (" (teacher)" if r["role"] == "teacher" != r["name"] else ""),
         "backend": r["kind"],
         "precision": r.get("precision") or r["backend"].get("dtype", "") or "",
         "vision": _num(lat["vision_ms"]["p50"]),
@@ -163,15 +163,43 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out_dir / "bench.md", markdown(report))
 
 
+# (title on screen, cell key): the screen table is the Markdown one, narrowed to fit a terminal
+SCREEN = (
+    ("model", "model"),
+    ("runtime", "variant"),
+    ("TTFT\nms", "ttft"),
+    ("decode\ntok/s", "decode"),
+    ("e2e p50\nms", "e2e_p50"),
+    ("peak RSS\nMB", "rss"),
+    ("GPU\nMB", "gpu"),
+    ("power\nW", "power"),
+    ("mJ /\ntoken", "energy"),
+    ("roofline\n%", "roofline_pct"),
+    ("accuracy\n%", "normalized"),
+    ("= teacher\n%", "agreement"),
+)
+
+
 def print_table(report: dict[str, Any], console) -> None:
-    """The main table on screen (rich)."""
+    """The main table on screen (rich); columns with nothing measured are left out."""
+    from rich import box
     from rich.table import Table
 
     env = report["environment"]
-    table = Table(title=f"edgekd bench: {env.get('profile') or env['device']}")
-    for title, key in COLUMNS:
-        table.add_column(title, justify="left" if key in ("model", "backend") else "right")
+    rows = []
     for r in report["results"]:
         cells = row_cells(r)
-        table.add_row(*(cells[key] for _, key in COLUMNS))
+        roof = r.get("roofline") or {}
+        cells["variant"] = f"{cells['backend']} {cells['precision']}".strip()
+        cells["e2e_p50"] = _num(r["latency"]["e2e_ms"]["p50"])
+        cells["roofline_pct"] = _num(
+            None if roof.get("fraction") is None else 100 * roof["fraction"], ".0f"
+        )
+        rows.append(cells)
+    columns = [(t, k) for t, k in SCREEN if any(row[k] != "n/a" for row in rows)]
+    table = Table(title=f"edgekd bench: {env.get('profile') or env['device']}", box=box.SIMPLE_HEAD)
+    for title, key in columns:
+        table.add_column(title, justify="left" if key in ("model", "variant") else "right")
+    for cells in rows:
+        table.add_row(*(cells[key] for _, key in columns))
     console.print(table)
