@@ -130,14 +130,29 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in report["results"]:
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
+    markers = "osD^v<>phX"
+    for k, r in enumerate(report["results"]):
         x = r["latency"]["e2e_ms"]["p50"]
         y = 100 * r["accuracy"]["normalized_match"]
         teacher = r["role"] == "teacher"
-        ax.scatter(x, y, marker="*" if teacher else "o", s=140 if teacher else 50, zorder=3)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter(
+            x,
+            y,
+            marker="*" if teacher else markers[k % len(markers)],
+            s=180 if teacher else 60,
+            alpha=0.85,
+            zorder=3,
+            label=f"{r['name']}: {y:.1f}%, {x:.1f} ms",
+        )
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel(
         f"end-to-end latency p50, ms ({report['config']['speed_tokens']} tokens; log scale)"
     )
@@ -163,25 +178,31 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out_dir / "bench.md", markdown(report))
 
 
-# (title on screen, cell key): the screen table is the Markdown one, narrowed to fit a terminal
+# (title on screen, cell key): the Markdown table's numbers, narrowed to fit a terminal
 SCREEN = (
     ("model", "model"),
     ("runtime", "variant"),
     ("TTFT\nms", "ttft"),
-    ("decode\ntok/s", "decode"),
-    ("e2e p50\nms", "e2e_p50"),
-    ("peak RSS\nMB", "rss"),
+    ("tok/s", "decode"),
+    ("e2e\nms", "e2e_p50"),
+    ("RSS\nMB", "rss"),
     ("GPU\nMB", "gpu"),
     ("power\nW", "power"),
-    ("mJ /\ntoken", "energy"),
-    ("roofline\n%", "roofline_pct"),
-    ("accuracy\n%", "normalized"),
-    ("= teacher\n%", "agreement"),
+    ("mJ/\ntok", "energy"),
+    ("roof\n%", "roofline_pct"),
+    ("acc\n%", "normalized"),
+    ("=teach\n%", "agreement"),
+)
+SCREEN_CAPTION = (
+    "TTFT time to first token (p50), tok/s decode (p50), e2e end-to-end p50, RSS peak memory, "
+    "roof share of the memory-bandwidth roofline, acc normalised match, =teach answers "
+    "identical to the teacher's; all columns and p90/p99 in bench.md"
 )
 
 
 def print_table(report: dict[str, Any], console) -> None:
-    """The main table on screen (rich); columns with nothing measured are left out."""
+    """The main table on screen (rich); unmeasured columns are left out, and the runtime
+    column on terminals narrower than 100 characters."""
     from rich import box
     from rich.table import Table
 
@@ -197,9 +218,22 @@ def print_table(report: dict[str, Any], console) -> None:
         )
         rows.append(cells)
     columns = [(t, k) for t, k in SCREEN if any(row[k] != "n/a" for row in rows)]
-    table = Table(title=f"edgekd bench: {env.get('profile') or env['device']}", box=box.SIMPLE_HEAD)
+    if console.width < 100:
+        columns = [(t, k) for t, k in columns if k != "variant"]
+    table = Table(
+        title=f"edgekd bench: {env.get('profile') or env['device']}",
+        caption=SCREEN_CAPTION,
+        box=box.SIMPLE_HEAD,
+    )
+    longest = max(len(row["model"]) for row in rows)
     for title, key in columns:
-        table.add_column(title, justify="left" if key in ("model", "variant") else "right")
+        text = key in ("model", "variant")
+        table.add_column(
+            title,
+            justify="left" if text else "right",
+            no_wrap=not text,
+            min_width=min(longest, 28) if key == "model" else None,
+        )
     for cells in rows:
         table.add_row(*(cells[key] for _, key in columns))
     console.print(table)
