@@ -36,7 +36,7 @@ EXPORTS = (
     ("gguf", "q8_0"),
     ("gguf", "q4_k_m"),
 )
-BENCH_LIMIT, BENCH_RUNS, BENCH_TOKENS = 300, 10, 16
+BENCH_LIMIT, BENCH_RUNS, BENCH_TOKENS = EVAL_LIMIT, 10, 16
 EXPORT_EVAL_LIMIT = 100  # questions for the accuracy delta of the quantized exports
 BENCH_ISOLATE = True  # each benched model in its own process (its own peak memory)
 
