@@ -13,7 +13,7 @@ that peak memory is its own:
    to first token (vision + prefill), decode tokens/s, end-to-end ms; p50 / p90 / p99.
 2. **Memory and power** while the timed runs go: peak RSS (and GPU memory where NVML reads it),
    board power from tegrastats on Jetson, NVML on a GPU, RAPL on a CPU when readable; energy per
-   decoded token = energy over the timed runs / tokens they decoded.
+   generated token = energy of the timed runs (vision and prefill included) / tokens generated.
 3. **Accuracy** on the eval set (``limit`` questions): greedy answers (``max_new_tokens``),
    exact and VQA-normalised match, per question type; then, in this process, the share of
    answers identical to the teacher's.
