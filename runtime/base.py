@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from edgekd.chat import IMAGE_PLACEHOLDER, content_items
 from edgekd.errors import EdgeKDError
-
-IMAGE_PLACEHOLDER = "<image>"
 
 
 def user_content(prompt: str, has_image: bool) -> list[dict[str, str]]:
@@ -26,13 +25,7 @@ def user_content(prompt: str, has_image: bool) -> list[dict[str, str]]:
     """
     if has_image and IMAGE_PLACEHOLDER not in prompt:
         prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
-    content: list[dict[str, str]] = []
-    for k, piece in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
-        if k:
-            content.append({"type": "image"})
-        if piece:
-            content.append({"type": "text", "text": piece})
-    return content
+    return content_items(prompt)
 
 
 class BackendError(EdgeKDError, RuntimeError):

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgekd.chat import IMAGE_PLACEHOLDER, content_items
 from edgekd.errors import DataError, ModelError
 from edgekd.io import safe_join
 
 IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"  # LLaVA's placeholder in the JSON, whatever the processor's token is
 ROLES = {
     "human": "user",
     "user": "user",
@@ -351,13 +351,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _content(self, text: str) -> str | list[dict]:
         if not self._list_content:  # a text-only tokenizer template: inline the image token
             return text.replace(IMAGE_PLACEHOLDER, self.image_token)
-        items: list[dict] = []
-        for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if k:
-                items.append({"type": "image"})
-            if piece:
-                items.append({"type": "text", "text": piece})
-        return items
+        return content_items(text)
 
     def _render(self, messages: list[dict], sid: str, add_generation_prompt: bool = False) -> str:
         from jinja2.exceptions import TemplateError
