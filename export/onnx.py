@@ -37,7 +37,8 @@ Opset (option ``opset``, default 18, which TensorRT and onnxruntime >= 1.18 read
 graphs use ONNX's own ``RMSNormalization``, ``RotaryEmbedding`` and ``Attention`` ops, and the
 decoder's attention is traced with grouped key/value heads (:func:`_gqa_attention`), so a decode
 step reads the KV cache once instead of copying it per query head; on CPU (onnxruntime 1.32,
-the 0.5B student at 800 tokens of context) that decodes 1.8x (int8) to 2.1x (int4) faster.
+the 0.5B student at 800 tokens of context) that decodes int8 1.7x and int4 2.1x faster
+(docs/performance.md, "Runtime speed on CPU").
 """
 
 from __future__ import annotations
