@@ -33,12 +33,12 @@ once, in ``shared_embedding.data``, which both ``embed_tokens.onnx`` and the dec
 reference as ONNX external data (see :data:`SHARED_PLAN`); an untied model gets its own int8
 lm_head. See :data:`PLANS`; the manifest records the same per component.
 
-Opset (option ``opset``, default 18, which TensorRT and onnxruntime >= 1.18 read): from 23 the
-graphs use ONNX's own ``RMSNormalization``, ``RotaryEmbedding`` and ``Attention`` ops, and the
-decoder's attention is traced with grouped key/value heads (:func:`_gqa_attention`), so a decode
-step reads the KV cache once instead of copying it per query head; on CPU (onnxruntime 1.32,
-the 0.5B student at 800 tokens of context) that decodes int8 1.7x and int4 2.1x faster
-(docs/performance.md, "Runtime speed on CPU").
+Opset (option ``opset``, default 23; ``--option opset=18`` for onnxruntime < 1.23, and the
+TensorRT target builds from opset 18): from 23 the graphs use ONNX's own ``RMSNormalization``,
+``RotaryEmbedding`` and ``Attention`` ops, and the decoder's attention is traced with grouped
+key/value heads (:func:`_gqa_attention`), so a decode step reads the KV cache once instead of
+copying it per query head; on CPU (onnxruntime 1.32, the 0.5B student at 800 tokens of context)
+that decodes int8 1.7x and int4 2.1x faster (docs/performance.md, "Runtime speed on CPU").
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ SHARED_PLAN = {
     "embed": "int8 per-row, fp32 scales (the tied table in shared_embedding.data)",
     "lm_head": "int8 per-channel (tied: the embedding's table in shared_embedding.data)",
 }
-OPTIONS: dict[str, Any] = {"int4_block_size": 32, "int4_accuracy_level": 4, "opset": 18}
+OPTIONS: dict[str, Any] = {"int4_block_size": 32, "int4_accuracy_level": 4, "opset": 23}
 GQA_OPSET = 23  # ONNX Attention takes fewer key/value heads than query heads
 GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa attention at call time
 

@@ -327,6 +327,9 @@ class TensorRTOptions:
     tolerance: Tolerance
 
 
+TRT_ONNX_OPSET = 18
+
+
 def resolve_options(
     precision: str, options: Mapping[str, Any]
 ) -> tuple[TensorRTOptions, list[str]]:
@@ -532,8 +535,11 @@ def _profile_problems(vlm, config: ExportConfig) -> list[str]:
 
 
 def _onnx_config(config: ExportConfig, out: Path) -> ExportConfig:
-    # The ONNX step is fp32 and gets none of the TensorRT options.
-    return dataclasses.replace(config, target="onnx", precision="fp32", output=out, options={})
+    # The ONNX step is fp32 and gets none of the TensorRT options; opset 18, which every
+    # TensorRT 10 ONNX parser reads (the ONNX target's default, 23, is for onnxruntime).
+    return dataclasses.replace(
+        config, target="onnx", precision="fp32", output=out, options={"opset": TRT_ONNX_OPSET}
+    )
 
 
 def _onnx_paths(onnx_dir: Path) -> dict[str, Path]:

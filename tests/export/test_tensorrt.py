@@ -920,3 +920,13 @@ def test_torch_dtypes_of_tensorrt_types():
     ]
     with pytest.raises(BackendError, match="no torch equivalent"):
         torch_dtype(trt, "FP4")
+
+
+def test_engines_build_from_an_opset_18_onnx_export(tmp_path):
+    from edgekd.export.onnx import OPTIONS
+    from edgekd.export.tensorrt import _onnx_config
+
+    config = ExportConfig("ckpt", "tensorrt", "int8", tmp_path / "trt", options={"workspace_gb": 2})
+    onnx = _onnx_config(config, tmp_path / "onnx")
+    assert (onnx.target, onnx.precision, onnx.options) == ("onnx", "fp32", {"opset": 18})
+    assert OPTIONS["opset"] == 23  # onnxruntime's default differs: TensorRT pins its own
