@@ -188,7 +188,7 @@ def _bench(root: Path, out: Path, console: Console) -> object:
         max_new_tokens=6,
         isolate=BENCH_ISOLATE,
     )
-    return run_bench(config, console=console)
+    return run_bench(config, console=console, show_table=False)  # printed at the end
 
 
 def _split(root: Path, split: str) -> Path:

@@ -539,8 +539,10 @@ def _fingerprint(spec: dict, settings: dict, items: list[dict]) -> str:
     return h.hexdigest()
 
 
-def run_bench(config: BenchConfig, console=None) -> dict[str, Any]:
+def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dict[str, Any]:
     """Run the bench and write its report; returns the report (also ``bench.json``).
+
+    ``show_table=False`` leaves the closing table to the caller (the demo prints it last).
 
     Raises:
         BenchConfigError, DataError, ArtifactError, BackendError, BenchError: one-line problems with
@@ -622,6 +624,7 @@ def run_bench(config: BenchConfig, console=None) -> dict[str, Any]:
     with atomic_dir(output, overwrite=config.overwrite) as tmp:
         write_report(report, tmp)
     shutil.rmtree(partial, ignore_errors=True)
-    print_table(report, console)
+    if show_table:
+        print_table(report, console)
     console.print(f"report: {output / 'bench.md'} (JSON: bench.json, plot: bench.png)")
     return report
