@@ -78,6 +78,7 @@ def greedy_generate(
     has_image: bool,
     sync: Callable[[], None] = lambda: None,
     extra: dict[str, Any] | None = None,
+    context_length: int | None = None,
 ) -> Generation:
     """The greedy loop every backend shares, timed per stage.
 
@@ -91,7 +92,17 @@ def greedy_generate(
         decode: Token ids -> text.
         has_image: Without an image the vision time is 0.
         sync: Waits for the device (CUDA backends), so stage boundaries are honest.
+        context_length: The model's positions; a prompt that cannot take ``max_new_tokens``
+            more is refused before any work.
+
+    Raises:
+        BackendError: the prompt plus ``max_new_tokens`` exceed ``context_length``.
     """
+    if context_length is not None and prompt_tokens + max_new_tokens > context_length:
+        raise BackendError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+            f"context length {context_length}"
+        )
     stops = set(stop_ids)
     t0 = time.perf_counter()
     visual = encode_image()

@@ -241,11 +241,6 @@ class OnnxRuntimeBackend:
         ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (fixed-length speed runs).
         """
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
-        if ids.shape[1] + max_new_tokens > self.context_length:
-            raise BackendError(
-                f"prompt ({ids.shape[1]} tokens) + max_new_tokens "
-                f"({max_new_tokens}) exceed the context length {self.context_length}"
-            )
         state: dict[str, Any] = {}
 
         def prefill(visual) -> int:
@@ -269,6 +264,7 @@ class OnnxRuntimeBackend:
             stop_ids=() if ignore_eos else self.eos_token_ids,
             decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
             has_image=pixel_values is not None,
+            context_length=self.context_length,
             extra={"providers": self.decoder.get_providers()},
         )
 

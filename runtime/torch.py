@@ -143,11 +143,6 @@ class TorchBackend:
         from transformers import DynamicCache
 
         ids = input_ids.reshape(1, -1).to(self.device)
-        if ids.shape[1] + max_new_tokens > self.context_length:
-            raise BackendError(
-                f"prompt ({ids.shape[1]} tokens) + max_new_tokens "
-                f"({max_new_tokens}) exceed the context length {self.context_length}"
-            )
         vlm, cache = self.vlm, DynamicCache(config=self.vlm.config.text_config)
         self._sync()
 
@@ -170,6 +165,7 @@ class TorchBackend:
             stop_ids=() if ignore_eos else self.eos_token_ids,
             decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
             has_image=pixel_values is not None,
+            context_length=self.context_length,
             sync=self._sync,
             extra={"device": str(self.device), "dtype": str(vlm.dtype).removeprefix("torch.")},
         )

@@ -127,3 +127,11 @@ def test_ignore_eos_decodes_exactly_max_new_tokens(
             assert len(fixed.token_ids) == 5 and fixed.decode_tokens_per_s > 0
     finally:
         llama.close()
+
+
+def test_a_prompt_past_the_context_length_is_refused(torch_backend, onnx_backend):
+    image, prompt = image_for(PROMPTS[0][0]), PROMPTS[0][1]
+    for backend in (torch_backend, onnx_backend):
+        too_many = backend.context_length
+        with pytest.raises(BackendError, match="exceed the context length"):
+            backend.generate(image, prompt, max_new_tokens=too_many)
