@@ -393,11 +393,18 @@ def resolve_target(config: BenchConfig) -> Target:
     if profile_name:
         profile = load_device_profile(profile_name)
         target.profile = profile
-        mode = target.power_mode
-        if mode is not None and mode not in [m.name for m in profile.power_modes]:
-            mode = None  # a mode the profile does not describe: its default figures
+        mode, note = target.power_mode, ""
+        if config.power_mode is not None:
+            profile.power_mode(config.power_mode)  # the user's mode must exist (lists valid)
+        elif mode is not None and mode not in [m.name for m in profile.power_modes]:
+            # the board runs a mode the profile does not describe: its default figures
+            mode, note = None, f" (board mode {target.power_mode} not in the profile: default)"
         target.bandwidth_gbps = profile.bandwidth_gbps(mode)
-        target.bandwidth_source = f"profile {profile.name}" + (f", mode {mode}" if mode else "")
+        target.bandwidth_source = (
+            f"profile {profile.name}" + (f", mode {mode}" if mode else "") + note
+        )
+    elif config.power_mode is not None:
+        raise BenchError("--power-mode needs a device profile: pass --profile NAME")
     elif config.device == "cpu":
         from edgekd.runtime.roofline import measure_bandwidth
 

@@ -158,10 +158,11 @@ class _Sampler:
     """A thread calling ``read() -> (watts | None, memory_mb | None)`` every interval."""
 
     source = "sampler"
+    rails: tuple[str, ...] = ()
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self.trace = PowerTrace(self.source)
+        self.trace = PowerTrace(self.source, rails=list(self.rails))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -169,7 +170,7 @@ class _Sampler:
         raise NotImplementedError
 
     def start(self) -> None:
-        self.trace = PowerTrace(self.source)
+        self.trace = PowerTrace(self.source, rails=list(self.rails))
         self._stop.clear()
         self._sample()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -198,6 +199,7 @@ class NvmlMeter(_Sampler):
     """GPU board power and device memory in use, through NVML (``nvidia-ml-py``)."""
 
     source = "nvml"
+    rails = ("board power",)
 
     def __init__(self, index: int = 0, interval_s: float = 0.05) -> None:
         super().__init__(interval_s)
@@ -213,7 +215,6 @@ class NvmlMeter(_Sampler):
         except pynvml.NVMLError as e:
             raise BackendError(f"NVML cannot open GPU {index}: {e}") from None
         self._nvml = pynvml
-        self.trace.rails = ["board power"]
 
     def read(self) -> tuple[float | None, float | None]:
         nv = self._nvml
@@ -223,11 +224,6 @@ class NvmlMeter(_Sampler):
             watts = None
         used = nv.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20
         return watts, used
-
-    def stop(self) -> PowerTrace:
-        trace = super().stop()
-        trace.rails = ["board power"]
-        return trace
 
 
 class RaplMeter(_Sampler):

@@ -334,3 +334,20 @@ def test_jetson_target_uses_the_detected_board_and_its_power_mode(eval_set, monk
     # the user's --power-mode wins for the roofline
     config = BenchConfig(models=["m"], data=eval_set, output="o", device="jetson", power_mode="15W")
     assert resolve_target(config).bandwidth_gbps == 68
+
+
+def test_an_unknown_power_mode_is_refused_not_ignored(eval_set):
+    from edgekd.profiles.schema import ProfileError
+    from edgekd.runtime.bench import resolve_target
+
+    def config(**kw):
+        return BenchConfig(models=["m"], data=eval_set, output="o", **kw)
+
+    with pytest.raises(ProfileError, match="unknown power mode 'TURBO'.*MAXN_SUPER"):
+        resolve_target(config(profile="jetson-orin-nano-8gb", power_mode="TURBO"))
+    with pytest.raises(BenchError, match="--power-mode needs a device profile"):
+        resolve_target(config(power_mode="15W"))
+    assert (
+        resolve_target(config(profile="jetson-orin-nano-8gb", power_mode="25W")).bandwidth_gbps
+        == 102.4
+    )
