@@ -237,13 +237,11 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
         for _ in range(settings["warmup"]):
             once()
         meter, why = power_meter(device)
-        idle_w = None
+        idle = (0.0, 0.0)
         if meter is not None:
             meter.start()
-            if settings["idle_s"] > 0:
-                i0 = time.perf_counter()
-                time.sleep(settings["idle_s"])
-                idle_trace = (i0, time.perf_counter())
+            idle = (time.perf_counter(), time.perf_counter() + settings["idle_s"])
+            time.sleep(settings["idle_s"])
         gens, e2e = [], []
         _reset_gpu_peak(device)
         r0 = time.perf_counter()
@@ -256,13 +254,11 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
         tokens = sum(len(g.token_ids) for g in gens)
         power: dict[str, Any] = {"source": None, "why": why}
         if trace is not None:
-            if settings["idle_s"] > 0:
-                idle_w = trace.mean_w(*idle_trace)
             energy = trace.energy_j(r0, r1)
             power = {
                 **trace.to_dict(),
                 "mean_w": trace.mean_w(r0, r1),
-                "idle_w": idle_w,
+                "idle_w": trace.mean_w(*idle),  # None without an idle window
                 "energy_j": energy,
                 "energy_per_token_j": None if energy is None else energy / tokens,
             }

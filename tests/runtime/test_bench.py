@@ -351,3 +351,36 @@ def test_an_unknown_power_mode_is_refused_not_ignored(eval_set):
         resolve_target(config(profile="jetson-orin-nano-8gb", power_mode="25W")).bandwidth_gbps
         == 102.4
     )
+
+
+def test_power_and_energy_per_token_from_the_meter(
+    contrast_onnx_artifact, eval_set, tmp_path, monkeypatch
+):
+    import time
+
+    import edgekd.runtime.power as power
+
+    class SteadyMeter:  # 5 W, sampled every 10 ms
+        source = "steady"
+
+        def start(self):
+            self.t0 = time.perf_counter()
+
+        def stop(self):
+            t1 = time.perf_counter()
+            n = int((t1 - self.t0) / 0.01) + 2
+            samples = [(self.t0 + k * (t1 - self.t0) / (n - 1), 5.0) for k in range(n)]
+            return power.PowerTrace("steady", samples, peak_memory_mb=123.0, rails=["IN"])
+
+    monkeypatch.setattr(power, "power_meter", lambda device: (SteadyMeter(), ""))
+    out = tmp_path / "powered"
+    run_bench(_config([contrast_onnx_artifact], eval_set, out, idle_s=0.05, names=["m"]))
+    r = json.loads((out / "bench.json").read_text())["results"][0]
+    p = r["power"]
+    assert p["source"] == "steady" and p["rails"] == ["IN"]
+    assert p["mean_w"] == pytest.approx(5.0) and p["idle_w"] == pytest.approx(5.0)
+    e2e_s = sum([r["latency"]["e2e_ms"]["mean"]] * r["latency"]["runs"]) / 1e3
+    tokens = r["latency"]["runs"] * r["latency"]["new_tokens"]
+    assert p["energy_per_token_j"] == pytest.approx(5.0 * e2e_s / tokens, rel=0.2)
+    row = next(line for line in (out / "bench.md").read_text().splitlines() if "| m |" in line)
+    assert f"| {p['mean_w']:.1f} | {1e3 * p['energy_per_token_j']:.1f} |" in row
