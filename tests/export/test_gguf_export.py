@@ -9,6 +9,7 @@ import pytest
 import torch
 from edgekd.export.base import ExportConfig, ExportError
 from edgekd.export.gguf import GgufExporter
+from export_helpers import write_eval_set
 
 PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m")
 
@@ -389,27 +390,6 @@ def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
 
 
 # ---- the export driver, with an eval set --------------------------------------------------
-def write_eval_set(root, n: int = 4):
-    """A small LLaVA eval set: coloured squares and a colour question."""
-    import json
-
-    from PIL import Image
-
-    (root / "images").mkdir(parents=True)
-    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-    samples = []
-    for i in range(n):
-        name = list(colors)[i % 3]
-        pixels = np.full((64, 64, 3), 255, np.uint8)
-        pixels[8 + i : 40 + i, 10:42] = colors[name]
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        turns = [{"from": "human", "value": "<image>\nWhat color is it?"},
-                 {"from": "gpt", "value": name}]  # fmt: skip
-        samples.append({"id": f"e{i}", "image": f"images/{i}.png", "conversations": turns})
-    (root / "eval.json").write_text(json.dumps(samples))
-    return root / "eval.json"
-
-
 def test_driver_exports_q8_0_with_accuracy_delta(tiny_checkpoint, tmp_path):
     pytest.importorskip("llama_cpp")
     from edgekd.export import export
