@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -88,3 +89,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+"""A Hugging Face hub id: ``name`` or ``org/name``."""
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path | None:
+    """The local checkpoint directory of ``path``: itself when it holds ``config.json``, its
+    ``model/`` when it is an ``edgekd distill`` run directory, else None."""
+    local = Path(path).expanduser()
+    for d in (local, local / "model"):
+        if (d / "config.json").is_file():
+            return d
+    return None

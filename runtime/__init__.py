@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 from edgekd.runtime.base import BackendError
 
+from edgekd.io import HUB_ID, checkpoint_dir
+
 if TYPE_CHECKING:
     from edgekd.runtime.base import Backend
 
@@ -44,11 +46,10 @@ def model_kind(path: str | Path) -> str:
             return str(json.loads(manifest.read_text())["target"])
         except (OSError, ValueError, KeyError) as e:
             raise BackendError(f"'{manifest}' is not an edgekd manifest ({e})") from None
-    if (p / "config.json").is_file() or (p / "model" / "config.json").is_file():
+    if checkpoint_dir(p) is not None:
         return "torch"
-    text = str(path)
-    if not p.exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return "torch"  # a hub id
+    if not p.exists() and HUB_ID.fullmatch(str(path)) and "/" in str(path):
+        return "torch"  # a hub id (org/name)
     raise BackendError(
         f"'{path}' is neither an artifact directory (edgekd export) nor a checkpoint "
         "(a directory with config.json, or a hub id)"

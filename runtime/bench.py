@@ -41,6 +41,7 @@ from edgekd.runtime import DEVICES, model_kind
 from edgekd.runtime.base import BackendError
 
 from edgekd.errors import EdgeKDError
+from edgekd.io import checkpoint_dir
 
 GB = 1e9
 
@@ -466,8 +467,7 @@ def model_bytes(path: str, kind: str) -> int:
     if kind != "torch":
         files = json.loads((p / "manifest.json").read_text())["files"]
         return sum(int(f["bytes"]) for f in files.values())
-    root = p / "model" if (p / "model" / "config.json").is_file() else p
-    return sum(f.stat().st_size for f in root.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in (checkpoint_dir(p) or p).glob("*.safetensors"))
 
 
 def check_fit(specs: list[dict], target: Target, context: int) -> dict[str, dict]:
@@ -536,7 +536,7 @@ def _fingerprint(spec: dict, settings: dict, items: list[dict]) -> str:
     source = (
         json.loads((p / "manifest.json").read_text())["files"]
         if spec["kind"] != "torch"
-        else checkpoint_hash(p / "model" if (p / "model" / "config.json").is_file() else p)
+        else checkpoint_hash(checkpoint_dir(p) or p)
     )
     h.update(json.dumps([spec, settings, items, source], sort_keys=True, default=str).encode())
     return h.hexdigest()

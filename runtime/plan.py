@@ -304,13 +304,14 @@ def _meta_vlm_from_checkpoint(src: str) -> VLM:
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, PretrainedConfig
 
+    from edgekd.io import HUB_ID, checkpoint_dir
     from edgekd.models import SHAPES, VLM
-    from edgekd.models.vlm import _HUB_ID, check_llava_config
+    from edgekd.models.vlm import check_llava_config
 
     local = Path(src).expanduser()
-    if local.is_dir() and not (local / "config.json").exists() and (local / "model").is_dir():
-        src = str(local / "model")  # an `edgekd distill` run directory
-    elif not local.exists() and not _HUB_ID.fullmatch(src):
+    if local.is_dir():
+        src = str(checkpoint_dir(local) or local)  # a run directory holds its student in model/
+    elif not local.exists() and not HUB_ID.fullmatch(src):
         raise ModelError(
             f"model '{src}' is neither a preset ({', '.join(SHAPES)}) nor a checkpoint "
             "directory or hub id"

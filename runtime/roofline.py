@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError
+from edgekd.io import checkpoint_dir
 
 GB = 1e9
 # element sizes by dtype name (safetensors, torch, onnx-genai, TensorRT spellings)
@@ -275,10 +276,9 @@ def _tensorrt(root: Path) -> tuple[int, int, bool]:
 
 
 def _checkpoint_dir(root: Path) -> Path | None:
-    for d in (root, root / "model"):
-        if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
-            return d
-    return None
+    """The checkpoint directory of ``root`` when it holds safetensors weights."""
+    d = checkpoint_dir(root)
+    return d if d is not None and any(d.glob("*.safetensors")) else None
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from typing import Any
 import torch
 
 from edgekd.errors import ModelError
+from edgekd.io import HUB_ID, checkpoint_dir
 
 SUPPORTED_MODEL_TYPES = ("llava",)
-_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -85,10 +84,8 @@ class VLM:
         local = Path(src).expanduser()
         if local.exists():
             # an `edgekd distill` run directory holds its student in model/
-            if not (local / "config.json").exists() and (local / "model" / "config.json").exists():
-                local = local / "model"
-            src = str(local)
-        elif not _HUB_ID.fullmatch(src):
+            src = str(checkpoint_dir(local) or local)
+        elif not HUB_ID.fullmatch(src):
             raise ModelError(
                 f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)"
             )
