@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from edgekd import targets
 from edgekd.errors import EdgeKDError
 
 app = typer.Typer(
@@ -174,14 +175,11 @@ def export(
     checkpoint: Annotated[
         str, typer.Argument(help="Checkpoint dir (or distill run dir) or hub id.")
     ],
-    target: Annotated[str, typer.Option(help="onnx, gguf or tensorrt.")],
+    target: Annotated[str, typer.Option(help=f"One of: {', '.join(targets.names())}.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory.")],
     precision: Annotated[
         str | None,
-        typer.Option(
-            help="onnx: fp32 fp16 int8 int4; gguf: f32 f16 q8_0 q4_k_m; tensorrt: fp16 int8. "
-            "Default: the target's first."
-        ),
+        typer.Option(help=f"{targets.help_text()}. Default: the target's first."),
     ] = None,
     profile: Annotated[str | None, typer.Option(help="Device profile (TensorRT shapes).")] = None,
     eval_data: Annotated[
@@ -226,23 +224,17 @@ def export(
     )
 
 
-def parity_lines(parity: dict, prefix: str = "") -> list[str]:
-    """A ✓/✗ line per parity check (entries with a ``pass`` flag), with its numbers."""
+def parity_lines(parity: dict) -> list[str]:
+    """A ✓/✗ line per parity check of a manifest's parity report, with its numbers."""
     lines = []
-    for key, value in parity.items():
-        if not isinstance(value, dict):
-            continue
-        name = f"{prefix}{key}"
-        if "pass" in value:
-            mark = "[green]✓[/green]" if value["pass"] else "[red]✗[/red]"
-            numbers = ", ".join(
-                f"{k} {_fmt(v)}"
-                for k, v in value.items()
-                if k != "pass" and isinstance(v, (int, float, bool, str))
-            )
-            lines.append(f"  {mark} {name}: {numbers}")
-        else:
-            lines.extend(parity_lines(value, prefix=f"{name}."))
+    for name, check in parity.get("checks", {}).items():
+        mark = "[green]✓[/green]" if check.get("pass") else "[red]✗[/red]"
+        numbers = ", ".join(
+            f"{k} {_fmt(v)}"
+            for k, v in check.items()
+            if k != "pass" and isinstance(v, (int, float, bool, str))
+        )
+        lines.append(f"  {mark} {name}: {numbers}")
     return lines
 
 

@@ -20,3 +20,33 @@ class ModelError(EdgeKDError, ValueError):
 
 class OutputExistsError(EdgeKDError, FileExistsError):
     """An output path exists and ``overwrite`` was not requested."""
+
+
+class MissingPackageError(EdgeKDError, ImportError):
+    """An optional package is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, extra: str, error: type[Exception] = MissingPackageError, what=None):
+    """``import module``, or raise ``error`` naming the extra to install.
+
+    Args:
+        module: The module to import (``onnxruntime``, ``llama_cpp``, ...).
+        extra: The edgekd extra that installs it.
+        error: The exception type raised (callers keep their own error family).
+        what: Who needs it, for the message (default: the module).
+    """
+    import importlib
+    import importlib.util
+
+    package = {"llama_cpp": "llama-cpp-python"}.get(module.split(".")[0], module)
+    missing = error(f"{what or module} needs {package}: pip install 'edgekd[{extra}]'")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise missing
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing from None

@@ -15,24 +15,20 @@ from __future__ import annotations
 from typing import Any
 
 from edgekd.export.base import (
-    EXPORTERS,
     ExportConfig,
     Exporter,
     ExportError,
     ParityError,
     get_exporter,
-    register,
 )
 
 __all__ = [
-    "EXPORTERS",
     "ExportConfig",
     "ExportError",
     "Exporter",
     "ParityError",
     "export",
     "get_exporter",
-    "register",
 ]
 
 
@@ -46,8 +42,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
         ModelError: the checkpoint is missing or not a LLaVA-family VLM.
         ParityError: the artifact does not match PyTorch (numbers in the message).
     """
-    from edgekd.export import manifest
-
+    from edgekd import artifact
     from edgekd.io import atomic_dir, check_output_dir
     from edgekd.models import VLM
 
@@ -68,7 +63,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
     with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
         components = exporter.export(vlm, config, tmp)
         parity = exporter.validate(vlm, config, tmp)
-        return manifest.write(
+        return artifact.write(
             tmp,
             target=config.target,
             precision=config.precision,
@@ -76,5 +71,5 @@ def export(config: ExportConfig) -> dict[str, Any]:
             components=components,
             vlm=vlm,
             parity=parity,
-            extra={"options": dict(config.options)},
+            options=config.options,
         )

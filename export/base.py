@@ -9,7 +9,7 @@ An exporter turns a LLaVA-family checkpoint into one artifact directory in three
 :func:`export` runs the phases inside :func:`edgekd.io.atomic_dir`, so the output appears only
 when complete and proven; a parity failure raises :class:`ParityError` with the numbers and
 leaves nothing behind. Every artifact directory carries ``manifest.json`` (see
-:mod:`edgekd.export.manifest`).
+:mod:`edgekd.artifact`). Targets are registered in :mod:`edgekd.targets`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ class ExportError(EdgeKDError, ValueError):
 
 
 class ParityError(EdgeKDError, RuntimeError):
-    """The artifact does not match the PyTorch model within tolerance (numbers in the message)."""
+    """The artifact does not match the PyTorch model within tolerance.
+
+    The message names every failed check with its numbers; ``report`` is the whole parity
+    report (:func:`edgekd.export.parity.report`) when the failure came from the checks.
+    """
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -61,48 +69,45 @@ class ExportConfig:
 
 
 class Exporter(Protocol):
-    """One export target."""
+    """One export target's code; its name and precisions come from its registration
+    (:mod:`edgekd.targets`)."""
 
     name: str
     precisions: tuple[str, ...]
 
-    def check(self, vlm, config: ExportConfig) -> None: ...
+    def check(self, vlm, config: ExportConfig) -> None:
+        """Refuse early: unsupported architecture or option, missing package (all at once)."""
+        ...
 
     def export(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
         """Write the artifact; return ``{component: {"files": [...], "precision": p}}``."""
         ...
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
-        """Compare with PyTorch; return parity results; raise ParityError past tolerance."""
+        """Compare with PyTorch (:mod:`edgekd.export.parity`); raise ParityError past tolerance."""
         ...
 
 
-EXPORTERS: dict[str, Exporter] = {}
+class Registered:
+    """Base of the built-in exporters: ``name`` and ``precisions`` read from the registry."""
 
+    target: str
 
-def register(exporter: Exporter) -> Exporter:
-    """Add an exporter instance to the registry under its ``name``."""
-    EXPORTERS[exporter.name] = exporter
-    return exporter
+    @property
+    def name(self) -> str:
+        return self.target
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        from edgekd import targets
+
+        return targets.get(self.target).precisions
 
 
 def get_exporter(target: str) -> Exporter:
     """The registered exporter for ``target``; an unknown name lists the valid ones."""
-    _load_builtin_exporters()
-    if target not in EXPORTERS:
-        raise ExportError(
-            f"unknown export target '{target}'; valid: {', '.join(sorted(EXPORTERS))}"
-        )
-    return EXPORTERS[target]
+    from edgekd import targets
 
-
-def _load_builtin_exporters() -> None:
-    # Importing a target module registers it; heavy imports stay inside its methods.
-    import importlib
-
-    for module in ("onnx", "gguf", "tensorrt"):
-        try:
-            importlib.import_module(f"edgekd.export.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"edgekd.export.{module}":
-                raise
+    if target not in targets.TARGETS:
+        raise ExportError(f"unknown export target '{target}'; valid: {', '.join(targets.names())}")
+    return targets.get(target).make_exporter()

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 from edgekd.export.base import ExportError
+from edgekd.models.dims import TextDims
 
-MODEL_FILE, MMPROJ_FILE = "model.gguf", "mmproj.gguf"
-INSTALL_HINT = "pip install edgekd[gguf]"
+from edgekd.artifact import GGUF_MMPROJ as MMPROJ_FILE
+from edgekd.artifact import GGUF_MODEL as MODEL_FILE
 K_QUANT_ROW = 256  # llama.cpp's QK_K
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
@@ -180,11 +181,9 @@ def import_llama_cpp():
 
 
 def import_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ExportError(f"the gguf target needs the gguf package; {INSTALL_HINT}") from None
-    return gguf
+    from edgekd.errors import require
+
+    return require("gguf", "gguf", ExportError, "the gguf target")
 
 
 # ---- writers ---------------------------------------------------------------------------------
@@ -212,7 +211,8 @@ def lm_tensors(vlm, dtype: str) -> dict[str, np.ndarray]:
         gname, _ = map_name(name, _LM_TENSORS)
         a = _array(t, dtype)
         if arch.permute_qk and re.search(r"attn_[qk]\.", gname):
-            heads = tc.num_attention_heads if ".attn_q." in gname else tc.num_key_value_heads
+            dims = TextDims.from_config(tc)
+            heads = dims.heads if ".attn_q." in gname else dims.kv_heads
             a = _permute_rope(a, heads)
         out[gname] = a
     head = vlm.lm_head.weight
@@ -296,7 +296,7 @@ def write_lm(vlm, path: Path, dtype: str) -> dict[str, np.ndarray]:
     arch = TEXT_ARCHS[tc.model_type].gguf_arch
     tensors = lm_tensors(vlm, dtype)
     vocab = vocabulary(vlm)
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    head_dim = TextDims.from_config(tc).head_dim
     rope = getattr(tc, "rope_parameters", None) or {"rope_theta": getattr(tc, "rope_theta", 1e4)}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(str(getattr(vlm.config, "_name_or_path", "") or "edgekd-vlm"))

@@ -51,7 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgekd.export.base import ExportConfig, ExportError, register
+from edgekd import artifact
+from edgekd.export.base import ExportConfig, ExportError, Registered
+from edgekd.export.parity import Tolerance
+from edgekd.models.dims import TextDims
 
 # ---- per-architecture facts ---------------------------------------------------------------
 
@@ -75,14 +78,14 @@ class GraphSpec:
 
 VISION = GraphSpec(
     "vision",
-    "vision_encoder.onnx",
+    artifact.ONNX_VISION,
     ("pixel_values",),
     ("image_features",),
     {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
 )
 EMBED = GraphSpec(
     "embed",
-    "embed_tokens.onnx",
+    artifact.ONNX_EMBED,
     ("input_ids",),
     ("inputs_embeds",),
     {
@@ -92,7 +95,7 @@ EMBED = GraphSpec(
 )
 DECODER = GraphSpec(
     "decoder",
-    "decoder_model_merged.onnx",
+    artifact.ONNX_DECODER,
     (
         "inputs_embeds",
         "attention_mask",
@@ -119,23 +122,6 @@ TEXT_ARCHS = {"qwen2": "qwen2"}
 VISION_ARCHS = ("siglip_vision_model",)
 # Trace sizes: distinct and >= 2, so torch.export neither specialises nor equates the axes.
 TRACE = {"batch_size": 2, "sequence_length": 3, "past_sequence_length": 5}
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """What an artifact of one precision must reproduce of the fp32 PyTorch model.
-
-    ``*_max_rel`` bound the max-abs difference divided by the reference's max-abs value (so
-    one limit fits a tiny random model and a trained 3B one); ``None`` limits are reported
-    but not enforced.
-    """
-
-    vision_max_rel: float | None
-    vision_min_cosine: float
-    logits_max_rel: float | None
-    logits_min_cosine: float
-    token_exact: bool  # greedy tokens equal PyTorch's on every parity prompt
-    max_accuracy_drop: float | None  # eval-set normalised-match drop (needs eval_data)
 
 
 # fp32 differences come from summation order (measured ~1e-6 relative); an off-by-one decode
@@ -208,11 +194,10 @@ def _expand(names: tuple[str, ...], num_layers: int) -> list[str]:
 # ---- the exporter -------------------------------------------------------------------------
 
 
-class OnnxExporter:
+class OnnxExporter(Registered):
     """``torch.onnx`` (dynamo) export to three graphs, then fp16 / int8 / int4 passes."""
 
-    name = "onnx"
-    precisions = ("fp32", "fp16", "int8", "int4")
+    target = "onnx"
 
     def check(self, vlm, config: ExportConfig) -> None:
         """Refuse unsupported architectures, options and missing packages, all at once."""
@@ -270,10 +255,25 @@ class OnnxExporter:
         return _components(config.precision, options, files, out, facts, shared=bool(refs))
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
-        """Compare the artifact with PyTorch; see :mod:`edgekd.export.onnx_parity`."""
-        from edgekd.export.onnx_parity import validate
+        """Compare the artifact with PyTorch (:mod:`edgekd.export.parity`, plus the onnx
+        checks of :mod:`edgekd.export.onnx_parity`)."""
+        from edgekd.export import onnx_parity, parity
+        from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
 
-        return validate(vlm, config, out, TOLERANCES[config.precision])
+        tol = TOLERANCES[config.precision]
+        backend = OnnxRuntimeBackend(out, verify=False)  # manifest.json is written after this
+        cases = parity.cases(vlm, config)
+        first = next((c for c in cases if c.pixel_values is not None), cases[0])
+        checks = {
+            "preprocessing": lambda: onnx_parity.check_preprocessing(backend, cases),
+            "kv_cache": lambda: onnx_parity.check_kv_cache(vlm, backend, first, tol),
+        }
+        try:
+            return parity.validate(
+                vlm, backend, config, tol, target_checks=checks, parity_cases=cases
+            )
+        finally:
+            backend.close()
 
 
 def _option_problems(options: dict[str, Any]) -> list[str]:
@@ -343,13 +343,6 @@ def _modules(vlm):
     return {"vision": Vision(), "embed": Embed(), "decoder": Decoder()}
 
 
-def kv_shape(text_config) -> tuple[int, int]:
-    """(kv heads, head dim) of one layer's cache."""
-    heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    return int(getattr(text_config, "num_key_value_heads", None) or heads), int(head_dim)
-
-
 def _sample_inputs(vlm, spec: GraphSpec, n_layers: int):
     import torch
 
@@ -359,8 +352,8 @@ def _sample_inputs(vlm, spec: GraphSpec, n_layers: int):
         return (torch.randn(b, 3, vc.image_size, vc.image_size),)
     if spec is EMBED:
         return (torch.randint(0, vlm.vocab_size, (b, seq)),)
-    kv_heads, head_dim = kv_shape(tc)
-    cache = [torch.randn(b, kv_heads, past, head_dim) for _ in range(2 * n_layers)]
+    dims = TextDims.from_config(tc)
+    cache = [torch.randn(b, dims.kv_heads, past, dims.head_dim) for _ in range(2 * n_layers)]
     mask = torch.ones(b, past + seq, dtype=torch.long)
     positions = torch.arange(past, past + seq).expand(b, seq)
     return (torch.randn(b, seq, tc.hidden_size), mask, positions, cache)
@@ -557,10 +550,10 @@ def _components(
     tokenizer_files = sorted(
         p.name
         for p in out.iterdir()
-        if p.suffix in (".json", ".jinja") and p.name != "genai_config.json"
+        if p.suffix in (".json", ".jinja") and p.name != artifact.GENAI_CONFIG
     )
     components["tokenizer"] = {"files": tokenizer_files, "precision": "n/a"}
-    components["genai_config"] = {"files": ["genai_config.json"], "precision": "n/a"}
+    components["genai_config"] = {"files": [artifact.GENAI_CONFIG], "precision": "n/a"}
     return components
 
 
@@ -569,14 +562,11 @@ def _components(
 
 def _write_genai_config(vlm, out: Path, n_layers: int) -> None:
     """An onnxruntime-genai style description of the graphs and ids (also read by edgekd)."""
-    from edgekd.export.manifest import preprocessing
-
     from edgekd.io import atomic_write_json
 
-    tc = vlm.config.text_config
-    kv_heads, head_dim = kv_shape(tc)
-    pre = preprocessing(vlm)
-    context = int(getattr(tc, "max_position_embeddings", 2048))
+    dims = TextDims.from_config(vlm.config.text_config)
+    pre = artifact.preprocessing(vlm)
+    context = dims.context
     decoder_inputs = {
         "inputs_embeds": "inputs_embeds",
         "attention_mask": "attention_mask",
@@ -591,7 +581,7 @@ def _write_genai_config(vlm, out: Path, n_layers: int) -> None:
     }
     config = {
         "model": {
-            "type": TEXT_ARCHS[tc.model_type],
+            "type": TEXT_ARCHS[vlm.config.text_config.model_type],
             "bos_token_id": vlm.tokenizer.bos_token_id,
             "eos_token_id": pre["eos_token_ids"],
             "pad_token_id": pre["pad_token_id"],
@@ -600,11 +590,11 @@ def _write_genai_config(vlm, out: Path, n_layers: int) -> None:
             "context_length": context,
             "decoder": {
                 "filename": DECODER.file,
-                "head_size": head_dim,
-                "hidden_size": tc.hidden_size,
-                "num_attention_heads": tc.num_attention_heads,
-                "num_hidden_layers": n_layers,
-                "num_key_value_heads": kv_heads,
+                "head_size": dims.head_dim,
+                "hidden_size": dims.hidden,
+                "num_attention_heads": dims.heads,
+                "num_hidden_layers": dims.layers,
+                "num_key_value_heads": dims.kv_heads,
                 "inputs": decoder_inputs,
                 "outputs": decoder_outputs,
                 "kv_cache_layout": "batch, kv_heads, sequence, head",
@@ -635,7 +625,5 @@ def _write_genai_config(vlm, out: Path, n_layers: int) -> None:
             "past_present_share_buffer": False,
         },
     }
-    atomic_write_json(out / "genai_config.json", config)
+    atomic_write_json(out / artifact.GENAI_CONFIG, config)
 
-
-register(OnnxExporter())

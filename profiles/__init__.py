@@ -53,7 +53,6 @@ __all__ = [
     "RecipeProfile",
     "TensorRTSettings",
     "TrainingConfig",
-    "format_validation_error",
     "list_profiles",
     "load_device_profile",
     "load_recipe",
@@ -142,14 +141,6 @@ def show_profile(name_or_path: str | Path) -> str:
         f"unknown profile '{text}'; devices: {', '.join(list_profiles('device'))}; "
         f"recipes: {', '.join(list_profiles('recipe'))}"
     )
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """All problems of a pydantic ``ValidationError`` as one line, each led by its key path.
-
-    Example: ``memory_gb: must be > 0, got -1; power_modes.0.watts: field required``.
-    """
-    return "; ".join(_problems(exc, model))
 
 
 # ---------------------------------------------------------------------------------------------

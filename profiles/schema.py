@@ -160,8 +160,8 @@ class DeviceProfile(_Model):
         min_length=1, description="Precisions edgekd may export for this device."
     )
     preferred_precision: Precision = Field(description="Precision used when none is asked for.")
-    preferred_target: Literal["tensorrt", "onnx", "gguf"] = Field(
-        description="Export target used when none is asked for."
+    preferred_target: str = Field(
+        description="Export target used when none is asked for (a registered target)."
     )
     power_modes: list[PowerMode] = Field(
         default_factory=list, description="nvpmodel modes (Jetson); empty for other devices."
@@ -192,8 +192,7 @@ class DeviceProfile(_Model):
             out.append(("arch", f"Jetson boards are 'aarch64', got '{self.arch}'"))
         if jetson and not self.unified_memory:
             out.append(("unified_memory", "must be true for Jetson (CPU and GPU share one DRAM)"))
-        if self.kind == "cpu" and self.preferred_target == "tensorrt":
-            out.append(("preferred_target", "tensorrt needs an NVIDIA GPU; use 'onnx' or 'gguf'"))
+        out += _target_problems(self.kind, self.preferred_target)
         if self.kind == "cpu" and self.tensorrt is not None:
             out.append(("tensorrt", "only for kind 'jetson' or 'gpu'"))
         if self.tensorrt is not None and self.tensorrt.workspace_gb >= self.memory_gb:
@@ -434,3 +433,21 @@ class RecipeProfile(_Model):
                 )
             ]
         return []
+
+
+def _target_problems(kind: str, name: str) -> list[tuple[str, str]]:
+    """``preferred_target`` must be a registered target that runs on this kind of device."""
+    from edgekd import targets
+
+    if name not in targets.TARGETS:
+        return [("preferred_target", f"unknown target '{name}'; valid: {', '.join(targets.names())}")]
+    runs_on = targets.get(name).devices
+    if kind == "cpu" and "cpu" not in runs_on:
+        usable = [t for t in targets.names() if "cpu" in targets.get(t).devices]
+        return [
+            (
+                "preferred_target",
+                f"{name} needs an NVIDIA GPU; use " + " or ".join(f"'{t}'" for t in usable),
+            )
+        ]
+    return []

@@ -1,9 +1,10 @@
-"""The backend protocol: every artifact answers ``generate(image, prompt, max_new_tokens)``.
+"""The backend protocol every artifact implements, the greedy loop they share, and timings.
 
-A backend loads one artifact directory (after :func:`edgekd.export.manifest.verify`), applies
-the checkpoint's chat template and image preprocessing recorded in the manifest, and decodes
-greedily with a KV cache. Timings are measured inside ``generate`` so that benchmarks compare
-like with like across backends.
+A backend opens one artifact directory (after :func:`edgekd.artifact.verify`) or checkpoint,
+applies the chat template and image preprocessing it records (:mod:`edgekd.runtime.prompt`),
+and decodes greedily with a KV cache through :func:`greedy_generate`, which times each stage
+the same way for every backend. The stage methods of :class:`Backend` are what the parity
+checks (:mod:`edgekd.export.parity`) and ``edgekd bench`` call.
 """
 
 from __future__ import annotations
@@ -11,21 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from edgekd.chat import IMAGE_PLACEHOLDER, content_items
 from edgekd.errors import EdgeKDError
-
-
-def user_content(prompt: str, has_image: bool) -> list[dict[str, str]]:
-    """One user turn as chat-template content items; every backend renders prompts with it.
-
-    ``<image>`` in ``prompt`` marks where the image goes; without it an image goes first,
-    followed by a newline, as in LLaVA data (``"<image>\\n{question}"``).
-    """
-    if has_image and IMAGE_PLACEHOLDER not in prompt:
-        prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
-    return content_items(prompt)
 
 
 class BackendError(EdgeKDError, RuntimeError):
@@ -54,15 +43,52 @@ class Generation:
         return n / (self.decode_ms / 1e3) if self.decode_ms > 0 and n else 0.0
 
 
+@runtime_checkable
 class Backend(Protocol):
-    """A loaded artifact that generates answers."""
+    """A loaded artifact or checkpoint. Arrays may be numpy arrays or CPU/GPU tensors.
+
+    Attributes:
+        name: The backend (``torch``, ``onnxruntime``, ``llamacpp``, ``tensorrt``, ...).
+        context_length: Positions a prompt plus its answer may fill.
+        eos_token_ids: Tokens that end an answer.
+    """
 
     name: str
+    context_length: int
+    eos_token_ids: set[int]
+
+    def encode(self, image, prompt: str) -> tuple[Any, Any]:
+        """``(input_ids (1, L), pixel_values (1, 3, H, W) or None)`` as the checkpoint's
+        processor makes them."""
+        ...
+
+    def visual_tokens(self, pixel_values) -> Any:
+        """(B, 3, H, W) pixels -> (B, N, D_text) visual tokens (vision tower + projector)."""
+        ...
+
+    def prefill_logits(self, input_ids, pixel_values=None) -> Any:
+        """(1, L, V) logits of a whole prompt from an empty cache. Runtimes that insert visual
+        tokens as embeddings (llama.cpp) need not give logits at the image positions."""
+        ...
+
+    def generate_ids(
+        self, input_ids, pixel_values=None, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
+        """Greedy decoding of one encoded prompt, through :func:`greedy_generate`."""
+        ...
 
     def generate(
         self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
     ) -> Generation:
         """Greedy answer; ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """What a benchmark records about this backend."""
+        ...
+
+    def close(self) -> None:
+        """Free what the backend holds (sessions, engines, contexts)."""
         ...
 
 

@@ -37,11 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekd.runtime import DEVICES, model_kind
-from edgekd.runtime.base import BackendError
-
+from edgekd import artifact
 from edgekd.errors import EdgeKDError
 from edgekd.io import checkpoint_dir
+from edgekd.targets import DEVICES
 
 GB = 1e9
 
@@ -96,12 +95,12 @@ class BenchConfig:
                 problems.append(f"{name} must be at least {low} (got {value})")
         if self.limit is not None and self.limit < 1:
             problems.append(f"--limit must be at least 1 (got {self.limit})")
-        from edgekd.runtime import ORT_GPU_PROVIDERS
+        from edgekd.runtime.onnxruntime import GPU_PROVIDERS
 
-        if self.ort_provider not in ORT_GPU_PROVIDERS:
+        if self.ort_provider not in GPU_PROVIDERS:
             problems.append(
                 f"--ort-provider '{self.ort_provider}' is unknown (valid: "
-                f"{', '.join(ORT_GPU_PROVIDERS)})"
+                f"{', '.join(GPU_PROVIDERS)})"
             )
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads must be at least 1 (got {self.threads})")
@@ -109,8 +108,8 @@ class BenchConfig:
             problems.append(f"{len(self.names)} --name for {len(self.models)} --model")
         for m in [*self.models, *([self.teacher] if self.teacher else [])]:
             try:
-                model_kind(m)
-            except BackendError as e:
+                artifact.kind_of(m)
+            except artifact.ArtifactError as e:
                 problems.append(str(e))
         if not Path(self.data).is_file():
             problems.append(f"eval set '{self.data}' not found")
@@ -326,7 +325,7 @@ def _gpu_peak_mb(device: str, kind: str, trace) -> float | None:
         return None
     if trace is not None and trace.source == "nvml" and trace.peak_memory_mb is not None:
         return trace.peak_memory_mb  # device-wide memory in use, every process
-    if kind == "torch":
+    if kind == artifact.CHECKPOINT:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -437,10 +436,8 @@ def model_specs(config: BenchConfig) -> list[dict[str, Any]]:
             seen[name] += 1
             name = f"{name}-{seen[name]}"
         seen.setdefault(name, 1)
-        kind = model_kind(path)
-        precision = None
-        if kind != "torch":
-            precision = json.loads((Path(path) / "manifest.json").read_text()).get("precision")
+        kind = artifact.kind_of(path)
+        precision = None if kind == artifact.CHECKPOINT else artifact.load(path).precision
         specs.append(
             {"name": name, "path": str(path), "kind": kind, "precision": precision, "role": role}
         )
@@ -454,19 +451,16 @@ def _label(path: str) -> str:
 
 def verify_artifacts(specs: list[dict]) -> None:
     """Every artifact's manifest checksums, before anything runs (names the bad file)."""
-    from edgekd.export.manifest import verify
-
     for spec in specs:
-        if spec["kind"] != "torch":
-            verify(spec["path"])
+        if spec["kind"] != artifact.CHECKPOINT:
+            artifact.verify(spec["path"])
 
 
 def model_bytes(path: str, kind: str) -> int:
     """Bytes of the files a runtime loads: artifact files, or a checkpoint's weights."""
     p = Path(path)
-    if kind != "torch":
-        files = json.loads((p / "manifest.json").read_text())["files"]
-        return sum(int(f["bytes"]) for f in files.values())
+    if kind != artifact.CHECKPOINT:
+        return artifact.load(p).bytes
     return sum(f.stat().st_size for f in (checkpoint_dir(p) or p).glob("*.safetensors"))
 
 
@@ -484,7 +478,7 @@ def check_fit(specs: list[dict], target: Target, context: int) -> dict[str, dict
         return out
     usable = (target.profile.memory_gb - reserve_gb(target.profile)) * GB
     for spec in specs:
-        if spec["kind"] == "torch" and not Path(spec["path"]).exists():
+        if spec["kind"] == artifact.CHECKPOINT and not Path(spec["path"]).exists():
             continue  # a hub id: nothing local to size
         kv = decode_bytes_per_token(spec["path"], context)["kv_cache"]
         need = model_bytes(spec["path"], spec["kind"]) + kv
@@ -505,7 +499,7 @@ def roofline(spec: dict, result: dict, target: Target) -> dict[str, Any]:
     lat = result["latency"]
     if target.bandwidth_gbps is None:
         return {"why": "no bandwidth: pass --profile for this device"}
-    if spec["kind"] == "torch" and not Path(spec["path"]).exists():
+    if spec["kind"] == artifact.CHECKPOINT and not Path(spec["path"]).exists():
         return {"why": "a hub id: weights not on disk to size"}
     context = lat["prompt_tokens"] + lat["new_tokens"] // 2
     moved = decode_bytes_per_token(spec["path"], context)
@@ -529,14 +523,12 @@ def agreement(predictions: list[dict], teacher: list[dict]) -> float:
 
 
 def _fingerprint(spec: dict, settings: dict, items: list[dict]) -> str:
-    from edgekd.export.manifest import checkpoint_hash
-
     h = hashlib.sha256()
     p = Path(spec["path"])
     source = (
-        json.loads((p / "manifest.json").read_text())["files"]
-        if spec["kind"] != "torch"
-        else checkpoint_hash(checkpoint_dir(p) or p)
+        artifact.load(p).files
+        if spec["kind"] != artifact.CHECKPOINT
+        else artifact.checkpoint_hash(checkpoint_dir(p) or p)
     )
     h.update(json.dumps([spec, settings, items, source], sort_keys=True, default=str).encode())
     return h.hexdigest()

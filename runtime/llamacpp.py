@@ -24,56 +24,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgekd.runtime.base import BackendError, Generation, user_content
+from edgekd import artifact
+from edgekd.errors import require
+from edgekd.runtime.base import BackendError, Generation, greedy_generate
+from edgekd.runtime.prompt import pixels_to_uint8, render_template, split_at_image
+from edgekd.targets import DecodeWeights
 
-INSTALL_HINT = "pip install edgekd[gguf]"
-MODEL_FILE, MMPROJ_FILE = "model.gguf", "mmproj.gguf"
+GGUF_KV_BYTES = 2  # llama.cpp's default KV cache type (f16)
 
 
 def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the llama.cpp backend"):
     """``llama_cpp`` and its libmtmd bindings, or ``error`` naming the extra to install."""
-    try:
-        import llama_cpp
-        import llama_cpp._logger
-        import llama_cpp.llama_chat_format
-        import llama_cpp.mtmd_cpp
-    except ImportError:
-        raise error(f"{what} needs llama-cpp-python; {INSTALL_HINT}") from None
+    llama_cpp = require("llama_cpp", "gguf", error, what)
+    for module in ("llama_cpp._logger", "llama_cpp.llama_chat_format", "llama_cpp.mtmd_cpp"):
+        require(module, "gguf", error, what)
     # libmtmd logs every image to stderr by default; route it through llama-cpp-python's
     # logger, which Llama(verbose=False) silences
     callback = llama_cpp._logger.llama_log_callback
     llama_cpp.mtmd_cpp.mtmd_log_set(callback, ctypes.c_void_p(0))
     llama_cpp.mtmd_cpp.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
     return llama_cpp
-
-
-def render_prompt(template: str, prompt: str, with_image: bool, **special: str) -> str:
-    """One user turn through the chat template, as transformers renders it.
-
-    The content items come from :func:`edgekd.runtime.base.user_content`, as in every backend:
-    ``<image>`` in ``prompt`` marks the image's place, else the image goes first and a newline
-    follows it.
-
-    ``special`` (``bos_token``, ``eos_token``) is passed to the template like transformers does.
-    """
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise BackendError(f"the chat template refused the prompt: {message}")
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    content = user_content(prompt, with_image)
-    if with_image and sum(item["type"] == "image" for item in content) != 1:
-        raise BackendError("the prompt must hold one '<image>' (this backend takes one image)")
-    return env.from_string(template).render(
-        messages=[{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        raise_exception=raise_exception,
-        **special,
-    )
 
 
 def to_rgb_array(image, size: tuple[int, int], resample: int = 3) -> np.ndarray:
@@ -154,6 +124,7 @@ class LlamaCppSession:
         self.chat_template, self.image_token = chat_template, image_token
         self.image_size, self.resample = tuple(image_size), resample
         self.stop_ids = set(int(i) for i in stop_ids)
+        self.logits_all = logits_all
         self.handler = None
         if mmproj_path is not None:
             self.handler = llama_cpp.llama_chat_format.MTMDChatHandler(
@@ -254,41 +225,35 @@ class LlamaCppSession:
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
 
-    def _eval_image(self, image) -> tuple[float, float]:
-        """Encode ``image`` into the KV cache at the current position; (vision, decode) ms."""
+    def _decode_image(self, chunk, embd) -> None:
+        """Write an encoded image chunk's embeddings into the KV cache at the current position."""
         m, lc = self._mtmd, self._lc
-        chunks, chunk = self._image_chunks(image)
-        try:
-            ptr, n, vision_ms = self._encode(chunk)
-            if self.llm.n_tokens + n > self.llm.n_ctx():
-                raise self._error(
-                    f"prompt of {self.llm.n_tokens + n} tokens exceeds n_ctx {self.llm.n_ctx()}"
-                )
-            new_n_past = lc.llama_pos(0)
-            t0 = time.perf_counter()
-            rc = m.mtmd_helper_decode_image_chunk(
-                self.handler.mtmd_ctx,
-                self.llm._ctx.ctx,
-                chunk,
-                ptr,
-                lc.llama_pos(self.llm.n_tokens),
-                lc.llama_seq_id(0),
-                self.llm.n_batch,
-                ctypes.byref(new_n_past),
-                ctypes.cast(None, m.mtmd_helper_post_decode_callback),  # no callback
-                None,
+        n = m.mtmd_input_chunk_get_n_tokens(chunk)
+        if self.llm.n_tokens + n > self.llm.n_ctx():
+            raise self._error(
+                f"prompt of {self.llm.n_tokens + n} tokens exceeds n_ctx {self.llm.n_ctx()}"
             )
-            if rc != 0:
-                raise self._error(f"decoding the image embeddings failed (code {rc})")
-            self.llm.n_tokens = new_n_past.value
-            return vision_ms, (time.perf_counter() - t0) * 1e3
-        finally:
-            m.mtmd_input_chunks_free(chunks)
+        new_n_past = lc.llama_pos(0)
+        rc = m.mtmd_helper_decode_image_chunk(
+            self.handler.mtmd_ctx,
+            self.llm._ctx.ctx,
+            chunk,
+            embd,
+            lc.llama_pos(self.llm.n_tokens),
+            lc.llama_seq_id(0),
+            self.llm.n_batch,
+            ctypes.byref(new_n_past),
+            ctypes.cast(None, m.mtmd_helper_post_decode_callback),  # no callback
+            None,
+        )
+        if rc != 0:
+            raise self._error(f"decoding the image embeddings failed (code {rc})")
+        self.llm.n_tokens = new_n_past.value
 
     # ---- generation -----------------------------------------------------------------------
     def render(self, prompt: str, with_image: bool) -> str:
         """The chat-template text of one user turn (``image_token`` where the image goes)."""
-        return render_prompt(self.chat_template, prompt, with_image, **self.special)
+        return render_template(self.chat_template, prompt, with_image, **self.special)
 
     def prompt_pieces(self, prompt: str, image) -> list[list[int] | str]:
         """The rendered prompt as token-id lists with ``"image"`` where the image goes."""
@@ -302,55 +267,70 @@ class LlamaCppSession:
             )
         return [self.tokenize(parts[0]), "image", self.tokenize(parts[1])]
 
-    def prefill(self, pieces: list, image=None) -> float:
-        """Reset, then feed ``pieces`` (token-id lists and ``"image"``); returns vision ms."""
+    def prefill(self, pieces: list, image=None) -> None:
+        """Reset, then feed ``pieces`` (token-id lists and ``"image"``, encoded here)."""
+        chunks, chunk = self._image_chunks(image) if "image" in pieces else (None, None)
+        try:
+            embd = self._encode(chunk)[0] if chunk is not None else None
+            self._feed(pieces, chunk, embd)
+        finally:
+            if chunks is not None:
+                self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def _feed(self, pieces: list, chunk, embd) -> None:
         llm = self.llm
         llm.reset()
         llm._ctx.kv_cache_clear()
-        vision_ms = 0.0
+        if not pieces or isinstance(pieces[-1], str) or not pieces[-1]:
+            raise self._error("the prompt must end with text tokens (the chat template's turn end)")
         for piece in pieces:
             if isinstance(piece, str):
-                vision_ms += self._eval_image(image)[0]
+                self._decode_image(chunk, embd)
             elif piece:
                 if llm.n_tokens + len(piece) > llm.n_ctx():
                     raise self._error(f"prompt exceeds n_ctx {llm.n_ctx()}")
                 llm.eval(piece)
-        if isinstance(pieces[-1], str) or not pieces[-1]:
-            raise self._error("the prompt must end with text tokens (the chat template's turn end)")
-        return vision_ms
 
     def generate_pieces(
         self, pieces: list, image=None, max_new_tokens: int = 32, ignore_eos: bool = False
     ) -> Generation:
-        """Greedy decoding after ``pieces`` (token-id lists and ``"image"`` markers).
+        """Greedy decoding after ``pieces`` (token-id lists and ``"image"`` markers), through
+        the shared loop (:func:`edgekd.runtime.base.greedy_generate`).
 
         ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (fixed-length speed runs).
         """
+        chunks, chunk = self._image_chunks(image) if "image" in pieces else (None, None)
+        n_image = 0 if chunk is None else self._mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+        state: dict[str, Any] = {}
         llm = self.llm
-        stops = set() if ignore_eos else set(self.stop_ids)
-        t0 = time.perf_counter()
-        vision_ms = self.prefill(pieces, image)
-        token = int(np.argmax(self.last_logits()))
-        prefill_ms = (time.perf_counter() - t0) * 1e3 - vision_ms
-        prompt_tokens = llm.n_tokens
-        ids = [token]
-        t1 = time.perf_counter()
-        while len(ids) < max_new_tokens and token not in stops:
-            if llm.n_tokens + 1 > llm.n_ctx():
-                break
+
+        def encode_image():
+            if chunk is not None:
+                state["embd"] = self._encode(chunk)[0]
+
+        def prefill(_) -> int:
+            self._feed(pieces, chunk, state.get("embd"))
+            return int(np.argmax(self.last_logits()))
+
+        def step(token: int, _position: int) -> int:
             llm.eval([token])
-            token = int(np.argmax(self.last_logits()))
-            ids.append(token)
-        decode_ms = (time.perf_counter() - t1) * 1e3
-        text_ids = [i for i in ids if i not in self.stop_ids]
-        return Generation(
-            text=self.detokenize(text_ids).strip(),
-            token_ids=ids,
-            prompt_tokens=prompt_tokens,
-            vision_ms=vision_ms,
-            prefill_ms=prefill_ms,
-            decode_ms=decode_ms,
-        )
+            return int(np.argmax(self.last_logits()))
+
+        try:
+            return greedy_generate(
+                encode_image=encode_image,
+                prefill=prefill,
+                step=step,
+                prompt_tokens=sum(len(p) for p in pieces if not isinstance(p, str)) + n_image,
+                max_new_tokens=max_new_tokens,
+                stop_ids=() if ignore_eos else self.stop_ids,
+                decode=lambda ids: self.detokenize([i for i in ids if i not in self.stop_ids]),
+                has_image=chunk is not None,
+                context_length=llm.n_ctx(),
+            )
+        finally:
+            if chunks is not None:
+                self._mtmd.mtmd_input_chunks_free(chunks)
 
     def generate(
         self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
@@ -363,18 +343,48 @@ class LlamaCppSession:
         self.llm.close()
 
 
+def open_backend(path, *, device: str, threads: int | None) -> LlamaCppBackend:
+    """The gguf target's backend; on a GPU every layer is offloaded (a CUDA build needed)."""
+    if device != "cpu" and not import_llama_cpp().llama_supports_gpu_offload():
+        raise BackendError(
+            "this llama-cpp-python is built without GPU support; rebuild it: "
+            'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
+            "llama-cpp-python"
+        )
+    return LlamaCppBackend(path, n_threads=threads, n_gpu_layers=0 if device == "cpu" else -1)
+
+
+def decode_weights(loaded: artifact.Artifact) -> DecodeWeights:
+    """Every tensor of ``model.gguf`` except ``token_embd.weight``, from the file's tensor
+    table; without a separate ``output.weight`` llama.cpp uses ``token_embd`` as the output
+    matrix, so it is counted (once). The KV cache is llama.cpp's default type, f16."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(loaded.path(artifact.GGUF_MODEL)))
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    tied = "output.weight" not in sizes
+    weights = sum(b for name, b in sizes.items() if name != "token_embd.weight" or tied)
+    return DecodeWeights(weights, kv_element_bytes=GGUF_KV_BYTES, tied_embedding=tied)
+
+
 class LlamaCppBackend:
-    """A verified ``gguf`` artifact directory, ready to ``generate``.
+    """A ``gguf`` artifact directory, ready to ``generate``.
 
     Args:
         artifact_dir: Directory written by ``edgekd export --target gguf``.
         n_threads: CPU threads (``None``: llama-cpp-python's default, half the cores).
         n_gpu_layers: Layers to offload when llama-cpp-python was built with a GPU backend.
         n_ctx: Context length; default: visual tokens + 1024, at most the model's.
+        logits_all: Keep every position's logits (needed by :meth:`prefill_logits`).
+        preprocessing: With ``verify=False`` (the exporter's validation, before the manifest
+            exists): what the manifest will record (:func:`edgekd.artifact.preprocessing`).
+        resample: PIL resampling filter of the checkpoint's processor (3: bicubic).
+        verify: Check the manifest first.
 
     Raises:
-        ArtifactError: the manifest is missing, or a file is missing, truncated or modified.
-        BackendError: llama-cpp-python is not installed, or the artifact is not a gguf one.
+        ArtifactError: the manifest is missing or of another target, or a file is missing,
+            truncated, modified or unlisted.
+        BackendError: llama-cpp-python is not installed.
     """
 
     name = "llamacpp"
@@ -385,36 +395,101 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         n_ctx: int | None = None,
+        *,
+        logits_all: bool = False,
+        preprocessing: dict[str, Any] | None = None,
+        resample: int | None = None,
+        verify: bool = True,
+        error: type[Exception] = BackendError,
     ) -> None:
-        from edgekd.export.manifest import verify
-
-        self.artifact_dir = Path(artifact_dir)
-        self.manifest = verify(self.artifact_dir)
-        if self.manifest.get("target") != "gguf":
-            raise BackendError(
-                f"'{artifact_dir}' is a {self.manifest.get('target')} artifact; the llama.cpp "
-                "backend runs gguf artifacts (edgekd export --target gguf)"
-            )
-        pre = self.manifest["preprocessing"]
-        vision = self.manifest.get("components", {}).get("vision", {})
+        self.root = Path(artifact_dir)
+        self.artifact = artifact.verify(self.root, expect="gguf") if verify else None
+        if self.artifact is not None:
+            preprocessing = self.artifact.preprocessing
+            vision = self.artifact.components.get("vision", {})
+            resample = int(vision.get("image_resample", 3))
+        self.pre = dict(preprocessing or {})
+        self.image_token_id = int(self.pre["image_token_id"])
+        self.eos_token_ids = set(int(i) for i in self.pre.get("eos_token_ids", []))
         self.session = LlamaCppSession(
-            self.artifact_dir / MODEL_FILE,
-            self.artifact_dir / MMPROJ_FILE,
-            chat_template=pre["chat_template"],
-            image_size=tuple(pre["image_size"]),
-            image_token=pre["image_token"],
-            stop_ids=pre.get("eos_token_ids", []),
-            n_ctx=n_ctx or int(pre["image_tokens_per_image"]) + 1024,
+            self.root / artifact.GGUF_MODEL,
+            self.root / artifact.GGUF_MMPROJ,
+            chat_template=self.pre["chat_template"],
+            image_size=tuple(self.pre["image_size"]),
+            image_token=self.pre["image_token"],
+            stop_ids=sorted(self.eos_token_ids),
+            n_ctx=n_ctx or int(self.pre["image_tokens_per_image"]) + 1024,
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
-            resample=int(vision.get("image_resample", 3)),
+            logits_all=logits_all,
+            resample=3 if resample is None else resample,
+            error=error,
         )
+        self.context_length = self.session.llm.n_ctx()
+
+    # ---- stages (the Backend protocol) ------------------------------------------------------
+    def encode(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """llama.cpp's own token ids (image tokens expanded) and the pixel values the
+        checkpoint's processor would make of the resized image."""
+        from edgekd.runtime.prompt import open_image
+
+        image = open_image(image)
+        pieces = self.session.prompt_pieces(prompt, image)
+        n_image = int(self.pre["image_tokens_per_image"])
+        ids = [t for p in pieces for t in ([self.image_token_id] * n_image if p == "image" else p)]
+        pixels = None
+        if image is not None:
+            rgb = to_rgb_array(image, self.session.image_size, self.session.resample)
+            scale = float(self.pre.get("rescale_factor", 1 / 255))
+            mean = np.asarray(self.pre["image_mean"], np.float32)[:, None, None]
+            std = np.asarray(self.pre["image_std"], np.float32)[:, None, None]
+            pixels = ((rgb.transpose(2, 0, 1).astype(np.float32) * scale - mean) / std)[None]
+        return np.asarray([ids], np.int64), pixels
+
+    def _image(self, pixel_values) -> np.ndarray:
+        """(3, H, W) pixel values -> the (H, W, 3) uint8 image llama.cpp takes."""
+        p = self.pre
+        scale = p.get("rescale_factor", 1 / 255)
+        return pixels_to_uint8(pixel_values, p["image_mean"], p["image_std"], scale)
+
+    def visual_tokens(self, pixel_values) -> np.ndarray:
+        """(B, 3, H, W) pixels -> (B, N, D_text) visual tokens from the mmproj."""
+        batch = np.asarray(pixel_values)
+        return np.stack([self.session.encode_image(self._image(pv))[0] for pv in batch])
+
+    def prefill_logits(self, input_ids, pixel_values=None) -> np.ndarray:
+        """(1, L, V) prompt logits; the rows at image positions are not computed by llama.cpp."""
+        if not self.session.logits_all:
+            raise BackendError("prefill_logits needs a backend opened with logits_all=True")
+        pieces = split_at_image(input_ids, self.image_token_id)
+        image = None if pixel_values is None else self._image(np.asarray(pixel_values)[0])
+        self.session.prefill(pieces, image)
+        n = self.session.llm.n_tokens
+        return np.asarray(self.session.llm.scores[:n], np.float32)[None]
+
+    def generate_ids(
+        self, input_ids, pixel_values=None, max_new_tokens: int = 32, ignore_eos: bool = False
+    ) -> Generation:
+        """Greedy decoding of an encoded prompt: the image-token run is replaced by the image,
+        which the mmproj encodes (pixel values are turned back into the uint8 image)."""
+        pieces = split_at_image(input_ids, self.image_token_id)
+        image = None if pixel_values is None else self._image(np.asarray(pixel_values)[0])
+        return self.session.generate_pieces(pieces, image, max_new_tokens, ignore_eos)
 
     def generate(
         self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False
     ) -> Generation:
         """Greedy answer with stage timings (see the module docstring for what each covers)."""
         return self.session.generate(image, prompt, max_new_tokens, ignore_eos)
+
+    def info(self) -> dict[str, Any]:
+        """What a benchmark records about this backend."""
+        return {
+            "backend": self.name,
+            "precision": self.artifact.precision if self.artifact else None,
+            "n_ctx": self.context_length,
+            "artifact": str(self.root),
+        }
 
     def close(self) -> None:
         self.session.close()

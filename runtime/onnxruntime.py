@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgekd.runtime.base import (
-    IMAGE_PLACEHOLDER,
-    BackendError,
-    Generation,
-    greedy_generate,
-    user_content,
-)
+from edgekd import artifact
+from edgekd.runtime.base import BackendError, Generation, greedy_generate
+from edgekd.runtime.prompt import check_image_slots, encode_prompt
+from edgekd.targets import DecodeWeights
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -67,50 +64,55 @@ def resolve_providers(providers: str | tuple[str, ...] | list[str]) -> list[str]
     return resolved
 
 
-def render_prompt(processor, prompt: str, has_image: bool) -> str:
-    """The chat-template text of one user turn (generation prompt added).
-
-    ``<image>`` in ``prompt`` marks where the image goes; without it an image goes first,
-    followed by a newline, as in LLaVA data (``"<image>\\n{question}"``).
-    """
-    if getattr(processor, "chat_template", None):
-        owner = processor
-        messages = [{"role": "user", "content": user_content(prompt, has_image)}]
-    else:
-        if has_image and IMAGE_PLACEHOLDER not in prompt:
-            prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
-        owner = getattr(processor, "tokenizer", processor)
-        messages = [{"role": "user", "content": prompt}]
-    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+GPU_PROVIDERS = {"cuda": ("cuda",), "tensorrt": ("tensorrt", "cuda")}
 
 
-def encode_prompt(processor, image, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(input_ids (1, L) int64, pixel_values (1, 3, H, W) float32 or None)`` for one prompt.
+def open_backend(path, *, device: str, threads: int | None, ort_provider: str = "cuda"):
+    """The onnx target's backend: the CPU provider on ``cpu``, else ``ort_provider`` (``cuda``,
+    or ``tensorrt``: TensorRT's execution provider with CUDA for what it does not take)."""
+    from edgekd.errors import require
 
-    Args:
-        processor: A LLaVA processor (the artifact's saved one, or a checkpoint's).
-        image: A PIL image, an image path, or ``None`` for a text-only prompt.
-        prompt: The user's question.
-    """
-    image = _open_image(image)
-    text = render_prompt(processor, prompt, image is not None)
-    if image is None:
-        ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="np")["input_ids"]
-        return ids.astype(np.int64), None
-    enc = processor(text=text, images=[image], return_tensors="np")
-    return enc["input_ids"].astype(np.int64), enc["pixel_values"].astype(np.float32)
+    require("onnxruntime", "onnx", BackendError, "the onnxruntime backend")
+    if ort_provider not in GPU_PROVIDERS:
+        raise BackendError(
+            f"unknown onnxruntime GPU provider '{ort_provider}'; valid: {', '.join(GPU_PROVIDERS)}"
+        )
+    providers = GPU_PROVIDERS[ort_provider] if device != "cpu" else ("cpu",)
+    return OnnxRuntimeBackend(path, providers=providers, threads=threads)
 
 
-def _open_image(image):
-    if image is None or not isinstance(image, (str, Path)):
-        return image
-    from PIL import Image
+def decode_weights(loaded: artifact.Artifact) -> DecodeWeights:
+    """Every initializer of the decoder graph (external data lengths, not file sizes), which
+    holds the LM head; a tied table in ``shared_embedding.data`` is counted once, through the
+    decoder. The KV cache is at the graph's I/O type (float32)."""
+    import onnx
 
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except OSError as e:
-        raise BackendError(f"cannot read image '{image}': {e}") from None
+    model = onnx.load(str(loaded.path(artifact.ONNX_DECODER)), load_external_data=False)
+    weights, shared = 0, False
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute]
+    weights += sum(_inline_bytes(t) for t in constants if t.dims)
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            weights += int(info["length"])
+            shared |= info["location"] == artifact.ONNX_SHARED_DATA
+        else:
+            weights += _inline_bytes(t)
+    return DecodeWeights(weights, kv_element_bytes=4, tied_embedding=shared)
+
+
+def _inline_bytes(t) -> int:
+    import onnx
+    from onnx import helper
+
+    if t.raw_data:
+        return len(t.raw_data)
+    n = 1
+    for dim in t.dims:
+        n *= int(dim)
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 class OnnxRuntimeBackend:
@@ -141,21 +143,20 @@ class OnnxRuntimeBackend:
         *,
         verify: bool = True,
     ) -> None:
-        from edgekd.export.manifest import verify as verify_manifest
         from transformers import AutoProcessor
 
         self.root = Path(artifact_dir)
-        self.manifest = verify_manifest(self.root) if verify else None
-        if self.manifest is not None and self.manifest["target"] != "onnx":
-            raise BackendError(f"'{self.root}' is a {self.manifest['target']} artifact, not onnx")
-        self.config = json.loads((self.root / "genai_config.json").read_text())["model"]
+        self.artifact = artifact.verify(self.root) if verify else None
+        if self.artifact is not None and self.artifact.target != "onnx":
+            raise BackendError(f"'{self.root}' is a {self.artifact.target} artifact, not onnx")
+        self.config = json.loads((self.root / artifact.GENAI_CONFIG).read_text())["model"]
         self.providers = resolve_providers(providers)
         options = _session_options(threads, graph_optimization_level)
         self.vision = self._session(self.config["vision"]["filename"], options)
         self.embed = self._session(self.config["embedding"]["filename"], options)
         self.decoder = self._session(self.config["decoder"]["filename"], options)
         self.processor = AutoProcessor.from_pretrained(self.root)
-        pre = (self.manifest or {}).get("preprocessing", {})
+        pre = self.artifact.preprocessing if self.artifact else {}
         self.eos_token_ids = set(pre.get("eos_token_ids", self.config["eos_token_id"]))
         self.image_token_id = int(self.config["image_token_id"])
         self.context_length = int(self.config["context_length"])
@@ -184,13 +185,9 @@ class OnnxRuntimeBackend:
         """Token embeddings with the visual tokens written into the ``<image>`` positions."""
         embeds = self.embed.run(None, {"input_ids": input_ids.astype(np.int64)})[0]
         mask = input_ids == self.image_token_id
-        if visual is not None or mask.any():
-            n_feats = 0 if visual is None else visual.shape[0] * visual.shape[1]
-            if int(mask.sum()) != n_feats:
-                raise BackendError(
-                    f"the prompt has {int(mask.sum())} image tokens but the "
-                    f"images give {n_feats} visual tokens"
-                )
+        n_visual = 0 if visual is None else visual.shape[0] * visual.shape[1]
+        check_image_slots(int(mask.sum()), n_visual)
+        if n_visual:
             embeds[mask] = visual.reshape(-1, embeds.shape[-1])
         return embeds
 
@@ -298,9 +295,12 @@ class OnnxRuntimeBackend:
         return {
             "backend": self.name,
             "providers": self.decoder.get_providers(),
-            "precision": (self.manifest or {}).get("precision"),
+            "precision": self.artifact.precision if self.artifact else None,
             "artifact": str(self.root),
         }
+
+    def close(self) -> None:
+        self.vision = self.embed = self.decoder = None  # onnxruntime frees a session with it
 
 
 def _session_options(threads: int | None, level: str):

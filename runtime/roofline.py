@@ -18,23 +18,13 @@ and a runtime's *roofline fraction* is its measured decode tok/s over that ceili
     roofline_tok_s(need["total"], bw["best_gbps"])
 
 Which weights count. The input embedding table is a lookup (one row per token), so it is not
-read per token, unless it is tied to the LM head: then the head reads the whole table.
-
-* ONNX artifacts (``genai_config.json``): every initializer of the decoder graph (external data
-  lengths, not file sizes), which holds the LM head. With tied embeddings the int8/int4 exports
-  store the table once in ``shared_embedding.data``, which the decoder references as external
-  data, so it is counted once (through the decoder); the fp32/fp16 embed graph's own table copy
-  is not read per token and is not counted.
-* GGUF artifacts (``model.gguf``): every tensor except ``token_embd.weight``, read from the
-  file's tensor table with ``gguf.GGUFReader``; without a separate ``output.weight`` llama.cpp
-  uses ``token_embd`` as the output matrix, so it is counted (once). The KV cache is at
-  llama.cpp's default cache type, f16.
-* TensorRT artifacts: the decoder engine's bytes (its weights are inside the engine); the KV
-  cache at the export's ``kv_cache_dtype`` (fp32 for fp32 engines, else fp16).
-* PyTorch checkpoints (``config.json`` + ``*.safetensors``, or an ``edgekd distill`` run
-  directory holding ``model/``): the language model's tensors at their stored dtype (from the
-  safetensors headers, no weights loaded), the embedding table only when tied (or as
-  ``lm_head.weight`` when untied); the KV cache at the weights' dtype.
+read per token, unless it is tied to the LM head: then the head reads the whole table. Each
+target registers its reader (:mod:`edgekd.targets`, ``decode_weights``: the onnx, gguf and
+tensorrt readers live beside their backends); the KV cache is ``text_dims`` from the manifest
+at the target's cache type. PyTorch checkpoints (``config.json`` + ``*.safetensors``, or an
+``edgekd distill`` run directory holding ``model/``): the language model's tensors at their
+stored dtype (from the safetensors headers, no weights loaded), the embedding table only when
+tied (or as ``lm_head.weight`` when untied); the KV cache at the weights' dtype.
 
 Bandwidth is decimal: 1 GB/s = 1e9 bytes per second.
 """
@@ -50,6 +40,7 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError
 from edgekd.io import checkpoint_dir
+from edgekd.models.dims import TextDims
 
 GB = 1e9
 # element sizes by dtype name (safetensors, torch, onnx-genai, TensorRT spellings)
@@ -74,7 +65,6 @@ DTYPE_BYTES = {
     "bfloat16": 2,
     "bf16": 2,
 }
-GGUF_KV_BYTES = 2  # llama.cpp's default KV cache type (f16)
 
 
 class RooflineError(EdgeKDError, ValueError):
@@ -139,12 +129,11 @@ def decode_bytes_per_token(model_dir: str | Path, context: int) -> dict[str, Any
 
     ``total = weights + kv_cache``, with
     ``kv_cache = layers * kv_heads * head_dim * 2 * element_size * context`` and ``weights`` as
-    the module docstring lists per format.
+    the module docstring lists.
 
     Args:
-        model_dir: An edgekd artifact directory (``manifest.json`` with ``target`` onnx, gguf
-            or tensorrt; without a manifest, ``genai_config.json`` means onnx and
-            ``model.gguf`` gguf) or a PyTorch checkpoint / ``edgekd distill`` run directory.
+        model_dir: An edgekd artifact directory or a PyTorch checkpoint / ``edgekd distill``
+            run directory.
         context: Tokens in the KV cache (prompt plus generated so far).
 
     Returns:
@@ -152,33 +141,28 @@ def decode_bytes_per_token(model_dir: str | Path, context: int) -> dict[str, Any
         cache's growth per context token), ``format`` and ``tied_embedding``.
 
     Raises:
-        RooflineError: ``model_dir`` is none of the above, or ``context`` is negative.
+        RooflineError: ``model_dir`` is neither, or ``context`` is negative.
     """
+    from edgekd import artifact, targets
+
     if context < 0:
         raise RooflineError(f"context must be >= 0, got {context}")
     root = Path(model_dir)
     if not root.is_dir():
         raise RooflineError(f"'{root}' is not a directory")
-    target = None
-    if (root / "manifest.json").is_file():
-        target = json.loads((root / "manifest.json").read_text()).get("target")
-    elif (root / "genai_config.json").is_file():
-        target = "onnx"
-    elif (root / "model.gguf").is_file():
-        target = "gguf"
-    if target == "onnx":
-        weights, per_token, tied = _onnx(root)
-    elif target == "gguf":
-        weights, per_token, tied = _gguf(root / "model.gguf")
-    elif target == "tensorrt":
-        weights, per_token, tied = _tensorrt(root)
-    elif target is None and _checkpoint_dir(root) is not None:
+    if (root / artifact.MANIFEST).is_file():
+        loaded = artifact.load(root)
+        fmt = loaded.target
+        read = targets.get(fmt).read_decode_weights(loaded)
+        weights, tied = read.weights, read.tied_embedding
+        per_token = loaded.text.kv_bytes_per_token(read.kv_element_bytes)
+    elif _checkpoint_dir(root) is not None:
         weights, per_token, tied = _torch(_checkpoint_dir(root))
-        target = "torch"
+        fmt = artifact.CHECKPOINT
     else:
         raise RooflineError(
-            f"'{root}' is not an edgekd artifact (manifest.json, target onnx/gguf/tensorrt) "
-            "or a PyTorch checkpoint (config.json + *.safetensors)"
+            f"'{root}' is not an edgekd artifact (manifest.json) or a PyTorch checkpoint "
+            "(config.json + *.safetensors)"
         )
     kv = per_token * context
     return {
@@ -187,92 +171,9 @@ def decode_bytes_per_token(model_dir: str | Path, context: int) -> dict[str, Any
         "total": int(weights + kv),
         "kv_bytes_per_token": int(per_token),
         "context": int(context),
-        "format": target,
+        "format": fmt,
         "tied_embedding": tied,
     }
-
-
-def _kv_per_token(layers: int, kv_heads: int, head_dim: int, element: int) -> int:
-    return int(layers) * int(kv_heads) * int(head_dim) * 2 * int(element)
-
-
-def _onnx(root: Path) -> tuple[int, int, bool]:
-    import onnx
-
-    config = json.loads((root / "genai_config.json").read_text())["model"]
-    d = config["decoder"]
-    model = onnx.load(str(root / d["filename"]), load_external_data=False)
-    weights, shared = 0, False
-    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute]
-    weights += sum(_onnx_inline_bytes(t) for t in constants if t.dims)
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            weights += int(info["length"])
-            shared |= info["location"] == "shared_embedding.data"
-        else:
-            weights += _onnx_inline_bytes(t)
-    element = DTYPE_BYTES[d.get("kv_cache_dtype", "float32")]
-    kv = _kv_per_token(d["num_hidden_layers"], d["num_key_value_heads"], d["head_size"], element)
-    return weights, kv, shared
-
-
-def _onnx_inline_bytes(t) -> int:
-    import onnx
-    from onnx import helper
-
-    if t.raw_data:
-        return len(t.raw_data)
-    n = 1
-    for dim in t.dims:
-        n *= int(dim)
-    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (n + 1) // 2
-    return n * dtype.itemsize
-
-
-def _gguf(path: Path) -> tuple[int, int, bool]:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    tied = "output.weight" not in sizes
-    weights = sum(b for name, b in sizes.items() if name != "token_embd.weight" or tied)
-    arch = _gguf_value(reader, "general.architecture")
-    meta = {k: _gguf_value(reader, f"{arch}.{k}") for k in _GGUF_KEYS}
-    heads = meta["attention.head_count"]
-    head_dim = meta["attention.key_length"] or meta["embedding_length"] // heads
-    kv_heads = meta["attention.head_count_kv"] or heads
-    return weights, _kv_per_token(meta["block_count"], kv_heads, head_dim, GGUF_KV_BYTES), tied
-
-
-_GGUF_KEYS = (
-    "block_count",
-    "embedding_length",
-    "attention.head_count",
-    "attention.head_count_kv",
-    "attention.key_length",
-)
-
-
-def _gguf_value(reader, key: str):
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _tensorrt(root: Path) -> tuple[int, int, bool]:
-    manifest = json.loads((root / "manifest.json").read_text())
-    engines = json.loads((root / "engines.json").read_text())
-    m = engines["model"]
-    weights = (root / engines["engines"]["decoder"]["file"]).stat().st_size
-    default = "fp32" if manifest.get("precision") == "fp32" else "fp16"
-    dtype = manifest.get("options", {}).get("kv_cache_dtype", default)
-    kv = _kv_per_token(m["num_layers"], m["num_kv_heads"], m["head_dim"], DTYPE_BYTES[dtype])
-    return weights, kv, False
 
 
 def _checkpoint_dir(root: Path) -> Path | None:
@@ -310,9 +211,6 @@ def _torch(root: Path) -> tuple[int, int, bool]:
         if name in heads and tied and embed:
             continue  # the same tensor as the embedding (counted there)
         weights += nbytes
-    n_heads = int(text["num_attention_heads"])
-    head_dim = text.get("head_dim") or int(text["hidden_size"]) // n_heads
-    kv_heads = text.get("num_key_value_heads") or n_heads
     named = (
         text.get("dtype"),
         config.get("dtype"),
@@ -321,4 +219,4 @@ def _torch(root: Path) -> tuple[int, int, bool]:
     )
     dtype = next((d for d in named if d), None) or (tensors[embed[0]][0] if embed else "F32")
     element = DTYPE_BYTES.get(str(dtype), 4)
-    return weights, _kv_per_token(text["num_hidden_layers"], kv_heads, head_dim, element), tied
+    return weights, TextDims.from_config(text).kv_bytes_per_token(element), tied

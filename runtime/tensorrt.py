@@ -25,14 +25,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgekd import artifact
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
+from edgekd.runtime.prompt import check_image_slots, encode_prompt
+from edgekd.targets import DecodeWeights
 
 INSTALL_HINT = (
     "the tensorrt backend needs the tensorrt package and an NVIDIA GPU: pip install "
     "edgekd[tensorrt] on a machine with CUDA, or use the NVIDIA TensorRT container / JetPack "
     "on Jetson"
 )
-ENGINES_JSON = "engines.json"
+ENGINES_JSON = artifact.TRT_ENGINES_JSON
+DTYPE_BYTES = {"fp32": 4, "fp16": 2}
 # trt data types (module attributes, as Polygraphy maps them) -> torch dtype names
 _TORCH_DTYPES = {
     "float32": "float32",
@@ -46,18 +50,33 @@ _TORCH_DTYPES = {
 }
 
 
-def import_tensorrt():
-    """``import tensorrt`` with a CUDA GPU present, or one BackendError line saying how."""
+def import_tensorrt(error: type[Exception] = BackendError, need_gpu: bool = True):
+    """``import tensorrt`` (with a CUDA GPU present unless ``need_gpu`` is off), or one
+    ``error`` line saying how to get it."""
     try:
         import tensorrt
     except (ImportError, OSError) as e:  # OSError: the bindings without their shared libraries
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BackendError(f"{INSTALL_HINT} (import tensorrt: {cause})") from None
+        raise error(f"{INSTALL_HINT} (import tensorrt: {cause})") from None
     import torch
 
-    if not torch.cuda.is_available():
-        raise BackendError(f"{INSTALL_HINT} (no CUDA GPU: torch.cuda.is_available() is False)")
+    if need_gpu and not torch.cuda.is_available():
+        raise error(f"{INSTALL_HINT} (no CUDA GPU: torch.cuda.is_available() is False)")
     return tensorrt
+
+
+def open_backend(path, *, device: str, threads: int | None) -> TensorRTBackend:
+    """The tensorrt target's backend (the registry allows only GPU devices)."""
+    return TensorRTBackend(path)
+
+
+def decode_weights(loaded: artifact.Artifact) -> DecodeWeights:
+    """The decoder engine's bytes (its weights are inside the engine); the KV cache at the
+    export's ``kv_cache_dtype`` (fp32 for fp32 engines, else fp16)."""
+    default = "fp32" if loaded.precision == "fp32" else "fp16"
+    kv = DTYPE_BYTES[loaded.options.get("kv_cache_dtype", default)]
+    weights = int(loaded.files[artifact.TRT_ENGINES["decoder"]]["bytes"])
+    return DecodeWeights(weights, kv_element_bytes=kv, tied_embedding=False)
 
 
 def torch_dtype(trt, trt_dtype):
@@ -201,27 +220,24 @@ class TensorRTBackend:
 
     def __init__(self, artifact_dir: str | Path, *, verify: bool = True) -> None:
         import torch
-        from edgekd.export.manifest import verify as verify_manifest
         from transformers import AutoProcessor
 
         self.root = Path(artifact_dir)
-        self.manifest = verify_manifest(self.root) if verify else None
-        if self.manifest is not None and self.manifest["target"] != "tensorrt":
-            raise BackendError(
-                f"'{self.root}' is a {self.manifest['target']} artifact, not tensorrt"
-            )
+        self.artifact = artifact.verify(self.root, expect="tensorrt") if verify else None
         if not (self.root / ENGINES_JSON).is_file():
             raise BackendError(f"'{self.root}' has no {ENGINES_JSON}: not a TensorRT artifact")
         self.config = json.loads((self.root / ENGINES_JSON).read_text())
         self.device, self.stream = torch.device("cuda"), None
         self.vision, self.embed, self.prefill, self.decode = self._load_runners()
-        self.processor = AutoProcessor.from_pretrained(self.root / "onnx")
+        self.processor = AutoProcessor.from_pretrained(self.root / artifact.TRT_ONNX_DIR)
         pre = self.config["preprocessing"]
         self.eos_ids = [int(i) for i in pre["eos_token_ids"]]
+        self.eos_token_ids = set(self.eos_ids)
         self.image_token_id = int(pre["image_token_id"])
         self.past_names = [n for n in self.prefill.inputs if n.startswith("past_key_values.")]
         self.max_prompt = self.prefill.limits("inputs_embeds")[2][1]
         self.max_past = self.decode.limits(self.past_names[0])[2][2]
+        self.context_length = self.max_past + 1
 
     def _load_runners(self) -> tuple[Any, Any, Any, Any]:
         """Deserialize the engines and open the vision, embed, prefill and decode contexts."""
@@ -260,8 +276,6 @@ class TensorRTBackend:
     # ---- stages -----------------------------------------------------------------------------
     def encode(self, image, prompt: str):
         """Token ids (1, L) and pixel values (1, 3, H, W) or None, as the processor makes them."""
-        from edgekd.runtime.onnxruntime import encode_prompt
-
         return encode_prompt(self.processor, image, prompt)
 
     def visual_tokens(self, pixel_values):
@@ -295,12 +309,8 @@ class TensorRTBackend:
     def _embeddings(self, ids, visual):
         embeds = _first(self.embed({"input_ids": ids}))
         mask = ids == self.image_token_id
-        n_slots = int(mask.sum())
         n_feats = 0 if visual is None else visual.shape[0] * visual.shape[1]
-        if n_slots != n_feats:
-            raise BackendError(
-                f"the prompt has {n_slots} image tokens but the images give {n_feats} visual tokens"
-            )
+        check_image_slots(int(mask.sum()), n_feats)
         if n_feats:
             visual = visual.to(embeds.dtype).reshape(-1, embeds.shape[-1])
             embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), visual)
@@ -396,3 +406,7 @@ class TensorRTBackend:
             "precision": {k: e["precision"] for k, e in engines.items()},
             "artifact": str(self.root),
         }
+
+    def close(self) -> None:
+        self.vision = self.embed = self.prefill = self.decode = None
+        self._keep = None

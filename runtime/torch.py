@@ -5,7 +5,7 @@
     gen.text, gen.ttft_ms, gen.decode_tokens_per_s
 
 The reference the exported backends are measured against. Prompts go through the checkpoint's
-processor with :func:`edgekd.runtime.onnxruntime.encode_prompt`, so an (image, prompt) pair
+processor with :func:`edgekd.runtime.prompt.encode_prompt`, so an (image, prompt) pair
 becomes the same token ids and pixels here as in the ONNX backend. Generation runs the stages
 of :class:`edgekd.models.vlm.VLM` by hand rather than ``model.generate``, so each is timed:
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
+from edgekd.runtime.prompt import check_image_slots, encode_prompt
 
 
 def _check_device(device: str | torch.device) -> torch.device:
@@ -89,8 +90,6 @@ class TorchBackend:
     def encode(self, image, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(input_ids (1, L), pixel_values (1, 3, H, W) or None)`` on this backend's device,
         made exactly as the ONNX backend makes them (same processor, same chat template)."""
-        from edgekd.runtime.onnxruntime import encode_prompt
-
         ids, pixels = encode_prompt(self.processor, image, prompt)
         input_ids = torch.from_numpy(ids).to(self.device)
         if pixels is None:
@@ -119,13 +118,25 @@ class TorchBackend:
         return self.vlm.lm_head(out.last_hidden_state[:, -1])
 
     def _merge(self, embeds, visual: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
-        n_slots = int((ids == self.vlm.image_token_id).sum())
-        n_feats = 0 if visual is None else visual.shape[0] * visual.shape[1]
-        if n_slots != n_feats:
-            raise BackendError(
-                f"the prompt has {n_slots} image tokens but the images give {n_feats} visual tokens"
-            )
+        n_visual = 0 if visual is None else visual.shape[0] * visual.shape[1]
+        check_image_slots(int((ids == self.vlm.image_token_id).sum()), n_visual)
         return embeds if visual is None else self.vlm.merge(embeds, visual, ids)
+
+    def _pixels(self, pixel_values) -> torch.Tensor | None:
+        if pixel_values is None:
+            return None
+        return torch.as_tensor(pixel_values).to(self.device, self.vlm.dtype)
+
+    @torch.inference_mode()
+    def visual_tokens(self, pixel_values) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, N, D_text) visual tokens."""
+        return self.vlm.project(self.vlm.vision_features(self._pixels(pixel_values)))
+
+    @torch.inference_mode()
+    def prefill_logits(self, input_ids, pixel_values=None) -> torch.Tensor:
+        """(1, L, V) logits of the whole prompt (the model's own forward)."""
+        ids = torch.as_tensor(input_ids).reshape(1, -1).to(self.device)
+        return self.vlm.forward_stages(ids, None, self._pixels(pixel_values))
 
     # ---- generation -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -142,7 +153,8 @@ class TorchBackend:
         """
         from transformers import DynamicCache
 
-        ids = input_ids.reshape(1, -1).to(self.device)
+        ids = torch.as_tensor(input_ids).reshape(1, -1).to(self.device)
+        pixel_values = self._pixels(pixel_values)
         vlm, cache = self.vlm, DynamicCache(config=self.vlm.config.text_config)
         self._sync()
 
@@ -191,3 +203,13 @@ class TorchBackend:
             "torch": torch.__version__,
             "checkpoint": self.checkpoint,
         }
+
+    def close(self) -> None:
+        self.vlm = None
+
+
+def open_backend(path, *, device: str, threads: int | None) -> TorchBackend:
+    """A checkpoint on the CPU, or on the CUDA GPU for ``cuda`` / ``jetson``."""
+    if threads:
+        torch.set_num_threads(threads)
+    return TorchBackend(path, device="cpu" if device == "cpu" else "cuda")

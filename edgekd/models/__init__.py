@@ -1,16 +1,30 @@
-"""The model layer: an adapter over transformers' LLaVA family, tiny models, presets."""
+"""The model layer: an adapter over transformers' LLaVA family, tiny models, presets.
 
-from edgekd.models.factory import PRESETS, SHAPES, TINY_SIZES, build_vlm, count_parameters
-from edgekd.models.tokenizer import train_tokenizer
-from edgekd.models.vlm import VLM, check_compatible
+``dims`` (the language model's dimensions) imports nothing heavy; the rest loads torch and
+transformers on first use of a name.
+"""
 
-__all__ = [
-    "PRESETS",
-    "SHAPES",
-    "TINY_SIZES",
-    "VLM",
-    "build_vlm",
-    "check_compatible",
-    "count_parameters",
-    "train_tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "PRESETS": "factory",
+    "SHAPES": "factory",
+    "TINY_SIZES": "factory",
+    "build_vlm": "factory",
+    "count_parameters": "factory",
+    "train_tokenizer": "tokenizer",
+    "VLM": "vlm",
+    "check_compatible": "vlm",
+    "TextDims": "dims",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module 'edgekd.models' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"edgekd.models.{_NAMES[name]}"), name)

@@ -16,7 +16,7 @@ PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m")
 
 def run_export(vlm, checkpoint, out, precision="f32", validate=True, **options):
     """What the export driver does: check, export, validate, manifest (no atomic dir needed)."""
-    from edgekd.export import manifest
+    from edgekd import artifact as manifest
 
     exporter = GgufExporter()
     config = ExportConfig(
@@ -139,7 +139,7 @@ def test_drop_first_token_strategy_refused_with_the_reason(tokenizer, tmp_path):
 def test_missing_llama_cpp_names_the_extra(tiny_vlm, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     config = ExportConfig(checkpoint="x", target="gguf", precision="q8_0", output=tmp_path)
-    with pytest.raises(ExportError, match=r"pip install edgekd\[gguf\]"):
+    with pytest.raises(ExportError, match=r"pip install 'edgekd\[gguf\]'"):
         GgufExporter().check(tiny_vlm, config)
 
 
@@ -264,7 +264,8 @@ def test_pre_tokenizer_choice_reproduces_transformers_ids(
 def test_tokenizer_round_trip_in_parity(f32_artifact):
     _, components, parity = f32_artifact
     assert components["language_model"]["pre_tokenizer"] == "gpt-2"
-    assert parity["tokenizer"]["pass"] and parity["tokenizer"]["mismatches"] == []
+    assert parity["checks"]["tokenizer"]["pass"]
+    assert parity["checks"]["tokenizer"]["mismatches"] == []
 
 
 # ---- parity ---------------------------------------------------------------------------------
@@ -272,8 +273,8 @@ def test_f32_logits_match_pytorch(f32_artifact, contrast_vlm):
     import llama_cpp
 
     out, _, parity = f32_artifact
-    text = parity["text_logits"]
-    assert parity["pass"] and text["max_abs"] <= 2e-3 * max(1, text["ref_abs_max"])
+    text = parity["checks"]["text_logits"]
+    assert parity["passed"] and text["max_abs"] <= 2e-3 * max(1, text["ref_abs_max"])
     ids = contrast_vlm.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
     llm = llama_cpp.Llama(str(out / "model.gguf"), logits_all=True, n_ctx=128, verbose=False)
     llm.eval(ids)
@@ -284,13 +285,13 @@ def test_f32_logits_match_pytorch(f32_artifact, contrast_vlm):
 
 def test_f32_greedy_with_image_is_token_exact(f32_artifact):
     _, _, parity = f32_artifact
-    greedy = parity["greedy"]
-    assert greedy["token_exact"] == greedy["prompts"] == 3
-    assert all(s["prompt_ids_match"] for s in greedy["samples"])
+    greedy = parity["checks"]["greedy"]
+    assert greedy["prompts_exact"] == greedy["prompts"] == 3
+    assert parity["checks"]["prompt_ids"]["identical"] == 3
     answers = {tuple(s["pytorch"]) for s in greedy["samples"]}
     assert len(answers) > 1 and any(len(set(a)) > 1 for a in answers)  # not one stuck token
-    assert parity["image_embeddings"]["cosine_min"] > 0.999
-    assert parity["image_prompt_logits"]["pass"] and parity["chat_handler"]["ran"]
+    assert parity["checks"]["vision"]["cosine_min"] > 0.999
+    assert parity["checks"]["logits"]["pass"] and parity["checks"]["chat_handler"]["ran"]
 
 
 def test_llama_architecture_rope_layout(tokenizer, tiny_vlm, tmp_path):
@@ -337,7 +338,8 @@ def test_mmproj_embeddings_match_pytorch(tiny_vlm, tmp_path, layer, ffn):
     """Feature layers (the last, none, several concatenated) and a square vision MLP, whose
     ffn_up/ffn_down clip.cpp swaps when ffn_down's rows equal n_embd."""
     pytest.importorskip("llama_cpp")
-    from edgekd.export.gguf_validate import compare, open_session, synthetic_image
+    from edgekd.export.gguf_validate import open_backend
+    from edgekd.export.parity import compare
     from edgekd.export.gguf_write import write_lm, write_mmproj
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -353,10 +355,10 @@ def test_mmproj_embeddings_match_pytorch(tiny_vlm, tmp_path, layer, ffn):
     vlm = VLM(LlavaForConditionalGeneration(cfg).eval(), tiny_vlm.processor)
     write_lm(vlm, tmp_path / "model.gguf", "f32")
     write_mmproj(vlm, tmp_path / "mmproj.gguf", "f32")
-    session = open_session(vlm, tmp_path)
-    image = synthetic_image(vlm, 0)
-    embd, _ = session.encode_image(image)
-    session.close()
+    backend = open_backend(vlm, tmp_path)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    embd, _ = backend.session.encode_image(image)
+    backend.close()
     pixels = vlm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         ref = vlm.project(vlm.vision_features(pixels))[0].numpy()
@@ -386,7 +388,7 @@ def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
         assert lm["fallbacks"]["count"] == 2
     assert components["vision"]["precision"] == "f16"
     assert set(components["vision"]["tensor_types"].values()) <= {"F16", "F32"}
-    assert parity["pass"], parity
+    assert parity["passed"], parity
 
 
 # ---- the export driver, with an eval set --------------------------------------------------
@@ -402,8 +404,8 @@ def test_driver_exports_q8_0_with_accuracy_delta(tiny_checkpoint, tmp_path):
     )  # fmt: skip
     manifest = export(config)
     assert set(manifest["files"]) == {"model.gguf", "mmproj.gguf"}
-    accuracy = manifest["parity"]["accuracy"]
-    assert accuracy["n"] == 4 and -1 <= accuracy["delta"] <= 1
+    accuracy = manifest["parity"]["checks"]["accuracy"]
+    assert accuracy["samples"] == 4 and -1 <= accuracy["drop"] <= 1
     assert manifest["components"]["language_model"]["type_counts"]["Q8_0"] == 15
     gen = LlamaCppBackend(tmp_path / "q8", n_threads=1).generate(None, "Say yes.", 4)
     assert gen.vision_ms == 0 and gen.token_ids

@@ -46,7 +46,8 @@ def test_opset23_decoder_attends_over_the_kv_heads_without_repeating_them(
 
 
 def test_opset23_artifact_decodes_like_pytorch(opset23_artifact, tiny_vlm):
-    from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, encode_prompt
+    from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
+    from edgekd.runtime.prompt import encode_prompt
     from PIL import Image
 
     from edgekd.evaluate import greedy_reference

@@ -28,7 +28,8 @@ from edgekd.export.tensorrt import (
     workspace_bytes,
 )
 from edgekd.export.tensorrt_build import ShapeRange, build_engine, fit_profile, has_qdq
-from edgekd.export.tensorrt_parity import compare, failures, sample_inputs, token_agreement
+from edgekd.export.parity import compare, report, token_agreement
+from edgekd.export.tensorrt_parity import sample_inputs
 from edgekd.profiles import load_device_profile
 from edgekd.runtime.base import BackendError
 
@@ -414,18 +415,23 @@ def test_compare_and_token_agreement():
     assert token_agreement([1, 2], [1, 2, 9]) == 1.0
 
 
-def test_failures_carry_the_numbers():
-    parity = {
-        "vision": {"max_abs": 0.5, "cosine_min": 0.98, "cosine_mean": 0.99},
-        "logits": {"max_abs": 0.01, "cosine_min": 0.9999, "cosine_mean": 1.0},
-        "token_agreement": 0.25,
-        "n_prompts": 4,
+def test_failures_carry_the_numbers(tmp_path):
+    from edgekd.export.parity import limits
+
+    tol = TOLERANCES["fp16"]
+    numbers = {"max_abs": 0.5, "max_rel": 0.5, "cosine_min": 0.98, "cosine_mean": 0.99}
+    checks = {
+        "vision": limits(numbers, tol.vision_max_rel, tol.vision_cosine),
+        "logits": limits({**numbers, "cosine_min": 0.9999}, tol.logits_max_rel, 0.995),
+        "greedy": {"prompts": 4, "token_agreement": 0.25, "pass": 0.25 >= tol.token_agreement},
     }
-    missed = failures(parity, TOLERANCES["fp16"])
-    assert missed == [
-        "vision cosine 0.98000 < 0.999 (max |diff| 0.5)",
-        "greedy agreement 0.250 < 0.5 over 4 prompts",
-    ]
+    with pytest.raises(ParityError) as err:
+        report(_config(tmp_path, precision="fp16"), tol, checks)
+    msg = str(err.value)
+    assert "vision: max_abs 0.5, max_rel 0.5, max_rel_limit None, cosine_min 0.98, " in msg
+    assert "cosine_min_limit 0.999" in msg and "greedy: prompts 4, token_agreement 0.25" in msg
+    assert "logits" not in msg.split(":", 1)[1]
+    assert err.value.report["checks"]["vision"]["pass"] is False
 
 
 # ---- the builder against a strict stand-in of the TensorRT 10 API ------------------------------
@@ -702,10 +708,10 @@ def test_export_builds_engines_that_match_pytorch(tiny_checkpoint, tmp_path, pre
     for name in ("vision.engine", "embed.engine", "decoder.engine", "engines.json"):
         assert name in manifest["files"]
     assert "onnx/decoder_model_merged.onnx" in manifest["files"]
-    tol, parity = TOLERANCES[precision], manifest["parity"]
+    tol, parity = TOLERANCES[precision], manifest["parity"]["checks"]
     assert parity["vision"]["cosine_min"] >= tol.vision_cosine
     assert parity["logits"]["cosine_min"] >= tol.logits_cosine
-    assert parity["token_agreement"] >= tol.token_agreement
+    assert parity["greedy"]["token_agreement"] >= tol.token_agreement
 
     engines = json.loads((out / "engines.json").read_text())["engines"]
     assert list(engines["decoder"]["profiles"]) == ["prefill", "decode"]
@@ -853,21 +859,21 @@ def test_export_on_cpu_rebuilds_vision_with_fp32_layers_when_fp16_parity_fails(
     assert info["engines"]["decoder"]["precision"] == "fp16"
     for name in ("vision.engine", "embed.engine", "decoder.engine", "onnx/embed_tokens.onnx"):
         assert name in manifest["files"]
-    parity = manifest["parity"]  # fp32 graphs behind the stand-in runners: exact agreement
+    parity = manifest["parity"]["checks"]  # fp32 graphs behind stand-in runners: exact agreement
     assert parity["vision"]["cosine_min"] > 0.99999 and parity["logits"]["cosine_min"] > 0.99999
-    assert parity["token_agreement"] == 1.0 and parity["n_prompts"] == 2
+    assert parity["greedy"]["token_agreement"] == 1.0 and parity["greedy"]["prompts"] == 2
 
     backend = trt_runtime.TensorRTBackend(out)  # verifies the manifest
     image = Image.fromarray(np.full((64, 64, 3), 120, np.uint8))
     gen = backend.generate(image, "What color is the shape?", max_new_tokens=5)
     ids, pixels = backend.encode(image, "What color is the shape?")
-    from edgekd.export.tensorrt_parity import reference_greedy
+    from edgekd.evaluate import greedy_reference
 
     from edgekd.models import VLM
 
     vlm = VLM.from_pretrained(tiny_checkpoint)
-    ref = reference_greedy(
-        vlm, torch.from_numpy(ids[0]), torch.from_numpy(pixels[0]), 5, backend.eos_ids
+    ref = greedy_reference(
+        vlm, torch.from_numpy(ids[0]), torch.from_numpy(pixels[0]), 5, stop_ids=backend.eos_ids
     )
     assert gen.token_ids == ref and gen.prompt_tokens == ids.shape[1]
     with pytest.raises(BackendError, match="do not fit the engines"):

@@ -55,7 +55,7 @@ def gguf_f32_artifact(contrast_vlm, tmp_path_factory) -> Path:
     """``contrast_vlm`` as an f32 gguf artifact with its manifest (the exporter's own tests
     validate parity; these tests use it as a fixed artifact)."""
     pytest.importorskip("llama_cpp")
-    from edgekd.export import manifest
+    from edgekd import artifact as manifest
     from edgekd.export.base import ExportConfig
     from edgekd.export.gguf import GgufExporter
 

@@ -285,7 +285,7 @@ def test_tensorrt_artifacts_need_a_gpu(tmp_path):
 
     (tmp_path / "manifest.json").write_text(json.dumps({"target": "tensorrt"}))
     with pytest.raises(BackendError, match="--device cuda or --device jetson"):
-        load_backend(tmp_path, device="cpu")
+        load_backend(tmp_path, device="cpu", kind="tensorrt")
 
 
 def test_multi_turn_samples_are_refused(eval_set, tmp_path):

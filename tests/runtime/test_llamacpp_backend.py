@@ -7,7 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from edgekd.runtime.base import BackendError, Generation, user_content
+from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.prompt import user_content
 
 from edgekd.evaluate import greedy_reference
 
@@ -79,7 +80,7 @@ def test_larger_images_are_resized_like_the_processor(artifact, contrast_vlm):
 
 @pytest.mark.parametrize("name,damage", [("model.gguf", "flip"), ("mmproj.gguf", "truncate")])
 def test_tampered_or_truncated_file_is_named_at_load(copy_of, name, damage):
-    from edgekd.export.manifest import ArtifactError
+    from edgekd.artifact import ArtifactError
     from edgekd.runtime.llamacpp import LlamaCppBackend
 
     art = copy_of()
@@ -95,13 +96,14 @@ def test_tampered_or_truncated_file_is_named_at_load(copy_of, name, damage):
 
 
 def test_other_targets_are_refused(copy_of):
+    from edgekd.artifact import ArtifactError
     from edgekd.runtime.llamacpp import LlamaCppBackend
 
     art = copy_of()
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["target"] = "onnx"
     (art / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BackendError, match="gguf artifacts"):
+    with pytest.raises(ArtifactError, match="gguf artifacts"):
         LlamaCppBackend(art)
 
 
@@ -109,5 +111,5 @@ def test_missing_llama_cpp_names_the_extra(monkeypatch, tmp_path):
     from edgekd.runtime.llamacpp import LlamaCppSession
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    with pytest.raises(BackendError, match=r"pip install edgekd\[gguf\]"):
+    with pytest.raises(BackendError, match=r"pip install 'edgekd\[gguf\]'"):
         LlamaCppSession(tmp_path / "model.gguf", None, chat_template="", image_size=(64, 64))

@@ -7,9 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from edgekd.export.manifest import ArtifactError
+from edgekd.artifact import ArtifactError
 from edgekd.runtime.base import BackendError
-from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, encode_prompt, resolve_providers
+from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, resolve_providers
+from edgekd.runtime.prompt import encode_prompt
 from PIL import Image
 from runtime_prompts import PROMPTS, image_for
 
@@ -66,7 +67,7 @@ def test_preprocessing_and_prompt_logits_match_pytorch(backend, tiny_vlm):
 
 
 def backend_text(backend, prompt):
-    from edgekd.runtime.onnxruntime import render_prompt
+    from edgekd.runtime.prompt import render_prompt
 
     return render_prompt(backend.processor, prompt, has_image=True)
 

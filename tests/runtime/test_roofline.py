@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from edgekd import artifact
 from edgekd.runtime.roofline import (
     RooflineError,
     decode_bytes_per_token,
@@ -71,7 +72,11 @@ def test_onnx_int8_counts_the_shared_tied_table_once(tiny_vlm, tmp_path):
     out = tmp_path / "int8"
     out.mkdir()
     config = ExportConfig("tiny", "onnx", "int8", out)
-    get_exporter("onnx").export(tiny_vlm, config, out)  # files only (no parity, no manifest)
+    components = get_exporter("onnx").export(tiny_vlm, config, out)  # no parity checks
+    artifact.write(
+        out, target="onnx", precision="int8", checkpoint="tiny", components=components,
+        vlm=tiny_vlm, parity={},
+    )  # fmt: skip
     need = decode_bytes_per_token(out, context=0)
     shared = (out / "shared_embedding.data").stat().st_size
     decoder = sum(p.stat().st_size for p in out.glob("decoder_model_merged.onnx*"))
@@ -116,10 +121,10 @@ def test_gguf_tied_output_reads_token_embd_once(gguf_f32_artifact, contrast_vlm)
     assert need["kv_cache"] == 5 * _kv_per_token(contrast_vlm, 2)  # llama.cpp's f16 cache
 
 
-def test_gguf_without_manifest_is_recognised(gguf_f32_artifact, tmp_path):
+def test_artifact_files_without_their_manifest_are_refused(gguf_f32_artifact, tmp_path):
     shutil.copy(gguf_f32_artifact / "model.gguf", tmp_path / "model.gguf")
-    with_manifest = decode_bytes_per_token(gguf_f32_artifact, context=3)
-    assert decode_bytes_per_token(tmp_path, context=3) == with_manifest
+    with pytest.raises(RooflineError, match="not an edgekd artifact"):
+        decode_bytes_per_token(tmp_path, context=3)
 
 
 def test_unknown_directory_is_refused(tmp_path):

@@ -1,0 +1,164 @@
+"""The export targets: each one registered once, with everything downstream needs of it.
+
+A target is an artifact format. Its registration names, as data, the exporter that writes it
+(``edgekd.export``), the backend that runs it (``edgekd.runtime``), the reader that counts the
+bytes one decode step reads from it (the roofline), its precisions (the first is the default),
+the files every artifact of it holds, and the extra that installs its packages. The CLI help,
+the profile schema, ``load_backend``, the roofline and bench all read this registry, so adding
+a target is its exporter module, its backend module and one :func:`register` call::
+
+    register(Target(
+        name="mytarget", precisions=("fp32",), files=("model.bin",), extra="mytarget",
+        exporter="mypkg.export:MyExporter",          # check / export / validate
+        backend="mypkg.runtime:open_backend",        # (path, device=, threads=, **options)
+        decode_weights="mypkg.runtime:decode_weights",  # (Artifact) -> DecodeWeights
+    ))
+
+References are ``"module:attribute"`` strings, imported on first use (``edgekd --help`` stays
+fast), or the objects themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from edgekd import artifact as a
+from edgekd.errors import EdgeKDError
+
+DEVICES = ("cpu", "cuda", "jetson")
+
+
+class TargetError(EdgeKDError, ValueError):
+    """An unknown target, or one that cannot run where asked."""
+
+
+@dataclass(frozen=True)
+class DecodeWeights:
+    """What one decode step of an artifact reads, apart from the KV cache.
+
+    Attributes:
+        weights: Bytes of weights read per token (a lookup-only embedding table excluded).
+        kv_element_bytes: Bytes of one KV-cache element at the artifact's cache type.
+        tied_embedding: The output matrix is the embedding table (counted once).
+    """
+
+    weights: int
+    kv_element_bytes: int
+    tied_embedding: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """One artifact format and the code that writes, runs and sizes it.
+
+    Attributes:
+        name: ``--target`` name and the manifest's ``target``.
+        precisions: Valid ``--precision`` values; the first is the default.
+        files: Files every artifact of this target holds (checked in its manifest).
+        extra: The ``pip install 'edgekd[EXTRA]'`` that brings its packages.
+        exporter: The exporter class (``check`` / ``export`` / ``validate``).
+        backend: ``open(path, *, device, threads, **options) -> Backend``.
+        decode_weights: ``(Artifact) -> DecodeWeights``, for the decode roofline.
+        devices: Devices its backend runs on.
+        backend_options: Keyword options its backend takes (e.g. ``ort_provider``).
+        summary: One line for the CLI help.
+    """
+
+    name: str
+    precisions: tuple[str, ...]
+    files: tuple[str, ...]
+    extra: str
+    exporter: Any
+    backend: Any
+    decode_weights: Any
+    devices: tuple[str, ...] = DEVICES
+    backend_options: tuple[str, ...] = ()
+    summary: str = ""
+
+    def make_exporter(self):
+        """A new instance of the target's exporter."""
+        return _resolve(self.exporter)()
+
+    def open_backend(self, path, *, device: str, threads: int | None, **options):
+        """The target's backend on ``path`` (checksums verified by the backend)."""
+        return _resolve(self.backend)(path, device=device, threads=threads, **options)
+
+    def read_decode_weights(self, artifact) -> DecodeWeights:
+        return _resolve(self.decode_weights)(artifact)
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def register(target: Target) -> Target:
+    """Add ``target`` to the registry (a second registration of a name replaces the first)."""
+    if not target.precisions:
+        raise TargetError(f"target '{target.name}' declares no precisions")
+    TARGETS[target.name] = target
+    return target
+
+
+def get(name: str) -> Target:
+    """The registered target ``name``; an unknown name lists the valid ones."""
+    if name not in TARGETS:
+        raise TargetError(f"unknown export target '{name}'; valid: {', '.join(names())}")
+    return TARGETS[name]
+
+
+def names() -> tuple[str, ...]:
+    return tuple(sorted(TARGETS))
+
+
+def help_text() -> str:
+    """``onnx: fp32 fp16 int8 int4; gguf: ...`` for the CLI help (defaults first)."""
+    return "; ".join(f"{t.name}: {' '.join(t.precisions)}" for _, t in sorted(TARGETS.items()))
+
+
+def _resolve(ref: Any) -> Any:
+    if not isinstance(ref, str):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ---- the built-in targets ------------------------------------------------------------------
+register(
+    Target(
+        name="onnx",
+        precisions=("fp32", "fp16", "int8", "int4"),
+        files=(a.ONNX_VISION, a.ONNX_EMBED, a.ONNX_DECODER, a.GENAI_CONFIG),
+        extra="onnx",
+        exporter="edgekd.export.onnx:OnnxExporter",
+        backend="edgekd.runtime.onnxruntime:open_backend",
+        decode_weights="edgekd.runtime.onnxruntime:decode_weights",
+        backend_options=("ort_provider",),
+        summary="three ONNX graphs for onnxruntime (CPU, CUDA or TensorRT provider)",
+    )
+)
+register(
+    Target(
+        name="gguf",
+        precisions=("f32", "f16", "q8_0", "q4_k_m"),
+        files=(a.GGUF_MODEL, a.GGUF_MMPROJ),
+        extra="gguf",
+        exporter="edgekd.export.gguf:GgufExporter",
+        backend="edgekd.runtime.llamacpp:open_backend",
+        decode_weights="edgekd.runtime.llamacpp:decode_weights",
+        summary="model.gguf + mmproj.gguf for llama.cpp",
+    )
+)
+register(
+    Target(
+        name="tensorrt",
+        precisions=("fp32", "fp16", "int8"),
+        files=(*a.TRT_ENGINES.values(), a.TRT_ENGINES_JSON),
+        extra="tensorrt",
+        exporter="edgekd.export.tensorrt:TensorRTExporter",
+        backend="edgekd.runtime.tensorrt:open_backend",
+        decode_weights="edgekd.runtime.tensorrt:decode_weights",
+        devices=("cuda", "jetson"),
+        summary="TensorRT engines for one GPU and TensorRT version",
+    )
+)

@@ -1,0 +1,342 @@
+"""Parity of an artifact with the fp32 PyTorch model it came from: one definition for every target.
+
+Every exporter's ``validate`` opens its artifact as a :class:`~edgekd.runtime.base.Backend` and
+calls :func:`validate` with its :class:`Tolerance` and its own extra checks (tokenizer, KV
+cache, chat handler). The shared checks, on the same :func:`cases` for every target:
+
+* ``vision``: visual tokens (tower + projector) of every case image;
+* ``logits``: prompt logits of the first case at its text positions (llama.cpp inserts the
+  visual tokens as embeddings and gives no logits at the image positions, so no target is
+  compared there);
+* ``greedy``: greedy decoding against ``model.generate`` (:func:`token_agreement`);
+* ``accuracy`` (with ``eval_data``, where the tolerance has ``max_accuracy_drop``): normalised-
+  match accuracy of the artifact against PyTorch on ``eval_limit`` samples.
+
+Numbers (:func:`compare`): ``max_abs``; ``max_rel = max_abs / max(1, max|ref|)`` (relative to the
+reference's scale once its values exceed 1, absolute below, so one limit fits tiny random
+models and trained ones); per-row cosine ``cosine_min`` / ``cosine_mean``. Each check returns its
+numbers, its limits and ``pass``; the report is ``{"precision", "tolerance", "checks",
+"passed"}``, logged as one ✓/✗ line per check, and a failure raises
+:class:`~edgekd.export.base.ParityError` carrying it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgekd.export.base import ExportConfig, ParityError
+
+log = logging.getLogger(__name__)
+
+QUESTIONS = (
+    "What shape is in the image?",
+    "What color is the shape?",
+    "Describe the image.",
+    "Is there a circle in the image?",
+    "How many items are there?",
+)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an artifact of one precision must reproduce of the fp32 PyTorch model.
+
+    ``None`` limits are reported but not enforced.
+
+    Attributes:
+        vision_max_rel: Visual tokens' ``max_rel`` limit.
+        vision_cosine: Visual tokens' minimum per-token cosine.
+        logits_max_rel: Logits' ``max_rel`` limit.
+        logits_cosine: Logits' minimum per-position cosine.
+        token_exact: Greedy tokens must equal PyTorch's on every case.
+        max_accuracy_drop: Largest normalised-match drop on ``eval_data`` (0.03 = 3 points).
+        token_agreement: Minimum mean :func:`token_agreement` over the cases.
+    """
+
+    vision_max_rel: float | None = None
+    vision_cosine: float = 0.0
+    logits_max_rel: float | None = None
+    logits_cosine: float = 0.0
+    token_exact: bool = False
+    max_accuracy_drop: float | None = None
+    token_agreement: float = 0.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity prompt: the image and question, and their encoding by the checkpoint."""
+
+    image: Any  # PIL image or None
+    question: str
+    input_ids: np.ndarray  # (1, L) int64
+    pixel_values: np.ndarray | None  # (1, 3, H, W) float32
+
+
+Check = Callable[[], dict[str, Any]]  # a target's own check: numbers and "pass"
+
+
+# ---- numbers ------------------------------------------------------------------------------
+def compare(got, ref) -> dict[str, float]:
+    """``max_abs``, ``ref_abs_max``, ``max_rel``, ``cosine_min``, ``cosine_mean`` (rows: the
+    last axis).
+
+    Raises:
+        ParityError: the shapes differ.
+    """
+    got, ref = _numpy(got), _numpy(ref)
+    if got.shape != ref.shape:
+        raise ParityError(f"shape {tuple(got.shape)} differs from PyTorch's {tuple(ref.shape)}")
+    got, ref = got.reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    dot = (got * ref).sum(-1)
+    norms = np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1)
+    cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+    max_abs = float(np.abs(got - ref).max()) if got.size else 0.0
+    ref_abs_max = float(np.abs(ref).max()) if ref.size else 0.0
+    return {
+        "max_abs": max_abs,
+        "ref_abs_max": ref_abs_max,
+        "max_rel": max_abs / max(ref_abs_max, 1.0),
+        "cosine_min": float(cosine.min()) if cosine.size else 1.0,
+        "cosine_mean": float(cosine.mean()) if cosine.size else 1.0,
+    }
+
+
+def token_agreement(reference: Sequence[int], actual: Sequence[int]) -> float:
+    """The common prefix of two greedy outputs over the reference's length (1.0 if both empty)."""
+    n = 0
+    for a, b in zip(reference, actual):
+        if a != b:
+            break
+        n += 1
+    return n / max(len(reference), 1)
+
+
+def limits(numbers: dict[str, float], max_rel: float | None, cosine: float) -> dict[str, Any]:
+    """``numbers`` with their limits and ``pass``."""
+    ok = numbers["cosine_min"] >= cosine and (max_rel is None or numbers["max_rel"] <= max_rel)
+    head = {
+        "max_abs": numbers["max_abs"],
+        "max_rel": numbers["max_rel"],
+        "max_rel_limit": max_rel,
+        "cosine_min": numbers["cosine_min"],
+        "cosine_min_limit": cosine,
+    }
+    return {**head, **numbers, "pass": bool(ok)}
+
+
+def _numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, on any device
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+# ---- cases --------------------------------------------------------------------------------
+def cases(vlm, config: ExportConfig, n: int | None = None, seed: int = 0) -> list[Case]:
+    """``n`` (default ``n_parity_prompts``) cases: ``eval_data``'s first samples when given,
+    else :func:`synthetic_image` pictures (seeds ``seed, seed + 1, ...``) with QUESTIONS."""
+    from edgekd.runtime.prompt import encode_prompt
+
+    n = max(int(n or config.n_parity_prompts), 1)
+    if config.eval_data is not None:
+        pairs = _eval_pairs(Path(config.eval_data), n)
+    else:
+        h, w = _image_size(vlm)
+        pairs = [
+            (synthetic_image(seed + i, (w, h)), QUESTIONS[i % len(QUESTIONS)]) for i in range(n)
+        ]
+    return [Case(image, q, *encode_prompt(vlm.processor, image, q)) for image, q in pairs]
+
+
+def synthetic_image(seed: int, size: tuple[int, int]):
+    """A deterministic (width, height) picture: a coloured rectangle on a coloured background."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    pixels = np.empty((h, w, 3), np.uint8)
+    pixels[:] = rng.integers(0, 256, 3, dtype=np.uint8)
+    x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+    pixels[y0 : y0 + h // 2, x0 : x0 + w // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _image_size(vlm) -> tuple[int, int]:
+    size = vlm.processor.image_processor.size
+    if "height" in size:
+        return int(size["height"]), int(size["width"])
+    return int(size["shortest_edge"]), int(size["shortest_edge"])
+
+
+def _eval_pairs(path: Path, n: int) -> list[tuple[Any, str]]:
+    from PIL import Image
+
+    from edgekd.data import load_llava_json
+    from edgekd.io import safe_join
+
+    pairs = []
+    for sample in load_llava_json(path)[:n]:
+        # normalised samples: roles are user/assistant, "<image>" marks where the image goes
+        question = next(t["value"] for t in sample["conversations"] if t["from"] == "user")
+        image = None
+        if sample.get("image"):
+            with Image.open(safe_join(path.parent, sample["image"])) as im:
+                image = im.convert("RGB")
+        pairs.append((image, question))
+    return pairs
+
+
+# ---- the shared checks --------------------------------------------------------------------
+def check_vision(vlm, backend, parity_cases: Sequence[Case], tol: Tolerance) -> dict[str, Any]:
+    """Visual tokens of every case image (one at a time: engines may take batch 1 only)
+    against ``project(vision_features)``."""
+    import torch
+
+    pixels = [c.pixel_values for c in parity_cases if c.pixel_values is not None]
+    with torch.no_grad():
+        pv = torch.from_numpy(np.concatenate(pixels)).to(vlm.device, vlm.dtype)
+        ref = vlm.project(vlm.vision_features(pv))
+    got = np.concatenate([_numpy(backend.visual_tokens(p)) for p in pixels])
+    numbers = compare(got, ref)
+    return {"images": len(pixels), **limits(numbers, tol.vision_max_rel, tol.vision_cosine)}
+
+
+def check_logits(vlm, backend, case: Case, tol: Tolerance) -> dict[str, Any]:
+    """Prompt logits of ``case`` at its text positions against the PyTorch forward."""
+    import torch
+
+    ids = torch.from_numpy(case.input_ids)
+    pv = None if case.pixel_values is None else torch.from_numpy(case.pixel_values)
+    with torch.no_grad():
+        ref = vlm.forward_stages(
+            ids.to(vlm.device), None, None if pv is None else pv.to(vlm.device, vlm.dtype)
+        )
+    got = _numpy(backend.prefill_logits(case.input_ids, case.pixel_values))
+    text = case.input_ids[0] != vlm.image_token_id
+    numbers = compare(got.reshape(ref.shape)[0, text], _numpy(ref)[0, text])
+    return {"positions": int(text.sum()), **limits(numbers, tol.logits_max_rel, tol.logits_cosine)}
+
+
+def check_greedy(
+    vlm, backend, parity_cases: Sequence[Case], max_new_tokens: int, tol: Tolerance
+) -> dict[str, Any]:
+    """Greedy tokens of every case against ``model.generate`` (stop token included)."""
+    from edgekd.evaluate import greedy_reference
+
+    exact, agreement, samples = 0, [], []
+    for c in parity_cases:
+        ref = greedy_reference(vlm, c.input_ids, c.pixel_values, max_new_tokens)
+        got = list(backend.generate_ids(c.input_ids, c.pixel_values, max_new_tokens).token_ids)
+        exact += got == ref
+        agreement.append(token_agreement(ref, got))
+        samples.append({"question": c.question, "pytorch": ref, "artifact": got})
+    mean = float(np.mean(agreement))
+    n = len(parity_cases)
+    ok = (exact == n) if tol.token_exact else mean >= tol.token_agreement
+    return {
+        "prompts": n,
+        "prompts_exact": exact,
+        "token_agreement": mean,
+        "token_agreement_limit": tol.token_agreement,
+        "required": "all exact" if tol.token_exact else "agreement",
+        "max_new_tokens": max_new_tokens,
+        "samples": samples,
+        "pass": bool(ok),
+    }
+
+
+def check_accuracy(vlm, backend, config: ExportConfig, tol: Tolerance) -> dict[str, Any]:
+    """Normalised-match accuracy of PyTorch and of the artifact on ``config.eval_data``."""
+    from edgekd.data import LlavaDataset, load_llava_json
+    from edgekd.evaluate import generate_answers, prompts_and_references, score
+    from edgekd.models.dims import TextDims
+
+    data = Path(config.eval_data)
+    samples = load_llava_json(data)[: config.eval_limit]
+    context = TextDims.from_config(vlm.config.text_config).context
+    dataset = LlavaDataset(samples, data.parent, vlm.processor, context)
+    reference = score(generate_answers(vlm, dataset, max_new_tokens=config.max_new_tokens))
+    rows = prompts_and_references(dataset)
+    for row in rows:
+        pixels = dataset.load_pixels(row["index"])
+        gen = backend.generate_ids(
+            np.asarray([row["input_ids"]], np.int64),
+            None if pixels is None else pixels[None].float().numpy(),
+            config.max_new_tokens,
+        )
+        row["prediction"] = gen.text
+    artifact = score(rows)
+    drop = reference["normalized_match"] - artifact["normalized_match"]
+    return {
+        "samples": artifact["n"],
+        "pytorch_normalized_match": reference["normalized_match"],
+        "artifact_normalized_match": artifact["normalized_match"],
+        "pytorch_exact_match": reference["exact_match"],
+        "artifact_exact_match": artifact["exact_match"],
+        "drop": float(drop),
+        "max_drop": tol.max_accuracy_drop,
+        "pass": bool(drop <= tol.max_accuracy_drop),
+    }
+
+
+# ---- the driver ---------------------------------------------------------------------------
+def validate(
+    vlm,
+    backend,
+    config: ExportConfig,
+    tol: Tolerance,
+    *,
+    target_checks: dict[str, Check] | None = None,
+    parity_cases: Sequence[Case] | None = None,
+) -> dict[str, Any]:
+    """Run the target's own checks, then the shared ones; return the report or raise.
+
+    Raises:
+        ParityError: any check failed; the message names each with its numbers, and
+            ``report`` holds the whole report.
+    """
+    parity_cases = list(parity_cases) if parity_cases is not None else cases(vlm, config)
+    checks: dict[str, dict[str, Any]] = {}
+    for name, run in (target_checks or {}).items():
+        checks[name] = run()
+    if any(c.pixel_values is not None for c in parity_cases):
+        checks["vision"] = check_vision(vlm, backend, parity_cases, tol)
+    first = next((c for c in parity_cases if c.pixel_values is not None), parity_cases[0])
+    checks["logits"] = check_logits(vlm, backend, first, tol)
+    checks["greedy"] = check_greedy(vlm, backend, parity_cases, config.max_new_tokens, tol)
+    if tol.max_accuracy_drop is not None and config.eval_data is not None:
+        checks["accuracy"] = check_accuracy(vlm, backend, config, tol)
+    return report(config, tol, checks)
+
+
+def report(config: ExportConfig, tol: Tolerance, checks: dict[str, dict[str, Any]]) -> dict:
+    """Log one ✓/✗ line per check; the report, or ParityError carrying it."""
+    for name, check in checks.items():
+        log.info("%s %s: %s", "✓" if check["pass"] else "✗", name, numbers_line(check))
+    failed = [name for name, check in checks.items() if not check["pass"]]
+    result = {
+        "precision": config.precision,
+        "tolerance": asdict(tol),
+        "checks": checks,
+        "passed": not failed,
+    }
+    if failed:
+        detail = "; ".join(f"{name}: {numbers_line(checks[name])}" for name in failed)
+        raise ParityError(
+            f"the {config.target} {config.precision} artifact does not match PyTorch: {detail}",
+            report=result,
+        )
+    return result
+
+
+def numbers_line(check: dict[str, Any]) -> str:
+    """``key value, ...`` of a check's scalar numbers."""
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in check.items()
+        if k != "pass" and (v is None or isinstance(v, (int, float, str, bool)))
+    )
