@@ -19,6 +19,7 @@ from typing import get_args
 
 import torch
 import torch.nn.functional as F
+
 from edgekd.distill.losses import LOSSES, LossOutput
 from edgekd.profiles.schema import Method
 

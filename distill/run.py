@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+
 from edgekd.distill.objective import Objective
 from edgekd.distill.switch import build_adapter
 from edgekd.distill.trainer import STAGING, DistillError
-from rich.console import Console
-
 from edgekd.errors import ModelError, OutputExistsError
 from edgekd.io import atomic_dir, atomic_write_text
 
@@ -260,12 +260,12 @@ def pick_device(requested: str) -> str:
 
 def run(job: DistillJob, console: Console | None = None) -> dict[str, Any]:
     """Train a student as ``job`` says; returns a summary (paths, steps, last logged values)."""
-    from edgekd.distill.callbacks import JsonLogCallback, RichProgressCallback
-    from edgekd.distill.trainer import DistillTrainer
-    from edgekd.profiles import profile_to_yaml
     from transformers.trainer_callback import PrinterCallback
 
     from edgekd.data import LlavaCollator
+    from edgekd.distill.callbacks import JsonLogCallback, RichProgressCallback
+    from edgekd.distill.trainer import DistillTrainer
+    from edgekd.profiles import profile_to_yaml
 
     console = console or Console()
     job.output = Path(job.output)

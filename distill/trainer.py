@@ -23,11 +23,11 @@ import time
 from collections import defaultdict
 
 import torch
-from edgekd.distill.objective import Objective
-from edgekd.distill.switch import FeatureCapture, TeacherRoutes
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from edgekd.distill.objective import Objective
+from edgekd.distill.switch import FeatureCapture, TeacherRoutes
 from edgekd.errors import EdgeKDError
 
 STAGING = ".staging"

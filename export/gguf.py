@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.export.base import ExportConfig, ExportError, Registered
-from edgekd.export.parity import Tolerance
 from edgekd.export.gguf_write import (
     MMPROJ_FILE,
     MODEL_FILE,
@@ -55,6 +54,7 @@ from edgekd.export.gguf_write import (
     write_lm,
     write_mmproj,
 )
+from edgekd.export.parity import Tolerance
 
 log = logging.getLogger(__name__)
 

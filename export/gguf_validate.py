@@ -1,4 +1,4 @@
-"""The gguf target's validation: its own checks, then the shared ones of :mod:`edgekd.export.parity`.
+"""The gguf target's validation: its own checks, then the shared ones (:mod:`edgekd.export.parity`).
 
 The artifact runs through edgekd's llama.cpp backend (``model.gguf`` in ``llama_cpp.Llama``,
 ``mmproj.gguf`` through libmtmd). Checks of this target, each one ✓/✗ line in the log:
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgekd import artifact
 from edgekd.export.base import ExportConfig, ExportError
 from edgekd.export.parity import Case, Tolerance, compare, limits
@@ -71,7 +72,11 @@ def smoke_test(vlm, out: Path, n_threads: int | None = None) -> dict[str, Any]:
             f"smoke test: the mmproj gave {embd.shape} visual tokens (finite: "
             f"{bool(np.isfinite(embd).all())}), the model expects {expected}"
         )
-    return {"image_tokens": int(embd.shape[0]), "embedding_dim": int(embd.shape[1]), "vision_ms": ms}
+    return {
+        "image_tokens": int(embd.shape[0]),
+        "embedding_dim": int(embd.shape[1]),
+        "vision_ms": ms,
+    }
 
 
 def check_tokenizer(vlm, backend: LlamaCppBackend) -> dict[str, Any]:
@@ -141,7 +146,10 @@ def check_chat_handler(vlm, backend: LlamaCppBackend) -> dict[str, Any]:
         }
     except (ValueError, RuntimeError) as e:
         res = {"ran": False, "error": str(e)}
-    return {**res, "pass": bool(res["ran"] and res.get("prompt_tokens", 0) > vlm.num_image_tokens())}
+    return {
+        **res,
+        "pass": bool(res["ran"] and res.get("prompt_tokens", 0) > vlm.num_image_tokens()),
+    }
 
 
 def validate(vlm, config: ExportConfig, out: Path, tol: Tolerance) -> dict[str, Any]:

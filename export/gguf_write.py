@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgekd.export.base import ExportError
 from edgekd.models.dims import TextDims
 
-from edgekd.artifact import GGUF_MMPROJ as MMPROJ_FILE
-from edgekd.artifact import GGUF_MODEL as MODEL_FILE
 K_QUANT_ROW = 256  # llama.cpp's QK_K
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgekd import artifact
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.parity import Tolerance
@@ -379,6 +380,7 @@ def _dynamic_shapes(spec: GraphSpec, n_layers: int) -> tuple:
 def _trace(vlm, spec: GraphSpec, n_layers: int, opset: int):
     """``torch.onnx.export`` (dynamo) of one graph; returns the ``onnx.ModelProto``."""
     import torch
+
     from edgekd.export import onnx_graph as g
 
     module = _modules(vlm)[spec.component].eval()
@@ -484,6 +486,7 @@ def _tied_table(vlm):
     ``tie_word_embeddings`` makes it, or an equal one).
     """
     import torch
+
     from edgekd.export import onnx_graph as g
 
     embed = vlm.language_model.get_input_embeddings().weight

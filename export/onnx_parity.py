@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from edgekd.export.parity import Case, Tolerance, compare, limits
 
 KV_STEPS = 6  # forced decode steps compared with a full forward

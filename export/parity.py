@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgekd.export.base import ExportConfig, ParityError
 
 log = logging.getLogger(__name__)

@@ -464,6 +464,7 @@ class TensorRTExporter(Registered):
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
         """The engines against PyTorch: the shared checks of :mod:`edgekd.export.parity`."""
         import torch
+
         from edgekd.export import parity
         from edgekd.runtime.tensorrt import TensorRTBackend
 

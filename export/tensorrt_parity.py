@@ -35,6 +35,7 @@ def sample_inputs(vlm, config, n: int | None = None, offset: int = 0) -> list[di
 def vision_engine_parity(vlm, engine_path: Path, samples: Sequence[dict]) -> dict[str, float]:
     """Worst visual-token parity of one vision engine file over the samples' images."""
     import torch
+
     from edgekd.runtime.tensorrt import EngineRunner, load_engines
 
     (engine,), keep = load_engines([engine_path])

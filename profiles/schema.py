@@ -440,7 +440,8 @@ def _target_problems(kind: str, name: str) -> list[tuple[str, str]]:
     from edgekd import targets
 
     if name not in targets.TARGETS:
-        return [("preferred_target", f"unknown target '{name}'; valid: {', '.join(targets.names())}")]
+        valid = ", ".join(targets.names())
+        return [("preferred_target", f"unknown target '{name}'; valid: {valid}")]
     runs_on = targets.get(name).devices
     if kind == "cpu" and "cpu" not in runs_on:
         usable = [t for t in targets.names() if "cpu" in targets.get(t).devices]

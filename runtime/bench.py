@@ -206,12 +206,12 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
     """Measure one model (see the module docstring); returns its JSON-ready result."""
     if settings.get("threads"):
         os.environ.setdefault("OMP_NUM_THREADS", str(settings["threads"]))
-    from edgekd.runtime import load_backend
-    from edgekd.runtime.power import power_meter
     from PIL import Image
     from rich.progress import Progress
 
     from edgekd.evaluate import score
+    from edgekd.runtime import load_backend
+    from edgekd.runtime.power import power_meter
 
     device, threads = settings["device"], settings.get("threads")
     peak_is_own = reset_peak_rss() or settings["isolate"]  # a fresh process: its own mark
@@ -543,11 +543,11 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
         BenchConfigError, DataError, ArtifactError, BackendError, BenchError: one-line problems with
         the input (before anything runs) or with a model run.
     """
-    from edgekd.runtime.report import print_table, write_report
     from rich.console import Console
 
     from edgekd.envinfo import snapshot
     from edgekd.io import atomic_dir, atomic_write_json, check_output_dir
+    from edgekd.runtime.report import print_table, write_report
 
     console = console or Console()
     config.validate()

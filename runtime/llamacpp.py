@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgekd import artifact
 from edgekd.errors import require
 from edgekd.runtime.base import BackendError, Generation, greedy_generate

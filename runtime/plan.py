@@ -46,9 +46,8 @@ from typing import TYPE_CHECKING, Any
 from edgekd.errors import ModelError
 
 if TYPE_CHECKING:
-    from edgekd.profiles import DeviceProfile
-
     from edgekd.models import VLM
+    from edgekd.profiles import DeviceProfile
 
 GB = 1e9
 STAGES = ("language_model", "vision_tower", "projector")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from edgekd.distill.losses import LOSSES, bild, dbild, forward_kl, kneedle_k, reverse_kl
 
 B, L, V = 2, 5, 50

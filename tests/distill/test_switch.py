@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from edgekd.distill.objective import Objective
-from edgekd.distill.switch import FeatureCapture, TeacherRoutes, build_adapter
 
 from edgekd.data import LlavaCollator, LlavaDataset
+from edgekd.distill.objective import Objective
+from edgekd.distill.switch import FeatureCapture, TeacherRoutes, build_adapter
 from edgekd.errors import ModelError
 from edgekd.models import build_vlm
 

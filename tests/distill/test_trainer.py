@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 from distill_helpers import write_dataset
+from safetensors.torch import load_file
+
 from edgekd.distill.objective import METHODS
 from edgekd.distill.run import run
 from edgekd.distill.trainer import DistillError
-from safetensors.torch import load_file
-
 from edgekd.errors import DataError, ModelError, OutputExistsError
 from edgekd.models import VLM
 
@@ -195,9 +195,8 @@ def test_cli_reports_bad_input_in_one_line(distill_data, student_ckpt, tmp_path)
 
 
 def test_builtin_dataset_names_are_written_once_to_the_cache(tmp_path, monkeypatch):
-    from edgekd.distill.run import resolve_dataset
-
     from edgekd.data import DATASETS
+    from edgekd.distill.run import resolve_dataset
 
     calls = []
 

@@ -25,8 +25,9 @@ def shared_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_artifact(tmp_path_factory, tiny_vlm):
     """``onnx_artifact(precision) -> Path``: the tiny model exported (int8 with an eval set)."""
-    from edgekd.export import ExportConfig, export
     from filelock import FileLock
+
+    from edgekd.export import ExportConfig, export
 
     root = shared_dir(tmp_path_factory)
 

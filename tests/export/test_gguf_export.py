@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from export_helpers import write_eval_set
+
 from edgekd.export.base import ExportConfig, ExportError
 from edgekd.export.gguf import GgufExporter
-from export_helpers import write_eval_set
 
 PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m")
 
@@ -99,9 +100,9 @@ def test_unknown_precision_lists_valid_ones(tiny_vlm, tmp_path):
 
 
 def test_unsupported_architecture_refused_in_one_line_without_files(tiny_vlm, tmp_path):
-    from edgekd.export import export
     from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
+    from edgekd.export import export
     from edgekd.models import VLM
 
     text = MistralConfig(
@@ -146,6 +147,7 @@ def test_missing_llama_cpp_names_the_extra(tiny_vlm, tmp_path, monkeypatch):
 def test_empty_mmproj_is_caught(tiny_vlm, tmp_path):
     """The known 1 KB mmproj failure: a file whose tensors are gone fails the post-write check."""
     import gguf
+
     from edgekd.export.gguf_write import check_written, vision_tensors
 
     path = tmp_path / "mmproj.gguf"
@@ -197,8 +199,8 @@ def test_mmproj_gguf_is_legacy_clip_with_feature_layer(f32_artifact, contrast_vl
 def test_vocabulary_padded_to_the_embedding(tokenizer, tmp_path):
     pytest.importorskip("llama_cpp")
     import llama_cpp
-    from edgekd.export.gguf_write import write_lm
 
+    from edgekd.export.gguf_write import write_lm
     from edgekd.models import build_vlm
 
     vlm = build_vlm("tiny", tokenizer=tokenizer, seed=0, vocab_size=len(tokenizer) + 36)
@@ -248,6 +250,7 @@ def test_pre_tokenizer_choice_reproduces_transformers_ids(
     """Only llama.cpp's 'gpt-2' pre-tokenizer splits text as our ByteLevel(use_regex) does."""
     pytest.importorskip("llama_cpp")
     import llama_cpp
+
     from edgekd.export import gguf_write as g
 
     monkeypatch.setitem(g.PRE_TOKENIZERS, "byte_level", pre)
@@ -298,9 +301,9 @@ def test_llama_architecture_rope_layout(tokenizer, tiny_vlm, tmp_path):
     """A Llama text config: q/k rows are permuted for llama.cpp's rope and logits still match."""
     pytest.importorskip("llama_cpp")
     import llama_cpp
-    from edgekd.export.gguf_write import write_lm
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    from edgekd.export.gguf_write import write_lm
     from edgekd.models import VLM
 
     text = LlamaConfig(
@@ -338,11 +341,11 @@ def test_mmproj_embeddings_match_pytorch(tiny_vlm, tmp_path, layer, ffn):
     """Feature layers (the last, none, several concatenated) and a square vision MLP, whose
     ffn_up/ffn_down clip.cpp swaps when ffn_down's rows equal n_embd."""
     pytest.importorskip("llama_cpp")
-    from edgekd.export.gguf_validate import open_backend
-    from edgekd.export.parity import compare
-    from edgekd.export.gguf_write import write_lm, write_mmproj
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    from edgekd.export.gguf_validate import open_backend
+    from edgekd.export.gguf_write import write_lm, write_mmproj
+    from edgekd.export.parity import compare
     from edgekd.models import VLM
 
     vision = {**tiny_vlm.config.vision_config.to_dict(), "intermediate_size": ffn}
@@ -409,3 +412,28 @@ def test_driver_exports_q8_0_with_accuracy_delta(tiny_checkpoint, tmp_path):
     assert manifest["components"]["language_model"]["type_counts"]["Q8_0"] == 15
     gen = LlamaCppBackend(tmp_path / "q8", n_threads=1).generate(None, "Say yes.", 4)
     assert gen.vision_ms == 0 and gen.token_ids
+
+
+def test_quantized_artifact_past_its_accuracy_drop_is_refused(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """The eval-set accuracy drop is enforced for gguf as for every target: past it the
+    export fails with the numbers and leaves nothing behind."""
+    pytest.importorskip("llama_cpp")
+    import dataclasses
+
+    from edgekd.export import ParityError, export
+    from edgekd.export import gguf as gguf_export
+
+    # a drop of at most -100 points: the artifact would have to beat PyTorch on every answer
+    strict = dataclasses.replace(gguf_export.TOLERANCES["q8_0"], max_accuracy_drop=-1.0)
+    monkeypatch.setitem(gguf_export.TOLERANCES, "q8_0", strict)
+    out = tmp_path / "q8"
+    config = ExportConfig(
+        checkpoint=str(tiny_checkpoint), target="gguf", precision="q8_0", output=out,
+        n_parity_prompts=1, max_new_tokens=4, eval_data=write_eval_set(tmp_path / "eval"),
+        eval_limit=4, options={"n_threads": 1},
+    )  # fmt: skip
+    with pytest.raises(ParityError, match=r"accuracy: samples 4, .*drop [-0-9.e]+, max_drop -1"):
+        export(config)
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "eval"]

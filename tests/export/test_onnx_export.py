@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from edgekd.export import ExportConfig, ExportError, ParityError, export, get_exporter
-from edgekd.export import onnx as onnx_export
-from edgekd.export import onnx_graph as g
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekd.errors import ModelError, OutputExistsError
+from edgekd.export import ExportConfig, ExportError, ParityError, export, get_exporter
+from edgekd.export import onnx as onnx_export
+from edgekd.export import onnx_graph as g
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 

@@ -6,6 +6,7 @@ import os
 
 import onnx
 import pytest
+
 from edgekd.export import ExportConfig, export
 from edgekd.export.onnx import GQA_ENV, _gqa_attention
 
@@ -46,11 +47,11 @@ def test_opset23_decoder_attends_over_the_kv_heads_without_repeating_them(
 
 
 def test_opset23_artifact_decodes_like_pytorch(opset23_artifact, tiny_vlm):
-    from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
-    from edgekd.runtime.prompt import encode_prompt
     from PIL import Image
 
     from edgekd.evaluate import greedy_reference
+    from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
+    from edgekd.runtime.prompt import encode_prompt
 
     backend = OnnxRuntimeBackend(opset23_artifact[0], providers=("cpu",), threads=1)
     image, prompt = Image.new("RGB", (90, 70), "teal"), "What shape is it?"

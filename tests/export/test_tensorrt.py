@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from edgekd.export.base import ExportConfig, ExportError, ParityError, get_exporter
+from edgekd.export.parity import compare, report, token_agreement
 from edgekd.export.tensorrt import (
     INSTALL_HINT,
     TOLERANCES,
@@ -28,7 +30,6 @@ from edgekd.export.tensorrt import (
     workspace_bytes,
 )
 from edgekd.export.tensorrt_build import ShapeRange, build_engine, fit_profile, has_qdq
-from edgekd.export.parity import compare, report, token_agreement
 from edgekd.export.tensorrt_parity import sample_inputs
 from edgekd.profiles import load_device_profile
 from edgekd.runtime.base import BackendError
@@ -693,9 +694,10 @@ def test_build_engine_failure_carries_tensorrts_error(tmp_path):
     [("fp16", {}), ("fp16", {"fp32_fallback": "always"}), ("int8", {"calibration_samples": 4})],
 )
 def test_export_builds_engines_that_match_pytorch(tiny_checkpoint, tmp_path, precision, options):
+    from PIL import Image
+
     from edgekd.export import export
     from edgekd.runtime.tensorrt import TensorRTBackend
-    from PIL import Image
 
     out = tmp_path / f"trt-{precision}"
     config = ExportConfig(
@@ -838,9 +840,10 @@ def cpu_stand_ins(monkeypatch, onnx_graphs):
 def test_export_on_cpu_rebuilds_vision_with_fp32_layers_when_fp16_parity_fails(
     tiny_checkpoint, tmp_path, cpu_stand_ins
 ):
+    from PIL import Image
+
     from edgekd.export import export
     from edgekd.runtime import tensorrt as trt_runtime
-    from PIL import Image
 
     cpu_stand_ins.cosines["vision"] = 0.97  # the first fp16 vision build "misses" 0.999
     out = tmp_path / "trt"
@@ -868,7 +871,6 @@ def test_export_on_cpu_rebuilds_vision_with_fp32_layers_when_fp16_parity_fails(
     gen = backend.generate(image, "What color is the shape?", max_new_tokens=5)
     ids, pixels = backend.encode(image, "What color is the shape?")
     from edgekd.evaluate import greedy_reference
-
     from edgekd.models import VLM
 
     vlm = VLM.from_pretrained(tiny_checkpoint)

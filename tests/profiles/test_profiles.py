@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
+
+from edgekd.errors import EdgeKDError
 from edgekd.profiles import (
     DeviceProfile,
     LossConfig,
@@ -19,9 +22,6 @@ from edgekd.profiles import (
     profile_to_dict,
     profile_to_yaml,
 )
-from pydantic import ValidationError
-
-from edgekd.errors import EdgeKDError
 
 PACKAGE = resources.files("edgekd.profiles")
 DEVICE_FILES = sorted(p.name for p in (PACKAGE / "devices").iterdir() if p.name.endswith(".yaml"))

@@ -14,8 +14,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def onnx_fp32_artifact(tmp_path_factory, tiny_vlm) -> Path:
-    from edgekd.export import ExportConfig, export
     from filelock import FileLock
+
+    from edgekd.export import ExportConfig, export
 
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "onnx-shared"

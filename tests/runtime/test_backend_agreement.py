@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from edgekd.runtime.base import BackendError, Generation
-from edgekd.runtime.torch import TorchBackend
 from PIL import Image
 from runtime_prompts import PROMPTS, image_for
 
 from edgekd.evaluate import greedy_reference
+from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.torch import TorchBackend
 
 
 def _noise(seed, size=64):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgekd.runtime.bench import BenchConfig, BenchError, agreement, load_items, run_bench
 from PIL import Image
+
+from edgekd.runtime.bench import BenchConfig, BenchError, agreement, load_items, run_bench
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 
@@ -308,6 +309,7 @@ def test_multi_turn_samples_are_refused(eval_set, tmp_path):
 
 def test_gpu_providers_missing_here_name_what_to_install(contrast_onnx_artifact):
     import onnxruntime as ort
+
     from edgekd.runtime import load_backend
     from edgekd.runtime.base import BackendError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from edgekd.runtime.base import BackendError
 from edgekd.runtime.devices import (
     NOT_JETSON,

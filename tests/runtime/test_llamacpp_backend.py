@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-from edgekd.runtime.base import BackendError, Generation
-from edgekd.runtime.prompt import user_content
 
 from edgekd.evaluate import greedy_reference
+from edgekd.runtime.base import BackendError, Generation
+from edgekd.runtime.prompt import user_content
 
 
 @pytest.fixture(scope="module")

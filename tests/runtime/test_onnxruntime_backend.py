@@ -7,14 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from edgekd.artifact import ArtifactError
-from edgekd.runtime.base import BackendError
-from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, resolve_providers
-from edgekd.runtime.prompt import encode_prompt
 from PIL import Image
 from runtime_prompts import PROMPTS, image_for
 
+from edgekd.artifact import ArtifactError
 from edgekd.evaluate import greedy_reference
+from edgekd.runtime.base import BackendError
+from edgekd.runtime.onnxruntime import OnnxRuntimeBackend, resolve_providers
+from edgekd.runtime.prompt import encode_prompt
 
 
 @pytest.fixture(scope="module")

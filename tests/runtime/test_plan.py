@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from edgekd.profiles import ProfileError
-from edgekd.runtime.plan import plan
 
 from edgekd.errors import ModelError
+from edgekd.profiles import ProfileError
+from edgekd.runtime.plan import plan
 
 PRESET = "qwen2-0.5b-siglip-so400m"
 NANO = "jetson-orin-nano-8gb"

@@ -9,6 +9,7 @@ import time
 import types
 
 import pytest
+
 from edgekd.runtime.base import BackendError
 from edgekd.runtime.power import (
     NvmlMeter,

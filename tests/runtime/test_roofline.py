@@ -6,15 +6,15 @@ import json
 import shutil
 
 import pytest
+
 from edgekd import artifact
+from edgekd.models.factory import count_parameters
 from edgekd.runtime.roofline import (
     RooflineError,
     decode_bytes_per_token,
     measure_bandwidth,
     roofline_tok_s,
 )
-
-from edgekd.models.factory import count_parameters
 
 
 def _kv_per_token(vlm, element: int) -> int:
