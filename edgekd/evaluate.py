@@ -37,12 +37,9 @@ def prompts_and_references(dataset) -> list[dict[str, Any]]:
     """Per sample: prompt token ids (image tokens expanded), reference answer, type, id."""
     rows = []
     for i, sample in enumerate(dataset.samples):
-        messages = dataset._messages(sample["conversations"])
-        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
-        text = dataset._render(messages[:last], sample["id"], add_generation_prompt=True)
-        text, _ = dataset._expand_images(text, [])
-        ids = dataset.tokenizer(text, add_special_tokens=False)["input_ids"]
-        reference = sample.get("answer", sample["conversations"][last]["value"])
+        ids = dataset.prompt_ids(i)
+        answers = [t["value"] for t in sample["conversations"] if t["from"] == "assistant"]
+        reference = sample.get("answer", answers[-1])
         rows.append(
             {
                 "index": i,

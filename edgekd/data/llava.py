@@ -345,6 +345,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         self._cache[i] = _Encoded(ids, labels, full_length)
         return self._cache[i]
 
+    def prompt_ids(self, i: int) -> list[int]:
+        """Token ids of sample ``i`` up to its last assistant turn, with the generation prompt
+        and expanded image tokens: what a model is given to answer (evaluation, parity)."""
+        sample = self.samples[i]
+        messages = self._messages(sample["conversations"])
+        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        text = self._render(messages[:last], sample["id"], add_generation_prompt=True)
+        text, _ = self._expand_images(text, [])
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def _messages(self, conversations: list[dict]) -> list[dict]:
         return [{"role": t["from"], "content": self._content(t["value"])} for t in conversations]
 
