@@ -34,10 +34,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edgekd.artifact import GGUF_MMPROJ as MMPROJ_FILE
+from edgekd.artifact import GGUF_MODEL as MODEL_FILE
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.gguf_write import (
-    MMPROJ_FILE,
-    MODEL_FILE,
     PRECISIONS,
     PROJECTOR_ACTS,
     TEXT_ARCHS,
