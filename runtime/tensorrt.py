@@ -202,7 +202,8 @@ class TensorRTBackend:
     def __init__(self, artifact_dir: str | Path, *, verify: bool = True) -> None:
         import torch
         from edgekd.export.manifest import verify as verify_manifest
-        from transformers import AutoProcessor
+
+        from edgekd.models.vlm import load_processor
 
         self.root = Path(artifact_dir)
         self.manifest = verify_manifest(self.root) if verify else None
@@ -215,7 +216,7 @@ class TensorRTBackend:
         self.config = json.loads((self.root / ENGINES_JSON).read_text())
         self.device, self.stream = torch.device("cuda"), None
         self.vision, self.embed, self.prefill, self.decode = self._load_runners()
-        self.processor = AutoProcessor.from_pretrained(self.root / "onnx")
+        self.processor = load_processor(self.root / "onnx")  # PIL preprocessing
         pre = self.config["preprocessing"]
         self.eos_ids = [int(i) for i in pre["eos_token_ids"]]
         self.image_token_id = int(pre["image_token_id"])

@@ -2,7 +2,7 @@
 
 from edgekd.models.factory import PRESETS, SHAPES, TINY_SIZES, build_vlm, count_parameters
 from edgekd.models.tokenizer import train_tokenizer
-from edgekd.models.vlm import VLM, check_compatible
+from edgekd.models.vlm import VLM, check_compatible, load_processor
 
 __all__ = [
     "PRESETS",
@@ -12,5 +12,6 @@ __all__ = [
     "build_vlm",
     "check_compatible",
     "count_parameters",
+    "load_processor",
     "train_tokenizer",
 ]

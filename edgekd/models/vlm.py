@@ -70,15 +70,12 @@ class VLM:
             device: Where to put the weights.
             trust_remote_code: Run code shipped with the checkpoint. Off unless asked for.
 
+        The image processor is always the PIL-backed class (:func:`load_processor`).
+
         Raises:
             ModelError: The path does not exist, is not a LLaVA-family checkpoint, or fails to load.
         """
-        from transformers import (
-            AutoConfig,
-            AutoProcessor,
-            LlavaForConditionalGeneration,
-            PretrainedConfig,
-        )
+        from transformers import AutoConfig, LlavaForConditionalGeneration, PretrainedConfig
 
         src = str(path_or_id)
         local = Path(src).expanduser()
@@ -101,7 +98,7 @@ class VLM:
             model = LlavaForConditionalGeneration.from_pretrained(
                 src, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
             )
-            processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+            processor = load_processor(src, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load '{src}': {_first_line(e)}") from None
         return cls(model.to(device), processor)
@@ -249,6 +246,21 @@ class VLM:
         vocab = sorted(self.tokenizer.get_vocab().items())
         blob = json.dumps([vocab, self.image_token_id, self.vocab_size]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_processor(src: str | os.PathLike, trust_remote_code: bool = False):
+    """A checkpoint's processor, its image processor always the PIL-backed class.
+
+    transformers saves a backend-neutral image processor name (``SiglipImageProcessor``) and
+    reloads the torchvision-backed class wherever torchvision is installed, whose resize differs
+    from PIL's by a few grey levels. The reference implementations (LLaVA, TinyLLaVA) resize
+    with PIL, so edgekd pins that backend: preprocessing does not depend on what is installed.
+    """
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(
+        str(src), backend="pil", trust_remote_code=trust_remote_code
+    )
 
 
 def check_llava_config(config: dict[str, Any], src: str) -> None:
