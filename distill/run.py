@@ -194,15 +194,27 @@ def _load_student(recipe, job: DistillJob, teacher, device: str):
 
 def check_same_preprocessing(teacher, student) -> None:
     """Both models see the same pixels, so their image preprocessing must agree."""
-    keys = ("size", "image_mean", "image_std", "rescale_factor", "resample")
     t_ip, s_ip = teacher.processor.image_processor, student.processor.image_processor
-    for key in keys:
-        tv, sv = getattr(t_ip, key, None), getattr(s_ip, key, None)
+    t_steps, s_steps = preprocessing_steps(t_ip), preprocessing_steps(s_ip)
+    for key, tv in t_steps.items():
+        sv = s_steps[key]
         if tv != sv:
             raise ModelError(
                 f"teacher image preprocessing {key}={tv} != student {key}={sv}; "
                 "the visual switch needs both models to see the same pixels"
             )
+
+
+def preprocessing_steps(image_processor) -> dict[str, Any]:
+    """What decides an image processor's pixels, whatever its class (absent steps are off)."""
+    steps = {
+        key: getattr(image_processor, key, None)
+        for key in ("size", "image_mean", "image_std", "rescale_factor", "resample")
+    }
+    steps["do_pad"] = bool(getattr(image_processor, "do_pad", False))  # pad to a square first
+    crop = bool(getattr(image_processor, "do_center_crop", False))
+    steps["crop_size"] = getattr(image_processor, "crop_size", None) if crop else None
+    return steps
 
 
 def load_data(recipe, job: DistillJob, processor, console: Console):

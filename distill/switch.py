@@ -34,13 +34,21 @@ class TeacherOutput:
 
 
 class TeacherRoutes(nn.Module):
-    """A frozen teacher that returns its own logits and, given student features, switch logits."""
+    """A frozen teacher that returns its own logits and, given student features, switch logits.
 
-    def __init__(self, teacher_model: nn.Module):
+    Args:
+        teacher_model: The teacher ``LlavaForConditionalGeneration``.
+        input_image_token_id: The image token id of the ids it is given (the student's); the
+            teacher reads them with its own image token id instead (:meth:`VLM.own_ids`). None:
+            the ids already use the teacher's.
+    """
+
+    def __init__(self, teacher_model: nn.Module, input_image_token_id: int | None = None):
         super().__init__()
         self.teacher = teacher_model
         self.teacher.eval()
         self.teacher.requires_grad_(False)
+        self.input_image_token_id = input_image_token_id
 
     def train(self, mode: bool = True) -> TeacherRoutes:
         # The teacher stays in eval mode (no dropout) whatever the trainer asks.
@@ -57,12 +65,14 @@ class TeacherRoutes(nn.Module):
         """Run the teacher route and, when ``student_features`` are given, the switch route.
 
         Args:
-            input_ids, attention_mask: (B, L) token ids and mask, image tokens expanded.
+            input_ids, attention_mask: (B, L) token ids and mask, image tokens expanded (built
+                by the student's processor: its image token is translated here).
             pixel_values: (B_img, 3, H, W) images of the rows with an image, in row order.
             has_image: (B,) bool, which rows have an image (all rows when None).
             student_features: (B_img, N, D_vision) student vision features (already adapted).
         """
         vlm = VLM(self.teacher, processor=None)
+        input_ids = vlm.own_ids(input_ids, self.input_image_token_id)
         with torch.no_grad():
             embeds = vlm.embed(input_ids)
             merged = embeds

@@ -60,14 +60,19 @@ class DistillTrainer(Trainer):
             if objective.uses_switch
             else None
         )
-        self.teacher = self._place_teacher(teacher_model) if objective.needs_teacher else None
+        self.teacher = (
+            self._place_teacher(teacher_model, getattr(model.config, "image_token_id", None))
+            if objective.needs_teacher
+            else None
+        )
         self._stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._tokens = 0
         self._clock = time.perf_counter()
 
     # ---- setup ----------------------------------------------------------------------------
-    def _place_teacher(self, teacher_model) -> torch.nn.Module:
-        routes = TeacherRoutes(teacher_model)
+    def _place_teacher(self, teacher_model, student_image_token_id: int | None) -> torch.nn.Module:
+        # the teacher reads the student's input ids, its own image token in place of the student's
+        routes = TeacherRoutes(teacher_model, input_image_token_id=student_image_token_id)
         if self.is_deepspeed_enabled:
             return _deepspeed_teacher(routes, self.accelerator)
         if self.is_fsdp_enabled:

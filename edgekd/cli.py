@@ -426,15 +426,36 @@ def _print_dataset_summary(out: Path, meta: dict) -> None:
 # ---- convert --------------------------------------------------------------------------------
 @convert_app.command("tinyllava")
 def convert_tinyllava(
-    src: Annotated[Path, typer.Argument(help="TinyLLaVA Factory checkpoint directory.")],
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="TinyLLaVA Factory checkpoint: a local directory or a hub id "
+            "(Zhang199/TinyLLaVA-Qwen2-0.5B-SigLIP)."
+        ),
+    ],
     out: Annotated[Path, typer.Argument(help="Output directory (transformers Llava).")],
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="dtype of the written weights: float32, float16, bfloat16, or auto (the "
+            "source's: the published fp16/bf16 size instead of twice it)."
+        ),
+    ] = "float32",
     overwrite: Overwrite = False,
 ) -> None:
     """Convert a TinyLLaVA Factory checkpoint to a transformers LlavaForConditionalGeneration."""
+    import json
+
+    from edgekd.models.tinyllava import MANIFEST
     from edgekd.models.tinyllava import convert_tinyllava as convert
 
-    path = convert(src, out, overwrite=overwrite)
-    console.print(f"[green]✓[/green] converted {src} -> {path}")
+    path = convert(src, out, overwrite=overwrite, dtype=dtype)
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    console.print(
+        f"[green]✓[/green] converted {src} -> {path} ({manifest['dtype']}, "
+        f"{manifest['image_token']['token']} id {manifest['image_token']['id']}, "
+        f"{manifest['image_processor']})"
+    )
 
 
 # ---- models ---------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ class OnnxRuntimeBackend:
         *,
         verify: bool = True,
     ) -> None:
-        from transformers import AutoProcessor
+        from edgekd.models.vlm import load_processor
 
         self.root = Path(artifact_dir)
         self.artifact = artifact.verify(self.root) if verify else None
@@ -156,7 +156,7 @@ class OnnxRuntimeBackend:
         self.vision = self._session(self.config["vision"]["filename"], options)
         self.embed = self._session(self.config["embedding"]["filename"], options)
         self.decoder = self._session(self.config["decoder"]["filename"], options)
-        self.processor = AutoProcessor.from_pretrained(self.root)
+        self.processor = load_processor(self.root)  # PIL preprocessing, as in training
         pre = self.artifact.preprocessing if self.artifact else {}
         self.eos_token_ids = set(pre.get("eos_token_ids", self.config["eos_token_id"]))
         self.image_token_id = int(self.config["image_token_id"])

@@ -220,7 +220,8 @@ class TensorRTBackend:
 
     def __init__(self, artifact_dir: str | Path, *, verify: bool = True) -> None:
         import torch
-        from transformers import AutoProcessor
+
+        from edgekd.models.vlm import load_processor
 
         self.root = Path(artifact_dir)
         self.artifact = artifact.verify(self.root, expect="tensorrt") if verify else None
@@ -229,7 +230,7 @@ class TensorRTBackend:
         self.config = json.loads((self.root / ENGINES_JSON).read_text())
         self.device, self.stream = torch.device("cuda"), None
         self.vision, self.embed, self.prefill, self.decode = self._load_runners()
-        self.processor = AutoProcessor.from_pretrained(self.root / artifact.TRT_ONNX_DIR)
+        self.processor = load_processor(self.root / artifact.TRT_ONNX_DIR)  # PIL preprocessing
         pre = self.config["preprocessing"]
         self.eos_ids = [int(i) for i in pre["eos_token_ids"]]
         self.eos_token_ids = set(self.eos_ids)

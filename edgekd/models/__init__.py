@@ -18,6 +18,7 @@ _NAMES = {
     "train_tokenizer": "tokenizer",
     "VLM": "vlm",
     "check_compatible": "vlm",
+    "load_processor": "vlm",
     "TextDims": "dims",
 }
 

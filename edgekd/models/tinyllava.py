@@ -4,6 +4,8 @@ TinyLLaVA Factory (github.com/TinyLLaVA/TinyLLaVA_Factory) trains the paper's st
 (Qwen2 / Qwen2.5 + SigLIP-so400m + ``mlp2x_gelu``). Its checkpoints load only with the
 repository's own code (``trust_remote_code``); this module turns one into a
 ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` that edgekd (and transformers) load as is.
+The processor side (tokenizer, prompt template, image preprocessing) is in
+:mod:`edgekd.models.tinyllava_processor`.
 
 Facts read from the TinyLLaVA Factory source (paths in that repository):
 
@@ -27,43 +29,43 @@ Facts read from the TinyLLaVA Factory source (paths in that repository):
   vision configs are nested dicts (``text_config``, ``vision_config``), saved by transformers 4.x
   as a diff against the sub-config class defaults (so a field equal to its default is absent and
   is taken from the current class default here). ``connector_type``,
-  ``vision_feature_layer``, ``vision_feature_select_strategy``, ``image_aspect_ratio`` and
-  ``tokenizer_*`` sit at the top level; ``image_token_index`` is -200. Reading the config with its
-  own class would fetch the LLM and vision configs from the hub with ``trust_remote_code=True``;
-  this module reads config.json as plain JSON instead.
+  ``vision_feature_layer``, ``vision_feature_select_strategy``, ``image_aspect_ratio`` (default
+  ``square``) and ``tokenizer_*`` sit at the top level; ``image_token_index`` is -200. No
+  template name is stored. Reading the config with its own class would fetch the LLM and vision
+  configs from the hub with ``trust_remote_code=True``; this module reads config.json as plain
+  JSON instead.
 * Saved layouts: a fine-tune stage (``training_recipe/base.py`` ``save``) and the released hub
-  models (e.g. TinyLLaVA-Qwen2-0.5B-SigLIP) hold one state dict of the whole model
-  (``model.safetensors``, sharded with an index, or ``pytorch_model.bin``) with keys
-  ``language_model.model.*``, ``language_model.lm_head.weight`` (absent when tied),
-  ``vision_tower._vision_tower.vision_model.*`` (transformers 4.x's SigLIP; 5.x's
+  models (e.g. Zhang199/TinyLLaVA-Qwen2-0.5B-SigLIP, fp16 in one file, and
+  Zhang199/TinyLLaVA-Qwen2.5-3B-SigLIP, bf16 in shards with an index) hold one state dict of the
+  whole model with keys ``language_model.model.*``, ``language_model.lm_head.weight`` (absent
+  when tied), ``vision_tower._vision_tower.vision_model.*`` (transformers 4.x's SigLIP; 5.x's
   ``SiglipVisionModel`` has no ``vision_model.`` level, so that segment is dropped) and
   ``connector._connector.{0,2}.*``. The pre-train stage writes ``language_model/``,
   ``vision_tower/`` and ``connector/`` subfolders, each a ``pytorch_model.bin`` of that part's
   own parameters (plus a config.json for the first two); both layouts are read here. The
   tokenizer and the full config sit at the top level.
-* ``tinyllava/data/template/qwen2_base_template.py`` with ``base.py`` and ``formatter.py``: the
-  prompt is the system sentence plus one space, then per turn
-  ``USER: {q} ASSISTANT: {a}<|endoftext|>`` with no separator between turns; a question holding
-  ``<image>`` has it removed, is stripped, and becomes ``<image>\\n{q}``. At inference the open
-  answer renders as ``ASSISTANT:`` (no trailing space). A leading non-user message is skipped.
-* ``tinyllava/data/image_preprocess.py``: images go through the vision tower's own image processor
-  (SigLIP: resize to a square, scale to [-1, 1]); ``image_aspect_ratio == "pad"`` first pads to a
-  square with the mean colour, which a SigLIP processor does not do (the manifest notes it).
+* Other language models TinyLLaVA trains: Phi-2 (``phi``) has a biased LM head, which Llava's
+  bias-free ``lm_head`` cannot hold (its ``phi`` template equals ``qwen2_base``). Gemma needs
+  its own template and an embedding fix: transformers 4.x's ``GemmaModel`` (TinyLLaVA's)
+  multiplies all input embeddings, the visual tokens included, by sqrt(hidden_size), while 5.x
+  scales only the token embeddings (``GemmaTextScaledWordEmbedding``), so the projector's last
+  layer would have to absorb the factor. Neither is converted; the refusal says why.
 
 Choices made here:
 
-* The image token: ``<image>`` is added to the tokenizer as a special token when absent. Its id
-  is the next free id (151646 for Qwen2's tokenizer), which normally lies inside the embedding
-  matrix (151936 rows), so no weights change. When it does not fit, the embedding (and an untied
-  lm_head) grows to the new vocabulary; the new rows are the mean of the existing ones. The
-  image token's input row is never read (visual tokens replace it); as an output it is one more
-  logit, appended after the source vocabulary, so the source logits keep their columns.
-* The chat template reproduces ``qwen2_base``; a system message, if given, replaces the default
-  sentence (TinyLLaVA would drop it). Several images in one turn each get ``<image>\\n``.
+* The image token is added at the tokenizer's next free id, which normally lies inside the
+  embedding matrix (151936 rows), so no weights change. When it does not fit, the embedding (and
+  an untied lm_head) grows to the new vocabulary; the new rows are the mean of the existing
+  ones. The image token's input row is never read (visual tokens replace it); as an output it
+  is one more logit, appended after the source vocabulary, so the source logits keep their
+  columns. Qwen2 and Qwen2.5 conversions get different ids (151646 and 151665); distillation
+  translates one into the other, so no shared id has to be forced on either tokenizer.
 * Only SigLIP towers with ``mlp2x_gelu`` connectors and Qwen2-family LLMs are converted: the
-  template is only right for Qwen2, and other towers need other image processors.
+  qwen2_base template is only right for Qwen2, and other towers need other image processors.
 * A tower saved without SigLIP's attention-pooling head gets ``vision_use_head=False``; the
   text ``vocab_size`` is taken from the embedding matrix, the source of truth.
+* A hub id (``org/name``) is fetched with huggingface_hub (the config, weights and tokenizer
+  files only, never code); anything else is a local directory.
 """
 
 from __future__ import annotations
@@ -78,12 +80,28 @@ import torch
 
 from edgekd.errors import ModelError
 from edgekd.io import check_output_dir, sha256_file
+from edgekd.models.hub import Source, resolve_source
+from edgekd.models.tinyllava_processor import (
+    IMAGE_TOKEN,
+    QWEN2_BASE_SYSTEM,
+    QWEN2_BASE_TEMPLATE,
+    aspect_ratio_problem,
+    build_processor,
+    load_tokenizer,
+)
+
+__all__ = [
+    "QWEN2_BASE_SYSTEM",
+    "QWEN2_BASE_TEMPLATE",
+    "convert_tinyllava",
+    "read_checkpoint",
+    "resolve_source",
+]
 
 SUPPORTED_CONNECTORS = ("mlp2x_gelu",)
 SUPPORTED_VISION = ("siglip_vision_model",)
 SUPPORTED_TEXT = ("qwen2",)
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # TinyLLaVA -> transformers Llava
-IMAGE_TOKEN = "<image>"
 MANIFEST = "edgekd_convert.json"
 
 # Source prefix -> target prefix, first match wins; a source tensor no rule takes is an error.
@@ -117,43 +135,6 @@ _DROP_SUBCONFIG_KEYS = {
     "_attn_implementation_autoset",
 }
 
-QWEN2_BASE_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-    "helpful, detailed, and polite answers to the user's questions."
-)
-# TinyLLaVA's qwen2_base prompt. Content is a string or a list of {"type": "image"|"text"} items.
-QWEN2_BASE_TEMPLATE = (
-    '{%- set ns = namespace(system="' + QWEN2_BASE_SYSTEM + "\", images='') -%}"
-    "{%- for message in messages if message['role'] == 'system' -%}"
-    "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
-    "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', 'text')"
-    " | map(attribute='text') | join('') -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- ns.system + ' ' -}}"
-    "{%- for message in messages if message['role'] != 'system' -%}"
-    "{%- if message['content'] is string -%}"
-    "{%- set text = message['content'] -%}"
-    "{%- set n_images = (message['content'].split('<image>') | length) - 1 -%}"
-    "{%- else -%}"
-    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
-    " | map(attribute='text') | join('') -%}"
-    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image')"
-    " | list | length -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if n_images > 0 -%}"
-    "{%- set ns.images = '' -%}"
-    "{%- for _ in range(n_images) -%}{%- set ns.images = ns.images + '<image>\\n' -%}{%- endfor -%}"
-    "{%- set text = (ns.images + (text | replace('<image>', '') | trim)) | trim -%}"
-    "{%- endif -%}"
-    "{{- 'USER: ' + text + ' ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- 'ASSISTANT: ' + text + '<|endoftext|>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
-
 
 @dataclass
 class TinyLlavaCheckpoint:
@@ -175,30 +156,33 @@ def convert_tinyllava(
     overwrite: bool = False,
     dtype: str = "float32",
 ) -> Path:
-    """Convert a TinyLLaVA Factory checkpoint directory into a LLaVA checkpoint at ``out``.
+    """Convert a TinyLLaVA Factory checkpoint into a LLaVA checkpoint at ``out``.
 
     Args:
-        src: Directory holding TinyLLaVA's config.json, weights and tokenizer files.
+        src: A directory holding TinyLLaVA's config.json, weights and tokenizer files, or a hub
+            id (``org/name``, fetched with huggingface_hub: from its cache when offline).
         out: Output directory; written atomically (complete or absent).
         overwrite: Replace an existing, non-empty ``out``.
-        dtype: ``float32`` (default), ``float16``, ``bfloat16`` or ``auto`` (the source's dtype).
+        dtype: Of the written weights: ``float32`` (default), ``float16``, ``bfloat16`` or
+            ``auto`` (the source's dtype: the published fp16/bf16 files keep their size).
 
     Returns:
         ``out``, loadable with :meth:`edgekd.models.VLM.from_pretrained`.
 
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is not set (before any work).
-        ModelError: ``src`` is not a supported TinyLLaVA checkpoint, or its tensors do not fill
-            the converted model exactly.
+        ModelError: ``src`` is neither a directory nor a reachable hub id, is not a supported
+            TinyLLaVA checkpoint, or its tensors do not fill the converted model exactly.
     """
     from edgekd.io import atomic_dir
     from edgekd.models.vlm import VLM, resolve_dtype
 
     check_output_dir(out, overwrite)
-    if Path(out).expanduser().resolve() == Path(src).expanduser().resolve():
-        raise ModelError(f"output '{out}' is the source checkpoint; write to another directory")
     target_dtype = resolve_dtype(dtype)
-    ckpt = read_checkpoint(src)
+    source = resolve_source(src, what="TinyLLaVA checkpoint")
+    if Path(out).expanduser().resolve() == source.path.resolve():
+        raise ModelError(f"output '{out}' is the source checkpoint; write to another directory")
+    ckpt = read_checkpoint(source.path)
     strategy = check_supported(ckpt)
     tokenizer, token_added = load_tokenizer(ckpt.path)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -212,9 +196,10 @@ def convert_tinyllava(
     if target_dtype == "auto":
         target_dtype = _source_dtype(ckpt.tensors)
     model = model.to(target_dtype).eval()
-    processor = build_processor(ckpt, tokenizer, strategy)
+    aspect = ckpt.config.get("image_aspect_ratio")
+    processor = build_processor(ckpt.path, ckpt.vision_config, tokenizer, strategy, aspect)
 
-    manifest = _manifest(ckpt, config, counts, tied, token_added, source_vocab, target_dtype)
+    manifest = _manifest(ckpt, source, model, processor, counts, tied, token_added, source_vocab)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         VLM(model, processor).save_pretrained(tmp)  # tmp is empty: no overwrite needed
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -227,7 +212,7 @@ def read_checkpoint(src: str | os.PathLike) -> TinyLlavaCheckpoint:
     path = Path(src).expanduser()
     if not path.is_dir():
         raise ModelError(f"TinyLLaVA checkpoint '{path}' is not a directory")
-    config = _read_json(path / "config.json", what="a TinyLLaVA checkpoint")
+    config = read_json(path / "config.json", what="a TinyLLaVA checkpoint")
     model_type = config.get("model_type")
     if model_type != "tinyllava":
         raise ModelError(
@@ -240,7 +225,7 @@ def read_checkpoint(src: str | os.PathLike) -> TinyLlavaCheckpoint:
     return TinyLlavaCheckpoint(path, config, text, vision, tensors, layout, files)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"'{path.parent}' is not {what}: it has no {path.name}")
     try:
@@ -258,7 +243,7 @@ def _sub_config(path: Path, config: dict, key: str, folder: str, name_key: str) 
     if isinstance(nested, dict) and nested:
         return dict(nested)
     if (path / folder / "config.json").is_file():
-        return _read_json(path / folder / "config.json", what="a TinyLLaVA part")
+        return read_json(path / folder / "config.json", what="a TinyLLaVA part")
     raise ModelError(
         f"'{path}/config.json' has no '{key}' and there is no {folder}/config.json; TinyLLaVA "
         f"would fetch it from '{config.get(name_key) or '?'}' on the hub, which edgekd does not "
@@ -290,7 +275,7 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
 def _load_weight_dir(path: Path) -> tuple[dict[str, torch.Tensor], list[str]] | None:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index_name).is_file():
-            index = _read_json(path / index_name, what="a sharded checkpoint")
+            index = read_json(path / index_name, what="a sharded checkpoint")
             shards = sorted(set(index.get("weight_map", {}).values()))
             if not shards:
                 raise ModelError(f"'{path / index_name}' has an empty weight_map")
@@ -345,15 +330,42 @@ def check_supported(ckpt: TinyLlavaCheckpoint) -> str:
             f"vision tower '{vision_type}' is not supported (supported: "
             f"{', '.join(SUPPORTED_VISION)})"
         )
-    text_type = ckpt.text_config.get("model_type")
-    if text_type not in SUPPORTED_TEXT:
-        problems.append(
-            f"language model '{text_type}' is not supported (supported: "
-            f"{', '.join(SUPPORTED_TEXT)}; the qwen2_base prompt template is only right for Qwen2)"
-        )
+    text_problem = _text_model_problem(ckpt.text_config)
+    if text_problem:
+        problems.append(text_problem)
+    aspect = aspect_ratio_problem(cfg.get("image_aspect_ratio"))
+    if aspect:
+        problems.append(aspect)
     if problems:
         raise ModelError(f"cannot convert '{ckpt.path}': " + "; ".join(problems))
     return SELECT_STRATEGY[select]
+
+
+def _text_model_problem(text_config: dict) -> str | None:
+    """Why the language model cannot be converted (the real obstacle), or None when it can."""
+    kind = text_config.get("model_type")
+    if kind in SUPPORTED_TEXT:
+        return None
+    if kind == "phi":
+        return (
+            "language model 'phi' (Phi-2) is not supported: its LM head has a bias "
+            "(language_model.lm_head.bias) that LlavaForConditionalGeneration's bias-free lm_head "
+            "cannot hold (its TinyLLaVA template, phi, equals qwen2_base: that is no obstacle)"
+        )
+    if kind == "gemma":
+        scale = float(text_config.get("hidden_size", 3072)) ** 0.5  # GemmaConfig's default
+        return (
+            "language model 'gemma' is not supported: it needs TinyLLaVA's gemma template (BOS "
+            "first, answers end in <eos>) and an embedding fix: transformers 4.x (TinyLLaVA's) "
+            f"scales all input embeddings, image features included, by sqrt(hidden_size) = "
+            f"{scale:.2f}, transformers 5 only the token embeddings, so the projector's last "
+            "layer would have to absorb that factor"
+        )
+    return (
+        f"language model '{kind}' is not supported (supported: {', '.join(SUPPORTED_TEXT)}): "
+        "a TinyLLaVA checkpoint does not record its prompt template, and edgekd reproduces "
+        "qwen2_base, which is only right for Qwen2-family models"
+    )
 
 
 def map_state_dict(
@@ -470,92 +482,26 @@ def load_strict(config, state: dict[str, torch.Tensor], tied: bool):
     return model
 
 
-# ---- processor ----------------------------------------------------------------------------
-def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer with an ``<image>`` special token (added when absent)."""
-    from transformers import AddedToken, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # AutoTokenizer peeks at config.json and warns that 'tinyllava' is no model type it knows.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelError(
-            f"cannot load the tokenizer from '{path}' (TinyLLaVA saves it beside config.json): "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-        ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if IMAGE_TOKEN in tokenizer.get_vocab():
-        return tokenizer, False
-    tokenizer.add_tokens(
-        [AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True
-    )
-    return tokenizer, True
-
-
-def build_processor(ckpt: TinyLlavaCheckpoint, tokenizer, strategy: str):
-    """LlavaProcessor: SigLIP preprocessing, the tokenizer and the qwen2_base chat template."""
-    from transformers import LlavaProcessor
-
-    vision = ckpt.vision_config
-    tokenizer.chat_template = QWEN2_BASE_TEMPLATE
-    return LlavaProcessor(
-        image_processor=_image_processor(ckpt.path, vision),
-        tokenizer=tokenizer,
-        patch_size=vision.get("patch_size", 16),
-        vision_feature_select_strategy=strategy,
-        chat_template=QWEN2_BASE_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=0,  # SigLIP has no CLS token
-    )
-
-
-def _image_processor(path: Path, vision: dict):
-    """SigLIP preprocessing at the tower's image size, with the checkpoint's mean/std if given."""
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    size = int(vision.get("image_size", 224))  # SiglipVisionConfig's default
-    kwargs: dict[str, Any] = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    pre = path / "preprocessor_config.json"
-    if pre.is_file():
-        data = _read_json(pre, what="an image processor")
-        kwargs.update(
-            {
-                k: data[k]
-                for k in ("image_mean", "image_std", "resample", "rescale_factor")
-                if k in data
-            }
-        )
-        saved = data.get("size") or {}
-        if isinstance(saved, dict):
-            saved = saved.get("height", saved.get("shortest_edge"))
-        if saved is not None and int(saved) != size:
-            raise ModelError(
-                f"'{pre}' resizes to {saved} px but the vision tower takes {size} px images; "
-                "fix one of them"
-            )
-    return SiglipImageProcessorPil(size={"height": size, "width": size}, **kwargs)
-
-
 # ---- helpers ------------------------------------------------------------------------------
 def _manifest(
     ckpt: TinyLlavaCheckpoint,
-    config: Any,
+    source: Source,
+    model: Any,
+    processor: Any,
     counts: dict[str, int],
     tied: bool,
     token_added: bool,
     source_vocab: int,
-    dtype: torch.dtype,
 ) -> dict[str, Any]:
     """What edgekd_convert.json records: the source, its hash and how every part was mapped."""
+    config = model.config
     return {
-        "source": str(ckpt.path.resolve()),
+        "source": source.hub_id or str(ckpt.path.resolve()),
+        "source_revision": source.revision,
         "source_config_sha256": sha256_file(ckpt.path / "config.json"),
         "source_layout": ckpt.layout,
         "source_files": ckpt.files,
+        "source_dtype": str(_source_dtype(ckpt.tensors)).removeprefix("torch."),
         "source_transformers_version": ckpt.config.get("transformers_version"),
         "key_mapping": {f"{s}* -> {t}*": counts[s] for s, t in KEY_MAP},
         "tensors": len(ckpt.tensors),
@@ -574,25 +520,16 @@ def _manifest(
             "llava": config.vision_feature_select_strategy,
         },
         "image_seq_length": config.image_seq_length,
+        "image_aspect_ratio": ckpt.config.get("image_aspect_ratio") or "square",
+        "image_processor": type(processor.image_processor).__name__,
         "chat_template": "qwen2_base",
-        "dtype": str(dtype).removeprefix("torch."),
-        "notes": _notes(ckpt),
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
 
 
 def _source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     return max(set(floats), key=floats.count) if floats else torch.float32
-
-
-def _notes(ckpt: TinyLlavaCheckpoint) -> list[str]:
-    notes = []
-    if ckpt.config.get("image_aspect_ratio") == "pad":
-        notes.append(
-            "image_aspect_ratio 'pad': TinyLLaVA pads images to a square with the mean colour "
-            "before resizing; the SigLIP processor only resizes: pad non-square images yourself"
-        )
-    return notes
 
 
 def _some(names: list[str], n: int = 5) -> str:

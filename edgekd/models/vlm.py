@@ -70,15 +70,12 @@ class VLM:
             device: Where to put the weights.
             trust_remote_code: Run code shipped with the checkpoint. Off unless asked for.
 
+        The image processor is always the PIL-backed class (:func:`load_processor`).
+
         Raises:
             ModelError: The path does not exist, is not a LLaVA-family checkpoint, or fails to load.
         """
-        from transformers import (
-            AutoConfig,
-            AutoProcessor,
-            LlavaForConditionalGeneration,
-            PretrainedConfig,
-        )
+        from transformers import AutoConfig, LlavaForConditionalGeneration, PretrainedConfig
 
         src = str(path_or_id)
         local = Path(src).expanduser()
@@ -101,7 +98,7 @@ class VLM:
             model = LlavaForConditionalGeneration.from_pretrained(
                 src, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
             )
-            processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+            processor = load_processor(src, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load '{src}': {_first_line(e)}") from None
         return cls(model.to(device), processor)
@@ -198,6 +195,21 @@ class VLM:
         """Token embeddings (B, L, D_text)."""
         return self.language_model.get_input_embeddings()(input_ids)
 
+    def own_ids(self, input_ids: torch.Tensor, image_token_id: int | None) -> torch.Tensor:
+        """Input ids built by another model's processor, in this model's ids.
+
+        Two models whose text vocabularies agree (:func:`check_compatible`) read every text id
+        the same way; only their image tokens may have different ids. The other model's image
+        token becomes this one's, so the visual positions stay where they are.
+
+        Args:
+            input_ids: (B, L) ids, image tokens expanded, as the other model's processor made them.
+            image_token_id: The other model's image token id (None: the same as this one's).
+        """
+        if image_token_id is None or image_token_id == self.image_token_id:
+            return input_ids
+        return input_ids.masked_fill(input_ids == image_token_id, self.image_token_id)
+
     def merge(
         self, embeds: torch.Tensor, visual_tokens: torch.Tensor, input_ids: torch.Tensor
     ) -> torch.Tensor:
@@ -245,10 +257,26 @@ class VLM:
         return self.language_logits(embeds, attention_mask)
 
     def fingerprint(self) -> str:
-        """A short hash of the vocabulary and image-token setup (equal for compatible models)."""
+        """A short hash of the vocabulary and image-token setup (equal for models sharing one
+        tokenizer; :func:`check_compatible` decides what distillation needs)."""
         vocab = sorted(self.tokenizer.get_vocab().items())
         blob = json.dumps([vocab, self.image_token_id, self.vocab_size]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_processor(src: str | os.PathLike, trust_remote_code: bool = False):
+    """A checkpoint's processor, its image processor always the PIL-backed class.
+
+    transformers saves a backend-neutral image processor name (``SiglipImageProcessor``) and
+    reloads the torchvision-backed class wherever torchvision is installed, whose resize differs
+    from PIL's by a few grey levels. The reference implementations (LLaVA, TinyLLaVA) resize
+    with PIL, so edgekd pins that backend: preprocessing does not depend on what is installed.
+    """
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(
+        str(src), backend="pil", trust_remote_code=trust_remote_code
+    )
 
 
 def check_llava_config(config: dict[str, Any], src: str) -> None:
@@ -273,26 +301,76 @@ def check_llava_config(config: dict[str, Any], src: str) -> None:
 
 
 def check_compatible(teacher: VLM, student: VLM) -> None:
-    """Teacher and student must share the vocabulary and the image token for logit distillation.
+    """What logit distillation needs of a teacher and a student, all problems in one error.
+
+    The teacher reads the student's input ids (each model's processor builds ids its own way,
+    but the positions must line up token for token) and both models' logits are compared column
+    by column, so:
+
+    * the logit widths (embedding rows) must be equal;
+    * the text vocabulary must agree: every token of the student's tokenizer, its image token
+      aside, has the same id in the teacher's, or is unknown to the teacher and sits on a row the
+      teacher leaves unused. The end-of-text and template tokens the labels hold are among them;
+    * the image tokens may differ: the teacher gets the student's ids with the student's image
+      token replaced by its own (:meth:`VLM.own_ids`), but the teacher's image id must not be a
+      token the student can write;
+    * one image must give both models the same number of visual tokens (the image slots in the
+      student's ids are filled with the teacher's visual tokens).
+
+    The published TinyLLaVA pair passes: the Qwen2 tokenizer (3 added tokens, ``<image>`` 151646)
+    is a subset of Qwen2.5's (22 added tokens, ``<image>`` 151665), with 151,936 rows each.
 
     Raises:
-        ModelError: naming both values and the fix.
+        ModelError: naming both values of every mismatch and the fix.
     """
-    fix = "distil between models that share one tokenizer (same vocabulary and image token)"
+    problems = []
     if teacher.vocab_size != student.vocab_size:
-        raise ModelError(
+        problems.append(
             f"teacher vocabulary size {teacher.vocab_size} != student vocabulary size "
-            f"{student.vocab_size}; {fix}"
+            f"{student.vocab_size} (the logits must have the same columns)"
         )
-    if teacher.image_token_id != student.image_token_id:
+    problems += _text_vocabulary_problems(teacher, student)
+    n_t, n_s = teacher.num_image_tokens(), student.num_image_tokens()
+    if n_t != n_s:
+        problems.append(
+            f"teacher visual tokens per image {n_t} != student visual tokens per image {n_s} "
+            "(the same image size, patch size and feature selection are needed)"
+        )
+    if problems:
         raise ModelError(
-            f"teacher image token id {teacher.image_token_id} != student image token id "
-            f"{student.image_token_id}; {fix}"
+            "teacher and student cannot be distilled together: " + "; ".join(problems) + "; "
+            "distil between models whose tokenizers share the text vocabulary (the image "
+            "token may differ) and whose vision towers give as many visual tokens"
         )
+
+
+def _text_vocabulary_problems(teacher: VLM, student: VLM) -> list[str]:
+    """Student tokens the teacher would read differently (its image token aside)."""
     t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
-    if t_vocab != s_vocab:
-        diff = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))[:3]
-        raise ModelError(f"teacher and student tokenizers differ (e.g. {diff}); {fix}")
+    t_ids = {i: tok for tok, i in t_vocab.items()}
+    t_img, s_img = teacher.image_token_id, student.image_token_id
+    problems, differ = [], []
+    for tok, i in s_vocab.items():
+        if i == s_img:
+            continue
+        if i == t_img:  # the teacher would take this text token for an image slot
+            problems.append(
+                f"student token '{tok}' (id {i}) is the teacher's image token (teacher image "
+                f"token id {t_img} != student image token id {s_img})"
+            )
+        elif t_ids.get(i) != tok and (tok in t_vocab or i in t_ids):
+            seen = t_vocab.get(tok)
+            differ.append(
+                f"'{tok}' is {i} for the student, {'unknown' if seen is None else seen} "
+                f"for the teacher, whose {i} is {t_ids.get(i, 'unused')!r}"
+            )
+    if differ:
+        problems.append(
+            f"teacher and student text vocabularies differ in {len(differ)} tokens (e.g. "
+            + "; ".join(sorted(differ)[:3])
+            + ")"
+        )
+    return problems
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,271 +1,67 @@
-"""TinyLLaVA Factory -> Llava conversion: tiny checkpoints in TinyLLaVA's real layout, converted and
-compared with a forward pass written the way TinyLLaVA computes it."""
+"""TinyLLaVA Factory -> Llava conversion: tiny checkpoints in the published layout (slow tokenizer
+files, fp16 and bf16 weights), converted and compared with TinyLLaVA's own computation."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tinyllava_replica import (
+    ADDED,
+    IMAGE_TOKEN_INDEX,
+    SYSTEM,
+    non_square_image,
+    tinyllava_ids,
+    tinyllava_logits,
+    tinyllava_pixels,
+    tinyllava_prompt,
+    write_tinyllava,
+)
 
 from edgekd.errors import ModelError, OutputExistsError
 from edgekd.models import VLM
-from edgekd.models.tinyllava import QWEN2_BASE_SYSTEM, convert_tinyllava
+from edgekd.models.tinyllava import convert_tinyllava
 
-IMAGE_TOKEN_INDEX = -200  # TinyLLaVA's placeholder id (tinyllava/utils/constants.py)
-EOS = "<|endoftext|>"
-SYSTEM = QWEN2_BASE_SYSTEM + " "
-
-
-# ---- a tiny TinyLLaVA checkpoint, written as TinyLLaVA Factory writes one ------------------------
-def _qwen_like_tokenizer():
-    """Byte-level BPE with only <|endoftext|> special, like Qwen2's: no <image> token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=[EOS],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(
-        [SYSTEM, "USER: ASSISTANT: What shape is in the image? A red circle."], trainer=trainer
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
-
-
-def _text_config(tokenizer, rows: int, tie: bool) -> dict:
-    """A Qwen2 text_config as transformers 4.x nests it in TinyLLaVA's config.json."""
-    return {
-        "_name_or_path": "Qwen/Qwen2-0.5B",
-        "architectures": ["Qwen2ForCausalLM"],
-        "bos_token_id": tokenizer.eos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "max_position_embeddings": 256,
-        "max_window_layers": 2,
-        "model_type": "qwen2",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "num_key_value_heads": 2,
-        "rope_theta": 1000000.0,
-        "sliding_window": 256,
-        "tie_word_embeddings": tie,
-        "torch_dtype": "float32",
-        "use_sliding_window": False,
-        "vocab_size": rows,
+QUESTION = [
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "What shape is in the image?"}],
     }
+]
 
 
-def _vision_config() -> dict:
-    """SigLIP vision_config as TinyLLaVA nests it (with its model_name_or_path bookkeeping)."""
-    return {
-        "hidden_act": "gelu_pytorch_tanh",
-        "hidden_size": 32,
-        "image_size": 32,
-        "intermediate_size": 64,
-        "layer_norm_eps": 1e-06,
-        "model_name_or_path": "google/siglip",
-        "model_name_or_path2": "",
-        "model_type": "siglip_vision_model",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 3,
-        "patch_size": 8,  # 16 patches; "patch" keeps 15
-    }
-
-
-def _strip(cfg: dict) -> dict:
-    drop = {
-        "_name_or_path",
-        "architectures",
-        "model_type",
-        "model_name_or_path",
-        "model_name_or_path2",
-        "torch_dtype",
-    }
-    return {k: v for k, v in cfg.items() if k not in drop}
-
-
-def write_tinyllava(
-    path: Path,
-    *,
-    connector_type="mlp2x_gelu",
-    select="patch",
-    tie=True,
-    grow=False,
-    layout="single",
-    seed=0,
-) -> dict:
-    """Write a random tiny TinyLLaVA checkpoint; return its modules for the reference forward.
-
-    ``grow``: the embedding has exactly len(tokenizer) rows, so <image> needs a new row.
-    """
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-
-    path.mkdir(parents=True)
-    tokenizer = _qwen_like_tokenizer()
-    rows = len(tokenizer) if grow else len(tokenizer) + 16  # Qwen2 pads its embedding, too
-    text, vision = _text_config(tokenizer, rows, tie), _vision_config()
-    torch.manual_seed(seed)
-    lm = Qwen2ForCausalLM(Qwen2Config(**_strip(text))).eval()
-    tower = SiglipVisionModel(SiglipVisionConfig(**_strip(vision))).eval()
-    connector = torch.nn.Sequential(
-        torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32)
-    ).eval()
-    parts = {
-        "language_model": {
-            k: v for k, v in lm.state_dict().items() if not (tie and k == "lm_head.weight")
-        },  # tied heads are not saved
-        # transformers 4.x, which TinyLLaVA uses, nests SigLIP's weights under vision_model.
-        "vision_tower": {"vision_model." + k: v for k, v in tower.state_dict().items()},
-        "connector": {"_connector." + k: v for k, v in connector.state_dict().items()},
-    }
-    prefixes = {
-        "language_model": "language_model.",
-        "vision_tower": "vision_tower._vision_tower.",
-        "connector": "connector.",
-    }
-    state = {prefixes[p] + k: v.clone() for p, sd in parts.items() for k, v in sd.items()}
-    if layout == "single":
-        save_file(state, str(path / "model.safetensors"))
-    elif layout == "sharded":
-        names = sorted(state)
-        shards = {
-            "model-00001-of-00002.safetensors": names[::2],
-            "model-00002-of-00002.safetensors": names[1::2],
-        }
-        for shard, keys in shards.items():
-            save_file({k: state[k] for k in keys}, str(path / shard))
-        index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    else:  # the pre-train stage: one pytorch_model.bin per part, keys without the part prefix
-        for part, sd in parts.items():
-            (path / part).mkdir()
-            torch.save({k: v.clone() for k, v in sd.items()}, path / part / "pytorch_model.bin")
-    config = {
-        "architectures": ["TinyLlavaForConditionalGeneration"],
-        "cache_dir": None,
-        "auto_map": {  # as on the hub: never followed (no trust_remote_code)
-            "AutoConfig": "configuration.TinyLlavaConfig",
-            "AutoModelForCausalLM": "modeling_tinyllava_qwen2.TinyLlavaForConditionalGeneration",
-        },
-        "connector_type": connector_type,
-        "hidden_size": 32,
-        "ignore_index": -100,
-        "image_aspect_ratio": "square",
-        "image_token_index": IMAGE_TOKEN_INDEX,
-        "llm_model_name_or_path": "Qwen/Qwen2-0.5B",
-        "model_type": "tinyllava",
-        "pad_token": EOS,
-        "pad_token_id": tokenizer.eos_token_id,
-        "resampler_hidden_size": None,
-        "num_queries": None,
-        "num_resampler_layers": None,
-        "text_config": text,
-        "tokenizer_model_max_length": 2048,
-        "tokenizer_name_or_path": "Qwen/Qwen2-0.5B",
-        "tokenizer_padding_side": "right",
-        "tokenizer_use_fast": False,
-        "torch_dtype": "float32",
-        "transformers_version": "4.40.1",
-        "tune_type_connector": "full",
-        "tune_type_llm": "full",
-        "tune_type_vision_tower": "frozen",
-        "tune_vision_tower_from_layer": 0,
-        "use_cache": True,
-        "vision_config": vision,
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": select,
-        "vision_hidden_size": 32,
-        "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
-        "vision_model_name_or_path2": "",
-        "vocab_size": rows,
-    }
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(path)
-    return {
-        "lm": lm,
-        "tower": tower,
-        "connector": connector,
-        "tokenizer": tokenizer,
-        "select": select,
-    }
-
-
-# ---- TinyLLaVA's side, re-implemented from its source -------------------------------------
-def tinyllava_prompt(questions: list[str], answers: list[str | None]) -> str:
-    """Template._prompt of qwen2_base (tinyllava/data/template/base.py, qwen2_base_template.py)."""
-    msg = ""
-    for i, (q, a) in enumerate(zip(questions, answers)):
-        if i == 0:
-            msg += SYSTEM
-        if "<image>" in q:
-            q = ("<image>\n" + q.replace("<image>", "").strip()).strip()
-        msg += "USER: " + q + " "
-        msg += "ASSISTANT:" if a is None else "ASSISTANT: " + a + EOS
-    return msg
-
-
-def tinyllava_ids(prompt: str, tokenizer) -> list[int]:
-    """Template.tokenizer_image_token: pieces tokenized apart, -200 in between (no BOS here)."""
-    chunks = [tokenizer(c).input_ids for c in prompt.split("<image>")]
-    ids = list(chunks[0])
-    for chunk in chunks[1:]:
-        ids += [IMAGE_TOKEN_INDEX] + chunk
-    return ids
-
-
-@torch.no_grad()
-def tinyllava_logits(parts: dict, ids: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
-    """TinyLLaVA's forward: tower hidden_states[-2], drop token 0 for 'patch', connector, splice."""
-    hidden = parts["tower"](pixel_values, output_hidden_states=True).hidden_states[-2]
-    if parts["select"] == "patch":
-        hidden = hidden[:, 1:]
-    features = parts["connector"](hidden)[0]
-    ids_t = torch.tensor(ids)
-    at = int((ids_t == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-    embed = parts["lm"].get_input_embeddings()
-    embeds = torch.cat([embed(ids_t[:at]), features, embed(ids_t[at + 1 :])])
-    return parts["lm"](inputs_embeds=embeds[None]).logits
-
-
-def _image() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
-
-
-# ---- tests --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "layout,tie,grow,select",
+    "layout,dtype,family,tie,grow,select,aspect",
     [
-        ("single", True, False, "patch"),
-        ("sharded", False, False, "cls_patch"),
-        ("subfolders", True, True, "patch"),
+        ("single", torch.float16, "qwen2", True, False, "patch", "square"),
+        ("sharded", torch.bfloat16, "qwen2.5", False, False, "cls_patch", "pad"),
+        ("subfolders", torch.float16, "qwen2", True, True, "patch", None),
     ],
 )
-def test_converted_logits_equal_tinyllava_forward(tmp_path, layout, tie, grow, select):
-    parts = write_tinyllava(tmp_path / "src", layout=layout, tie=tie, grow=grow, select=select)
+def test_converted_logits_equal_tinyllava_forward(
+    tmp_path, layout, dtype, family, tie, grow, select, aspect
+):
+    parts = write_tinyllava(
+        tmp_path / "src",
+        layout=layout,
+        dtype=dtype,
+        family=family,
+        tie=tie,
+        grow=grow,
+        select=select,
+        aspect=aspect,
+    )
     convert_tinyllava(tmp_path / "src", tmp_path / "out")
     vlm = VLM.from_pretrained(tmp_path / "out")
+    assert vlm.image_token_id == parts["base"] + len(ADDED[family])  # the next free id
 
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": "What shape is in the image?"}],
-        }
-    ]
-    prompt = vlm.processor.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = vlm.processor.apply_chat_template(QUESTION, add_generation_prompt=True)
     assert prompt == tinyllava_prompt(["<image>\nWhat shape is in the image?"], [None])
-    inputs = vlm.processor(text=prompt, images=_image(), return_tensors="pt")
+    image = non_square_image()
+    inputs = vlm.processor(text=prompt, images=image, return_tensors="pt")
 
     # Token for token what TinyLLaVA feeds its model, with -200 expanded to the visual tokens.
     ref_ids = tinyllava_ids(prompt, parts["tokenizer"])
@@ -275,23 +71,66 @@ def test_converted_logits_equal_tinyllava_forward(tmp_path, layout, tie, grow, s
         expanded += [vlm.image_token_id] * n_visual if i == IMAGE_TOKEN_INDEX else [i]
     assert inputs["input_ids"][0].tolist() == expanded
     assert vlm.num_image_tokens() == n_visual
+    ref_pixels = tinyllava_pixels(image, parts["image_size"], aspect)  # from the raw image
+    assert torch.equal(inputs["pixel_values"], ref_pixels)
 
-    before = tinyllava_logits(parts, ref_ids, inputs["pixel_values"])
+    before = tinyllava_logits(parts, ref_ids, ref_pixels)
     with torch.no_grad():
         after = vlm.model(**inputs).logits
     v = before.shape[-1]
     assert after.shape[-1] == v + (1 if grow else 0)  # grow: the new <image> row is appended
-    assert (after[..., :v] - before).abs().max().item() <= 1e-6
+    assert (after[..., :v] - before).abs().max().item() <= 5e-7
+
+
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+@pytest.mark.parametrize("size", [(40, 48), (48, 20), (33, 33)])
+def test_pixels_equal_tinyllava_preprocessing_of_the_raw_image(tmp_path, aspect, size):
+    parts = write_tinyllava(tmp_path / "src", aspect=aspect)
+    convert_tinyllava(tmp_path / "src", tmp_path / "out")
+    processor = VLM.from_pretrained(tmp_path / "out").processor.image_processor
+    assert type(processor).__name__.endswith("Pil")
+    image = non_square_image(seed=1, size=size)
+    got = processor(images=image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(got, tinyllava_pixels(image, parts["image_size"], aspect))
+    if aspect == "pad" and size[0] != size[1]:  # padding shows: the corners hold the mean colour
+        unpadded = tinyllava_pixels(image, parts["image_size"], "square")
+        assert not torch.equal(got, unpadded)
+
+
+def test_processor_reloads_the_pil_backend_even_where_torchvision_is_installed(
+    tmp_path, monkeypatch
+):
+    from transformers import AutoProcessor
+    from transformers.models.auto import image_processing_auto as auto
+
+    write_tinyllava(tmp_path / "src", aspect="pad")
+    convert_tinyllava(tmp_path / "src", tmp_path / "out")
+    asked = []
+    original = auto._load_backend_class
+
+    def spy(base_class_name, backend, *args, **kwargs):
+        asked.append(backend)
+        return original(base_class_name, "pil", *args, **kwargs)  # torchvision is absent here
+
+    monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(auto, "_load_backend_class", spy)
+    AutoProcessor.from_pretrained(tmp_path / "out")
+    assert asked == ["torchvision"]  # what transformers alone would load with torchvision
+    vlm = VLM.from_pretrained(tmp_path / "out")
+    assert asked[1:] == ["pil"]
+    assert type(vlm.processor.image_processor).__name__ == "LlavaImageProcessorPil"
 
 
 def test_manifest_records_source_and_mapping(tmp_path):
-    write_tinyllava(tmp_path / "src", grow=True)
+    write_tinyllava(tmp_path / "src", grow=True, aspect="pad")
     convert_tinyllava(tmp_path / "src", tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "edgekd_convert.json").read_text())
     from edgekd.io import sha256_file
 
     assert manifest["source"] == str((tmp_path / "src").resolve())
+    assert manifest["source_revision"] is None  # a local directory, not a hub snapshot
     assert manifest["source_config_sha256"] == sha256_file(tmp_path / "src" / "config.json")
+    assert manifest["source_dtype"] == "float16" and manifest["dtype"] == "float32"
     mapping = manifest["key_mapping"]
     assert mapping["connector._connector.0.* -> model.multi_modal_projector.linear_1.*"] == 2
     assert mapping["vision_tower._vision_tower.vision_model.* -> model.vision_tower.*"] > 0
@@ -300,6 +139,8 @@ def test_manifest_records_source_and_mapping(tmp_path):
     assert manifest["image_token"]["added"] is True
     assert manifest["vocab_size"]["converted"] == manifest["vocab_size"]["source"] + 1
     assert manifest["vision_feature_select_strategy"] == {"tinyllava": "patch", "llava": "default"}
+    assert manifest["image_aspect_ratio"] == "pad"
+    assert manifest["image_processor"] == "LlavaImageProcessorPil"
 
 
 def test_chat_template_renders_qwen2_base(tmp_path):
@@ -336,6 +177,42 @@ def test_unknown_connector_refused(tmp_path, connector):
     with pytest.raises(ModelError, match=r"connector_type '.*' is not supported.*mlp2x_gelu"):
         convert_tinyllava(tmp_path / "src", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "aspect,shown",
+    [
+        ("anyres", r"image_aspect_ratio 'anyres' is not supported: .*grid of crops"),
+        ("resize", r"image_aspect_ratio 'resize' is unknown \(supported: square, pad\)"),
+    ],
+)
+def test_unsupported_aspect_ratio_refused(tmp_path, aspect, shown):
+    write_tinyllava(tmp_path / "src", aspect=aspect)
+    with pytest.raises(ModelError, match=shown) as e:
+        convert_tinyllava(tmp_path / "src", tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "model_type,reasons",
+    [
+        ("phi", ["LM head has a bias", "lm_head.bias", "equals qwen2_base"]),
+        (
+            "gemma",
+            ["gemma template", "sqrt(hidden_size) = 5.66", "transformers 5 only the token"],
+        ),
+        ("llama", ["does not record its prompt template", "qwen2_base"]),
+    ],
+)
+def test_other_language_models_refused_with_the_real_reason(tmp_path, model_type, reasons):
+    write_tinyllava(tmp_path / "src", text_model_type=model_type)  # hidden_size 32
+    with pytest.raises(ModelError, match=f"language model '{model_type}'") as e:
+        convert_tinyllava(tmp_path / "src", tmp_path / "out")
+    for reason in reasons:
+        assert reason in str(e.value)
+    if model_type == "phi":
+        assert "only right for Qwen2" not in str(e.value)  # the template is not the obstacle
 
 
 def _rewrite(src: Path, edit) -> None:
@@ -401,6 +278,9 @@ def test_not_a_tinyllava_checkpoint_refused(tmp_path, tiny_checkpoint):
     with pytest.raises(ModelError, match="model_type 'llava', expected 'tinyllava'") as e:
         convert_tinyllava(tiny_checkpoint, tmp_path / "out")
     assert "\n" not in str(e.value)
+    Image.new("RGB", (2, 2)).save(tmp_path / "file.png")
+    with pytest.raises(ModelError, match="is not a directory"):
+        convert_tinyllava(tmp_path / "file.png", tmp_path / "out")
 
 
 def test_missing_text_config_named(tmp_path):
@@ -412,11 +292,30 @@ def test_missing_text_config_named(tmp_path):
         convert_tinyllava(tmp_path / "src", tmp_path / "out")
 
 
-def test_dtype_is_applied_and_unknown_dtype_refused(tmp_path):
-    write_tinyllava(tmp_path / "src")
-    with pytest.raises(ModelError, match="unknown dtype 'int3'"):
-        convert_tinyllava(tmp_path / "src", tmp_path / "out", dtype="int3")
-    convert_tinyllava(tmp_path / "src", tmp_path / "out", dtype="bfloat16")
-    assert VLM.from_pretrained(tmp_path / "out", dtype="auto").dtype == torch.bfloat16
+@pytest.mark.parametrize(
+    "layout,source,asked,written",
+    [
+        ("single", torch.float16, "float32", torch.float32),
+        ("single", torch.float16, "auto", torch.float16),
+        ("sharded", torch.bfloat16, "auto", torch.bfloat16),
+        ("sharded", torch.bfloat16, "float16", torch.float16),
+    ],
+)
+def test_dtype_of_the_written_checkpoint(tmp_path, layout, source, asked, written):
+    from safetensors import safe_open
+
+    write_tinyllava(tmp_path / "src", layout=layout, dtype=source)
+    convert_tinyllava(tmp_path / "src", tmp_path / "out", dtype=asked)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {{torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[written]}
+    assert VLM.from_pretrained(tmp_path / "out", dtype="auto").dtype == written
     manifest = json.loads((tmp_path / "out" / "edgekd_convert.json").read_text())
-    assert manifest["dtype"] == "bfloat16"
+    assert manifest["dtype"] == str(written).removeprefix("torch.")
+    assert manifest["source_dtype"] == str(source).removeprefix("torch.")
+
+
+def test_unknown_dtype_refused_before_any_work(tmp_path):
+    with pytest.raises(ModelError, match="unknown dtype 'int3'"):
+        convert_tinyllava(tmp_path / "does-not-exist", tmp_path / "out", dtype="int3")
+    assert not (tmp_path / "out").exists()
