@@ -7,15 +7,16 @@ graphs, then the int8 / int4 passes) and measures the language part: ``embed_tok
 table both reference (``shared_embedding.data``, counted once); the vision encoder excluded.
 Checks:
 
-* size targets: int8 <= 640 MB, int4 <= 460 MB (MB = 10^6 bytes; embedding table at 8 bits);
-* no float weight matrix over 1e5 elements is left in the decoder or the embedding graph, the
-  lm_head (151,936 x 896, int8: the shared tied table) included.
+* size targets: ``TARGETS_MB`` per precision (MB = 10^6 bytes; embedding table at 8 bits);
+* no float weight matrix over ``FLOAT_MATRIX_MIN`` elements is left in the decoder or the
+  embedding graph, the lm_head (int8: the shared tied table) included.
 
 Parity is skipped by default (this measures sizes; the exporter phases run without the driver,
 so no manifest is written); ``--parity`` runs the full :func:`edgekd.export.export` instead,
-which validates against PyTorch (several more minutes: SigLIP-so400m at 384 px in both).
+which validates against PyTorch (much slower: SigLIP-so400m at full resolution in both).
 
-Heavy: ~4 GB checkpoint on disk, ~10 GB RAM, several minutes per precision on 2 cores.
+Heavy: a multi-gigabyte checkpoint on disk and in memory, minutes per precision on 2 cores
+(measured in ``docs/performance.md``).
 
     python benchmarks/bench_export_size.py --out benchmarks/results/export_size.json
 """
@@ -28,11 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgekd import artifact
+
 TARGETS_MB = {"int8": 640.0, "int4": 460.0}
 PRESET = "qwen2-0.5b-siglip-so400m"
-LANGUAGE_FILES = ("embed_tokens.onnx", "decoder_model_merged.onnx")
+LANGUAGE_FILES = (artifact.ONNX_EMBED, artifact.ONNX_DECODER)
 # With tied embeddings the int8 table is one file both graphs reference: counted once.
-SHARED_FILES = ("shared_embedding.data",)
+SHARED_FILES = (artifact.ONNX_SHARED_DATA,)
+FLOAT_MATRIX_MIN = 100_000  # elements: a float weight this large left unquantized fails the check
 
 
 def sizes(out: Path) -> dict:
@@ -40,7 +44,7 @@ def sizes(out: Path) -> dict:
     the shared tied table once)."""
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     language = sum(b for name, b in files.items() if name.startswith(LANGUAGE_FILES + SHARED_FILES))
-    vision = sum(b for name, b in files.items() if name.startswith("vision_encoder.onnx"))
+    vision = sum(b for name, b in files.items() if name.startswith(artifact.ONNX_VISION))
     return {"files": files, "language_bytes": language, "vision_bytes": vision}
 
 
@@ -66,7 +70,7 @@ def measure(vlm, ckpt: Path, work: Path, precision: str, block: int, parity: boo
     row["language_MiB"] = row["language_bytes"] / 2**20
     row["target_MB"] = TARGETS_MB[precision]
     row["meets_target"] = row["language_MB"] <= TARGETS_MB[precision]
-    left = {f: g.float_weights(g.load(out / f), 100_000) for f in LANGUAGE_FILES}
+    left = {f: g.float_weights(g.load(out / f), FLOAT_MATRIX_MIN) for f in LANGUAGE_FILES}
     row["float_matrices_over_1e5"] = {f: [[n, list(d)] for n, d in v] for f, v in left.items()}
     row["all_matrices_quantized"] = not any(left.values())
     row["components"] = components

@@ -14,18 +14,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import multiprocessing as mp
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
 
-# Targets from the DBiLD work item: relative to plain full-vocabulary forward KL.
+# Targets of the DBiLD loss, relative to plain full-vocabulary forward KL.
 TARGET_TIME_RATIO = 0.5
 TARGET_MEM_RATIO = 0.25
 CASES = ["kl_naive", "kl", "bild_naive", "bild", "dbild"]
@@ -89,6 +87,8 @@ def _maxrss_bytes() -> int:
 def _worker(case: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     import torch
 
+    from edgekd.runtime.bench import percentiles
+
     torch.set_num_threads(args.threads)
     fn = _loss_fn(case)
     gen = torch.Generator().manual_seed(0)
@@ -105,55 +105,27 @@ def _worker(case: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         times.append(time.perf_counter() - start)
         loss = out.item()
         del out
+    timed = percentiles(times[args.warmup :])
     queue.put({
         "case": case,
         "description": DESCRIPTION[case],
         "loss": loss,
         "warmup_s": times[: args.warmup],
         "times_s": times[args.warmup :],
-        "median_s": statistics.median(times[args.warmup :]),
-        "p90_s": _p90(times[args.warmup :]),
-        "min_s": min(times[args.warmup :]),
+        "median_s": timed["p50"],
+        "p90_s": timed["p90"],
+        "min_s": timed["min"],
         "peak_extra_bytes": _maxrss_bytes() - baseline,
     })  # fmt: skip
 
 
-def _p90(values: list[float]) -> float:
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=10, method="inclusive")[-1]
-
-
-def _git_commit(root: Path) -> str | None:
-    """HEAD commit read from .git without running git (read-only, no subprocess)."""
-    git = root / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        return None
-    return None
-
-
 def _environment(args: argparse.Namespace) -> dict:
-    import torch
+    """edgekd's environment snapshot (versions, machine, commit, date) and this run's settings."""
+    from edgekd.envinfo import snapshot
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+    return snapshot({
         "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
         "processor": platform.processor(),
-        "git_commit": _git_commit(Path(__file__).resolve().parents[1]),
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "positions": args.positions,
         "vocab": args.vocab,
         "dtype": "float32",
@@ -162,7 +134,7 @@ def _environment(args: argparse.Namespace) -> dict:
         "loadavg_1m_start": args.loadavg_start,
         "loadavg_1m_end": os.getloadavg()[0],
         "memory_metric": "ru_maxrss minus ru_maxrss after input allocation, fresh process per case",
-    }
+    })  # fmt: skip
 
 
 def _ratios(results: dict) -> dict:

@@ -1,14 +1,14 @@
 """Decode and vision-encode speed of edgekd's artifacts of the 0.5B student on CPU, side by side.
 
 Builds ``qwen2-0.5b-siglip-so400m`` with random weights (seed 0) as a checkpoint, exports it with
-edgekd, and times every variant in one process with the same thread count (default 2):
+edgekd, and times every variant in one process with the same thread count (``--threads``):
 
 * decode: PyTorch eager fp32 (:class:`~edgekd.runtime.torch.TorchBackend`), ONNX fp32 / int8 /
   int4 (:class:`~edgekd.runtime.onnxruntime.OnnxRuntimeBackend`) and GGUF f32 / f16 / Q8_0 /
   Q4_K_M (:class:`~edgekd.runtime.llamacpp.LlamaCppSession`), each ``generate(None, prompt,
   max_new_tokens=N, ignore_eos=True)`` on the same text prompt, so every variant decodes the
   same N tokens at the same context, in two contexts: ``text`` (a one-line question) and
-  ``image-length`` (filler text as long as one image's 728 visual tokens before it, so the KV
+  ``image-length`` (filler text as long as one image's visual tokens before it, so the KV
   cache is as long as in a VLM answer). Per context ``--rounds`` rounds, the variant order
   rotated each round (drift favours none), one warm-up generation each first; medians of
   ``decode_tokens_per_s``. Right before and after each generation the read bandwidth is
@@ -16,27 +16,32 @@ edgekd, and times every variant in one process with the same thread count (defau
   the best kept), so each sample has its own roofline ``max(before, after) / bytes read per
   token``; the roofline fraction is the median of ``tok/s / roofline`` (and, stricter, the
   median tok/s over the run's best bandwidth is reported too).
-* vision: SigLIP-so400m + projector at 384 px, PyTorch eager fp32 against the fp32 artifact's
-  ``vision_encoder.onnx`` at each onnxruntime graph optimisation level (the session options
-  :class:`OnnxRuntimeBackend` uses), the opset-18 one, and the same graph through edgekd's int8
-  pass (``onnx_graph.quantize_int8``, made here: the exporter keeps vision fp32), with the
-  parity of the visual tokens against PyTorch (max-abs, min cosine).
+* vision: SigLIP-so400m + projector at the preset's image size, PyTorch eager fp32 against the
+  fp32 artifact's ``vision_encoder.onnx`` at each onnxruntime graph optimisation level (the
+  session options :class:`OnnxRuntimeBackend` uses), the opset-18 one, and the same graph
+  through edgekd's int8 pass (``onnx_graph.quantize_int8``, made here: the exporter keeps
+  vision fp32), with the parity of the visual tokens against PyTorch
+  (:func:`edgekd.export.parity.compare`).
 
 ONNX artifacts go through :func:`edgekd.export.export` (with its parity checks; a parity miss
-is recorded with its numbers, see :func:`export_unproven`) at ``opset: 23`` (attention as one
-ONNX ``Attention`` op over the kv heads; see :mod:`edgekd.export.onnx`), and again at the
+is recorded with its numbers, see :func:`export_unproven`) at opset ``CPU_OPSET`` (attention as
+one ONNX ``Attention`` op over the kv heads; see :mod:`edgekd.export.onnx`), and again at the
 exporter's default opset 18 (``onnx-*-opset18``, for comparison). GGUF: the 0.5B preset drops
 the first visual token (``vision_feature_select_strategy: default``, as TinyLLaVA), which the
 mmproj format cannot express, so ``export`` refuses it. As ``bench_gguf_size.py`` does, only the
 language model is written (``gguf_write.write_lm``, f32 or f16, then ``llama_model_quantize``
 for Q8_0 / Q4_K_M) and checked here against PyTorch with the gguf exporter's own tokenizer and
-text-logit checks and tolerances; decode speed needs only the language model.
+text-logit checks and tolerances (:data:`edgekd.export.gguf.TOLERANCES`); decode speed needs
+only the language model. Such a directory is not an edgekd artifact (a gguf artifact holds
+``model.gguf`` and ``mmproj.gguf``), so it has no ``manifest.json``: the benchmark keeps its
+own record beside the file (``bench_record.json``: hash, parity, quantization report), and
+reads it back when the file is reused.
 
-Heavy: ~4 GB checkpoint and ~15 GB of artifacts on disk, ~14 GB RAM while decoding, about an
-hour on 2 cores the first time (exports), then about 10 minutes per decode context.
-``--workdir`` keeps the checkpoint and artifacts for later runs (and reuses them); by default
-they live in a temporary directory removed at the end. ``--only`` runs some stages (and
-``--contexts`` some decode contexts) and merges them into an existing ``--out``.
+Heavy: a multi-gigabyte checkpoint and artifacts on disk and in memory, and a long first run
+(the exports); the measured sizes and times are in ``docs/performance.md``. ``--workdir``
+keeps the checkpoint and artifacts for later runs (and reuses them); by default they live in a
+temporary directory removed at the end. ``--only`` runs some stages (and ``--contexts`` some
+decode contexts) and merges them into an existing ``--out``.
 
     flock /tmp/edgekd-cpu.lock python benchmarks/bench_runtime_speed.py \\
         --workdir /tmp/edgekd-runtime-speed --out benchmarks/results/runtime_speed.json
@@ -49,9 +54,13 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edgekd import artifact
+from edgekd.errors import EdgeKDError
 
 PRESET = "qwen2-0.5b-siglip-so400m"
 ONNX_PRECISIONS = ("fp32", "int8", "int4")
@@ -65,7 +74,8 @@ ONNX_VARIANTS = {
     **{f"onnx-{p}-opset18": (p, {}) for p in ONNX_PRECISIONS},
 }
 GGUF_VARIANTS = {f"gguf-{p}": p for p in GGUF_PRECISIONS}
-# decode tok/s over PyTorch eager fp32 (the issue's targets, and its careful hand exports)
+# decode tok/s over PyTorch eager fp32: the targets, and what careful hand exports of the same
+# shape reached on this kind of machine (the reference the targets were set from)
 RATIO_TARGETS = {"onnx-int8": 5.0, "onnx-int4": 6.0, "gguf-q8_0": 5.5, "gguf-q4_k_m": 5.5}
 HAND_EXPORT_RATIOS = {"onnx-int8": 5.4, "onnx-int4": 6.6, "gguf-q8_0": 5.9, "gguf-q4_k_m": 5.9}
 ROOFLINE_TARGET = 0.70  # of the bandwidth roofline, for the fp32 and f16 artifacts
@@ -78,13 +88,19 @@ FILLER = (
 )
 CONTEXTS = ("text", "image-length")
 STAGES = ("export", "decode", "vision")
+WARMUP_TOKENS = 8  # tokens of each variant's warm-up generation
+# beside a language-model-only GGUF (not an edgekd artifact, see the module docstring)
+RECORD = "bench_record.json"
+LM_ONLY = (
+    "language model only (no mmproj: the preset's vision selection 'default' cannot be "
+    "expressed in GGUF)"
+)
 
 
 # ---- artifacts ---------------------------------------------------------------------------------
 def prepare(work: Path, threads: int, log) -> dict:
     """Checkpoint and artifacts under ``work`` (kept ones are reused); what was built, how."""
     from edgekd.export import ExportConfig, ParityError, export
-
     from edgekd.models.factory import create_checkpoint
 
     info: dict = {"checkpoint": str(work / "ckpt"), "artifacts": {}}
@@ -95,11 +111,17 @@ def prepare(work: Path, threads: int, log) -> dict:
         log(f"checkpoint {info['checkpoint_s']:.0f} s")
     for name, (p, options) in ONNX_VARIANTS.items():
         out = work / name
-        if (out / "manifest.json").exists():
+        if reusable(out, log):
             continue
         t0 = time.perf_counter()
         config = ExportConfig(
-            str(work / "ckpt"), "onnx", p, out, n_parity_prompts=2, options=options
+            str(work / "ckpt"),
+            "onnx",
+            p,
+            out,
+            overwrite=out.exists(),  # only a directory reusable() refused
+            n_parity_prompts=2,
+            options=options,
         )
         try:
             parity = export(config)["parity"]
@@ -110,44 +132,62 @@ def prepare(work: Path, threads: int, log) -> dict:
             row["parity_error"] = parity["error"]
         info["artifacts"][name] = row
         log(f"{name}: {row['export_s']:.0f} s, parity passed: {parity['passed']}")
-    if not all((work / name / "manifest.json").exists() for name in GGUF_VARIANTS):
+    if not all((work / name / RECORD).is_file() for name in GGUF_VARIANTS):
         info["artifacts"].update(prepare_gguf(work, threads, log))
     for name in [*ONNX_VARIANTS, *GGUF_VARIANTS]:
         info["artifacts"].setdefault(name, {"reused": "built by an earlier run in --workdir"})
     info["parity"] = {}  # of every artifact measured, built now or kept from an earlier run
-    for name in [*ONNX_VARIANTS, *GGUF_VARIANTS]:
-        manifest = json.loads((work / name / "manifest.json").read_text())
-        parity = manifest["parity"]
-        row = {"passed": parity.get("passed", parity.get("pass")), "options": manifest["options"]}
-        if "error" in parity:
-            row["error"] = parity["error"]
-        for check in ("vision", "logits", "kv_cache", "text_logits"):
-            if check in parity.get("checks", parity):
-                c = parity.get("checks", parity)[check]
-                row[check] = {k: c[k] for k in ("min_cosine", "cosine_min", "max_abs") if k in c}
-        info["parity"][name] = row
+    for name in ONNX_VARIANTS:
+        info["parity"][name] = parity_row(artifact.load(work / name))
+    for name in GGUF_VARIANTS:
+        info["parity"][name] = parity_row(lm_only_view(work / name, verify=False))
     return info
 
 
-def export_unproven(config, error: Exception) -> dict:
+def reusable(out: Path, log) -> bool:
+    """``out`` holds an artifact this edgekd reads (one of an older format is re-exported)."""
+    if not out.exists():
+        return False
+    try:
+        artifact.load(out)
+    except artifact.ArtifactError as e:
+        log(f"re-exporting {out.name}: {e}")
+        return False
+    return True
+
+
+def parity_row(loaded: artifact.Artifact) -> dict:
+    """Passed, options, error, and the numbers of the checks a decode or vision row refers to."""
+    parity = loaded.parity
+    row = {"passed": parity["passed"], "options": loaded.options}
+    if "error" in parity:
+        row["error"] = parity["error"]
+    checks = parity.get("checks", {})
+    for check in ("vision", "logits", "kv_cache", "text_logits"):
+        if check in checks:
+            c = checks[check]
+            row[check] = {k: c[k] for k in ("cosine_min", "max_abs") if k in c}
+    return row
+
+
+def export_unproven(config, error) -> dict:
     """The export again, its parity failure recorded in the manifest instead of raised.
 
     On random weights the int4 logits can miss the exporter's cosine floor (a random model's
     near-flat logits are mostly quantization noise); the speed is measured all the same, and
-    the failure is reported with its numbers.
+    the failure is reported with its numbers (the parity report the error carries).
     """
-    from edgekd.export import get_exporter, manifest
-
+    from edgekd.export import get_exporter
     from edgekd.io import atomic_dir
     from edgekd.models import VLM
 
     vlm = VLM.from_pretrained(config.checkpoint, dtype="float32")
     exporter = get_exporter(config.target)
     exporter.check(vlm, config)
-    parity = {"passed": False, "error": str(error)}
-    with atomic_dir(config.output) as tmp:
+    parity = {**(error.report or {"passed": False}), "error": str(error)}
+    with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
         components = exporter.export(vlm, config, tmp)
-        manifest.write(
+        artifact.write(
             tmp,
             target=config.target,
             precision=config.precision,
@@ -155,67 +195,119 @@ def export_unproven(config, error: Exception) -> dict:
             components=components,
             vlm=vlm,
             parity=parity,
-            extra={"options": dict(config.options)},
+            options=config.options,
         )
     return parity
 
 
+# ---- language-model-only GGUF ------------------------------------------------------------------
 def prepare_gguf(work: Path, threads: int, log) -> dict:
-    """Language-model-only GGUF files (see the module docstring), checked against PyTorch."""
-    from edgekd.export import gguf_write as g
-    from edgekd.export import manifest
-    from edgekd.export.gguf import GgufExporter
-
+    """Language-model-only GGUF files (see the module docstring), checked against PyTorch; each
+    directory appears with its model file and record, or not at all."""
+    from edgekd.io import atomic_dir
     from edgekd.models import VLM
 
-    vlm = VLM.from_pretrained(work / "ckpt")
+    ckpt = work / "ckpt"
+    vlm = VLM.from_pretrained(ckpt)
+    source = {"checkpoint": str(ckpt), "sha256": artifact.checkpoint_hash(ckpt)}
     rows, f32 = {}, work / "lm-f32.gguf"
     try:
         for name, p in GGUF_VARIANTS.items():
-            out = work / name
-            if (out / "manifest.json").exists():
+            if (work / name / RECORD).is_file():
                 continue
-            out.mkdir(exist_ok=True)
             t0 = time.perf_counter()
-            if p in ("f32", "f16"):
-                tensors = g.write_lm(vlm, out / g.MODEL_FILE, p)
-            else:
-                if not f32.exists():
-                    tensors = g.write_lm(vlm, f32, "f32")
-                g.quantize(f32, out / g.MODEL_FILE, p, threads)
-                tensors = g.lm_tensors(vlm, "f32")
-            table = g.check_written(out / g.MODEL_FILE, tensors, "language-model")
-            del tensors
-            seconds = time.perf_counter() - t0
-            parity = gguf_lm_parity(vlm, out, GgufExporter().tolerances[p], threads)
-            component = {
-                "files": [g.MODEL_FILE],
-                "precision": p,
-                "bytes": (out / g.MODEL_FILE).stat().st_size,
-                "scope": "language model only (no mmproj: the preset's vision selection "
-                "'default' cannot be expressed in GGUF)",
-                **g.quant_report(table, p),
-            }
-            manifest.write(
-                out,
-                target="gguf",
-                precision=p,
-                checkpoint=str(work / "ckpt"),
-                components={"language_model": component},
-                vlm=vlm,
-                parity=parity,
-                extra={"options": {}},
-            )
-            rows[name] = {"export_s": seconds, "parity_passed": parity["pass"]}
-            log(f"gguf {p}: {seconds:.0f} s, language-model parity passed: {parity['pass']}")
+            with atomic_dir(work / name, overwrite=True) as tmp:
+                table = write_gguf_lm(vlm, tmp / artifact.GGUF_MODEL, p, f32, threads)
+                seconds = time.perf_counter() - t0
+                parity = gguf_lm_parity(vlm, tmp / artifact.GGUF_MODEL, p, threads)
+                write_record(tmp, vlm, source, p, table, parity)
+            rows[name] = {"export_s": seconds, "parity_passed": parity["passed"]}
+            log(f"gguf {p}: {seconds:.0f} s, language-model parity passed: {parity['passed']}")
     finally:
         f32.unlink(missing_ok=True)
     return rows
 
 
-def gguf_session(model: Path, pre: dict, threads: int, logits_all: bool = False):
+def write_gguf_lm(vlm, model: Path, precision: str, f32: Path, threads: int) -> dict:
+    """``model`` at ``precision`` (quantized from the shared ``f32`` file, written once); its
+    tensor table, checked against the tensors written."""
+    from edgekd.export import gguf_write as g
+
+    if precision in ("f32", "f16"):
+        tensors = g.write_lm(vlm, model, precision)
+    else:
+        if not f32.exists():
+            g.write_lm(vlm, f32, "f32")
+        g.quantize(f32, model, precision, threads)
+        tensors = g.lm_tensors(vlm, "f32")
+    return g.check_written(model, tensors, "language-model")
+
+
+def write_record(out: Path, vlm, source: dict, precision: str, table: dict, parity: dict) -> None:
+    """``bench_record.json``: what a manifest would hold, for :func:`lm_only_view`."""
+    from edgekd.envinfo import snapshot
+    from edgekd.export import gguf_write as g
+    from edgekd.io import atomic_write_json, sha256_file
+    from edgekd.models.dims import TextDims
+
+    model = out / artifact.GGUF_MODEL
+    size = model.stat().st_size
+    component = {
+        "files": [artifact.GGUF_MODEL],
+        "precision": precision,
+        "bytes": size,
+        "scope": LM_ONLY,
+        **g.quant_report(table, precision),
+    }
+    record = {
+        "scope": LM_ONLY,
+        "precision": precision,
+        "source": source,
+        "files": {artifact.GGUF_MODEL: {"sha256": sha256_file(model), "bytes": size}},
+        "components": {"language_model": component},
+        "preprocessing": artifact.preprocessing(vlm),
+        "text_dims": TextDims.from_config(vlm.config.text_config).to_dict(),
+        "parity": parity,
+        "options": {},
+        "environment": snapshot(),
+    }
+    atomic_write_json(out / RECORD, record)
+
+
+def lm_only_view(out: Path, verify: bool = True) -> artifact.Artifact:
+    """A language-model-only GGUF directory as an in-memory :class:`~edgekd.artifact.Artifact`
+    built from its record, for readers of ``model.gguf`` alone (preprocessing, parity, the gguf
+    target's decode-weights reader). It is not loadable as an artifact: it has no mmproj.
+
+    Raises:
+        EdgeKDError: ``model.gguf`` differs from its record (with ``verify``).
+    """
+    from edgekd.io import sha256_file
+    from edgekd.models.dims import TextDims
+
+    record = json.loads((out / RECORD).read_text())
+    for name, info in record["files"].items():
+        f = out / name
+        if verify and (f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]):
+            raise EdgeKDError(f"{f} differs from its {RECORD}; delete {out} to rebuild it")
+    return artifact.Artifact(
+        root=out,
+        target="gguf",
+        precision=record["precision"],
+        files=record["files"],
+        components=record["components"],
+        preprocessing=record["preprocessing"],
+        text=TextDims.from_dict(record["text_dims"]),
+        parity=record["parity"],
+        options=record["options"],
+        source=record["source"],
+        manifest=record,
+    )
+
+
+def gguf_session(model: Path, pre: dict, threads: int, n_ctx: int, logits_all: bool = False):
     """A text-only llama.cpp session on ``model`` (no mmproj) with the checkpoint's chat template
-    and stop ids (``pre``: a manifest's ``preprocessing``)."""
+    and stop ids (``pre``: :func:`edgekd.artifact.preprocessing`), ``n_ctx`` tokens long."""
     from edgekd.runtime.llamacpp import LlamaCppSession
 
     return LlamaCppSession(
@@ -225,57 +317,89 @@ def gguf_session(model: Path, pre: dict, threads: int, logits_all: bool = False)
         image_size=tuple(pre["image_size"]),
         image_token=pre["image_token"],
         stop_ids=pre["eos_token_ids"],
-        n_ctx=1024,
+        n_ctx=n_ctx,
         n_threads=threads,
         logits_all=logits_all,
     )
 
 
-def gguf_lm_parity(vlm, out: Path, tol: dict, threads: int) -> dict:
-    """The gguf exporter's tokenizer and text-logit checks on the language-model file."""
-    from edgekd.export.gguf_validate import check_text_logits, check_tokenizer
-    from edgekd.export.gguf_write import MODEL_FILE
-    from edgekd.export.manifest import preprocessing
+class TextOnlyGguf:
+    """A text-only session as the gguf exporter's checks take a backend: ``session``, and the
+    prompt logits of token ids (what ``LlamaCppBackend.prefill_logits`` gives without an image).
+    """
 
-    session = gguf_session(out / MODEL_FILE, preprocessing(vlm), threads, logits_all=True)
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def prefill_logits(self, input_ids, pixel_values=None):
+        import numpy as np
+
+        self.session.prefill([[int(i) for i in np.asarray(input_ids).reshape(-1)]])
+        n = self.session.llm.n_tokens
+        return np.asarray(self.session.llm.scores[:n], np.float32)[None]
+
+
+def gguf_lm_parity(vlm, model: Path, precision: str, threads: int) -> dict:
+    """The gguf exporter's tokenizer and text-logit checks on a language-model file at the
+    precision's tolerance, as a parity report (``precision``, ``tolerance``, ``checks``,
+    ``passed``); a failure is recorded, not raised."""
+    from dataclasses import asdict
+
+    from edgekd.export.gguf import TOLERANCES
+    from edgekd.export.gguf_validate import TEXT_PROMPT, check_text_logits, check_tokenizer
+    from edgekd.runtime.prompt import encode_prompt
+
+    tol = TOLERANCES[precision]
+    ids, _ = encode_prompt(vlm.processor, None, TEXT_PROMPT)  # the longest prompt it evaluates
+    pre = artifact.preprocessing(vlm)
+    lm = TextOnlyGguf(gguf_session(model, pre, threads, n_ctx=ids.shape[1], logits_all=True))
     try:
-        result = {
-            "scope": "language model only",
-            "tolerances": tol,
-            "tokenizer": check_tokenizer(vlm, session),
-            "text_logits": check_text_logits(vlm, session, tol),
+        checks = {
+            "tokenizer": check_tokenizer(vlm, lm),
+            "text_logits": check_text_logits(vlm, lm, tol),
         }
     finally:
-        session.close()
-    result["pass"] = all(result[k]["pass"] for k in ("tokenizer", "text_logits"))
-    return result
+        lm.session.close()
+    return {
+        "scope": "language model only",
+        "precision": precision,
+        "tolerance": asdict(tol),
+        "checks": checks,
+        "passed": all(c["pass"] for c in checks.values()),
+    }
 
 
 # ---- decode ------------------------------------------------------------------------------------
-def open_decoders(work: Path, threads: int, log) -> dict:
-    """Every decode variant, loaded once (vision parts dropped: decode runs text only)."""
-    import resource
-
-    from edgekd.export.gguf_write import MODEL_FILE
-    from edgekd.export.manifest import verify
-    from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
+def open_pytorch(work: Path, log):
+    """The checkpoint on PyTorch eager fp32, its vision tower dropped (decode runs text only)."""
     from edgekd.runtime.torch import TorchBackend
 
-    backends = {}
     t0 = time.perf_counter()
-    backends["pytorch-fp32"] = TorchBackend(work / "ckpt", device="cpu", dtype="float32")
-    backends["pytorch-fp32"].vlm.model.model.vision_tower = None  # text-only decode: 1.7 GB back
+    backend = TorchBackend(work / "ckpt", device="cpu", dtype="float32")
+    backend.vlm.model.model.vision_tower = None  # text-only decode: its memory back
     log(f"loaded pytorch-fp32 ({time.perf_counter() - t0:.0f} s)")
+    return backend
+
+
+def open_decoders(work: Path, threads: int, n_ctx: int, log) -> dict:
+    """The ONNX and GGUF decode variants, loaded once (vision parts dropped: decode runs text
+    only); the GGUF sessions ``n_ctx`` tokens long."""
+    import resource
+
+    from edgekd.runtime import load_backend
+
+    backends = {}
     for name in ONNX_VARIANTS:
         t0 = time.perf_counter()
-        b = OnnxRuntimeBackend(work / name, providers=("cpu",), threads=threads)
+        b = load_backend(work / name, device="cpu", threads=threads)
         b.vision = None  # text-only decode
         backends[name] = b
         log(f"loaded {name} ({time.perf_counter() - t0:.0f} s)")
     for name in GGUF_VARIANTS:
         t0 = time.perf_counter()
-        pre = verify(work / name)["preprocessing"]
-        backends[name] = gguf_session(work / name / MODEL_FILE, pre, threads)
+        view = lm_only_view(work / name)
+        model = view.path(artifact.GGUF_MODEL)
+        backends[name] = gguf_session(model, view.preprocessing, threads, n_ctx)
         log(f"loaded {name} ({time.perf_counter() - t0:.0f} s)")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     log(f"peak RSS after loading: {rss:.1f} GB")
@@ -284,6 +408,29 @@ def open_decoders(work: Path, threads: int, log) -> dict:
 
 def variant_dir(work: Path, name: str) -> Path:
     return work / "ckpt" if name.startswith("pytorch") else work / name
+
+
+def bytes_per_token(work: Path, name: str, context: int) -> dict:
+    """What one decode step of variant ``name`` reads at ``context`` cached tokens
+    (:func:`edgekd.runtime.roofline.decode_bytes_per_token`). The GGUF language-model files
+    have no manifest: their weights come from the gguf target's own reader on their record."""
+    from edgekd import targets
+    from edgekd.runtime.roofline import decode_bytes_per_token
+
+    if name not in GGUF_VARIANTS:
+        return decode_bytes_per_token(variant_dir(work, name), context)
+    view = lm_only_view(work / name, verify=False)
+    read = targets.get(view.target).read_decode_weights(view)
+    per_token = view.text.kv_bytes_per_token(read.kv_element_bytes)
+    return {
+        "weights": int(read.weights),
+        "kv_cache": int(per_token * context),
+        "total": int(read.weights + per_token * context),
+        "kv_bytes_per_token": int(per_token),
+        "context": int(context),
+        "format": view.target,
+        "tied_embedding": read.tied_embedding,
+    }
 
 
 def decode_prompts(tokenizer, visual_tokens: int) -> dict[str, str]:
@@ -300,18 +447,21 @@ def decode_prompts(tokenizer, visual_tokens: int) -> dict[str, str]:
 def decode(work: Path, args, log) -> dict:
     """Per context: interleaved rounds, the bandwidth measured around each generation;
     medians, ratios to PyTorch, roofline fractions."""
+    from edgekd.runtime.prompt import encode_prompt
     from edgekd.runtime.roofline import measure_bandwidth
 
-    backends = open_decoders(work, args.threads, log)
-    names = list(backends)
-    visual = json.loads((work / "onnx-fp32" / "manifest.json").read_text())["preprocessing"]
-    prompts = decode_prompts(
-        backends["pytorch-fp32"].processor.tokenizer, visual["image_tokens_per_image"]
-    )
+    pytorch = open_pytorch(work, log)
+    visual = artifact.load(work / "onnx-fp32").preprocessing["image_tokens_per_image"]
+    prompts = decode_prompts(pytorch.processor.tokenizer, visual)
     prompts = {k: v for k, v in prompts.items() if k in args.contexts}
+    # the GGUF sessions hold the longest prompt and the most tokens generated after it
+    longest = max(encode_prompt(pytorch.processor, None, p)[0].shape[1] for p in prompts.values())
+    n_ctx = longest + max(args.tokens, WARMUP_TOKENS)
+    backends = {"pytorch-fp32": pytorch, **open_decoders(work, args.threads, n_ctx, log)}
+    names = list(backends)
     for name in names:  # warm-up: first-call allocations, page-in of mapped weights
         for prompt in prompts.values():
-            backends[name].generate(None, prompt, max_new_tokens=8, ignore_eos=True)
+            backends[name].generate(None, prompt, max_new_tokens=WARMUP_TOKENS, ignore_eos=True)
     contexts = {}
     for context, prompt in prompts.items():
         samples: dict[str, list[dict]] = {n: [] for n in names}
@@ -319,8 +469,7 @@ def decode(work: Path, args, log) -> dict:
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 # the bandwidth right before and after each generation: this machine's memory
-                # speed drifts (between about 40 and 75 GB/s), so each sample gets its own
-                # roofline, at the higher of the two
+                # speed drifts, so each sample gets its own roofline, at the higher of the two
                 before = measure_bandwidth(args.threads, args.bandwidth_mb, args.bandwidth_repeats)
                 gen = backends[name].generate(
                     None, prompt, max_new_tokens=args.tokens, ignore_eos=True
@@ -379,7 +528,7 @@ def summarise(work: Path, samples: dict[str, list[dict]], bw: dict, tokens: int)
     context run (stricter where memory speed drifted during the run). ``ratio_per_round``:
     each round's tok/s over PyTorch's in the same round.
     """
-    from edgekd.runtime.roofline import decode_bytes_per_token, roofline_tok_s
+    from edgekd.runtime.roofline import roofline_tok_s
 
     rows: dict = {}
     base_runs = samples["pytorch-fp32"]
@@ -388,7 +537,7 @@ def summarise(work: Path, samples: dict[str, list[dict]], bw: dict, tokens: int)
         tok_s = [s["decode_tok_s"] for s in runs]
         prompt_tokens = runs[0]["prompt_tokens"]
         context = prompt_tokens + tokens // 2  # mean cache length over the decode
-        need = decode_bytes_per_token(variant_dir(work, name), context)
+        need = bytes_per_token(work, name, context)
         median = statistics.median(tok_s)
         row = {
             "decode_tok_s": median,
@@ -429,10 +578,10 @@ def vision(work: Path, args, log) -> dict:
     import numpy as np
     import onnxruntime as ort
     import torch
-    from edgekd.export.onnx_parity import compare, synthetic_image
-    from edgekd.runtime.onnxruntime import OPTIMIZATION_LEVELS, _session_options
 
+    from edgekd.export.parity import compare, synthetic_image
     from edgekd.models import VLM
+    from edgekd.runtime.onnxruntime import OPTIMIZATION_LEVELS, _session_options
 
     vlm = VLM.from_pretrained(work / "ckpt")
     vlm.model.model.language_model = None  # vision tower + projector only
@@ -447,12 +596,11 @@ def vision(work: Path, args, log) -> dict:
 
     runners = {"pytorch-fp32": run_torch}
     sessions = {}
+    fp32 = artifact.load(work / "onnx-fp32").path(artifact.ONNX_VISION)
     for level in OPTIMIZATION_LEVELS:
-        sessions[f"onnx-fp32 ({level})"] = (work / "onnx-fp32" / "vision_encoder.onnx", level)
-    sessions["onnx-fp32-opset18 (all)"] = (
-        work / "onnx-fp32-opset18" / "vision_encoder.onnx",
-        "all",
-    )
+        sessions[f"onnx-fp32 ({level})"] = (fp32, level)
+    opset18 = artifact.load(work / "onnx-fp32-opset18").path(artifact.ONNX_VISION)
+    sessions["onnx-fp32-opset18 (all)"] = (opset18, "all")
     sessions["onnx-int8-vision (all)"] = (int8_vision(work, log), "all")
     for name, (path, level) in sessions.items():
         s = ort.InferenceSession(
@@ -478,12 +626,16 @@ def vision(work: Path, args, log) -> dict:
     rows = {}
     for name in names:
         ms = statistics.median(times[name])
-        max_abs, max_rel, cosine = compare(outputs[name], ref)
+        numbers = compare(outputs[name], ref)
         rows[name] = {
             "ms": ms,
             "ms_samples": times[name],
             "speedup_vs_pytorch_fp32": base / ms,
-            "parity": {"max_abs": max_abs, "max_rel": max_rel, "min_cosine": cosine},
+            "parity": {
+                "max_abs": numbers["max_abs"],
+                "max_rel": numbers["max_rel"],
+                "min_cosine": numbers["cosine_min"],
+            },
         }
         if name != "pytorch-fp32":
             rows[name]["met"] = base / ms >= VISION_TARGET
@@ -504,10 +656,11 @@ def int8_vision(work: Path, log) -> Path:
     """The fp32 vision encoder with int8 dynamic MatMuls (edgekd's int8 pass), made once."""
     from edgekd.export import onnx_graph as g
 
-    path = work / "vision-int8" / "vision_encoder.onnx"
+    path = work / "vision-int8" / artifact.ONNX_VISION
     if not path.exists():
         t0 = time.perf_counter()
-        model = g.quantize_int8(g.load(work / "onnx-fp32" / "vision_encoder.onnx"))
+        fp32 = artifact.load(work / "onnx-fp32").path(artifact.ONNX_VISION)
+        model = g.quantize_int8(g.load(fp32))
         path.parent.mkdir(exist_ok=True)
         g.save(model, path)
         log(f"int8 vision encoder ({time.perf_counter() - t0:.0f} s)")
@@ -598,4 +751,8 @@ def report(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EdgeKDError as e:  # e.g. a kept --workdir file changed since it was built
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -37,8 +37,7 @@ Opset (option ``opset``, default 23; ``--option opset=18`` for onnxruntime < 1.2
 TensorRT target builds from opset 18): from 23 the graphs use ONNX's own ``RMSNormalization``,
 ``RotaryEmbedding`` and ``Attention`` ops, and the decoder's attention is traced with grouped
 key/value heads (:func:`_gqa_attention`), so a decode step reads the KV cache once instead of
-copying it per query head; on CPU (onnxruntime 1.32, the 0.5B student at 800 tokens of context)
-that decodes int8 1.7x and int4 2.1x faster (docs/performance.md, "Runtime speed on CPU").
+copying it per query head (measured in docs/performance.md, "Runtime speed on CPU").
 """
 
 from __future__ import annotations

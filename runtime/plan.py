@@ -336,9 +336,10 @@ def facts_from_vlm(vlm: VLM, name: str) -> ModelFacts:
     lm = _stats(vlm.language_model.parameters())
     if not tied:
         lm = _add(lm, _stats([vlm.lm_head.weight]))
+    from edgekd.models.dims import TextDims
+
     text, vision = vlm.config.text_config, vlm.config.vision_config
-    heads = int(text.num_attention_heads)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    dims = TextDims.from_config(text)
     return ModelFacts(
         name=name,
         stages={
@@ -349,8 +350,8 @@ def facts_from_vlm(vlm: VLM, name: str) -> ModelFacts:
         input_embedding=_stats([embedding]),
         tied_embeddings=tied,
         layers=int(text.num_hidden_layers),
-        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-        head_dim=int(head_dim),
+        kv_heads=dims.kv_heads,
+        head_dim=dims.head_dim,
         hidden=int(text.hidden_size),
         intermediate=int(text.intermediate_size),
         vocab=int(text.vocab_size),
