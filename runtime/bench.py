@@ -41,7 +41,7 @@ from edgekd.runtime import DEVICES, model_kind
 from edgekd.runtime.base import BackendError
 
 from edgekd.errors import EdgeKDError
-from edgekd.io import checkpoint_dir
+from edgekd.io import checkpoint_dir, is_hub_id
 
 GB = 1e9
 
@@ -108,6 +108,9 @@ class BenchConfig:
         if self.names and len(self.names) != len(self.models):
             problems.append(f"{len(self.names)} --name for {len(self.models)} --model")
         for m in [*self.models, *([self.teacher] if self.teacher else [])]:
+            if not Path(m).expanduser().exists() and not is_hub_id(str(m)):
+                problems.append(f"model '{m}' not found (a directory, or a hub id org/name)")
+                continue
             try:
                 model_kind(m)
             except BackendError as e:
@@ -125,15 +128,19 @@ def load_items(data: str | Path, image_root=None, limit: int | None = None) -> l
     """Single-turn questions of a LLaVA-format eval file: prompt, reference, type, image path.
 
     Raises:
-        DataError: invalid JSON or samples, missing images (the count and the first one), paths
-            leaving the image root, or a multi-turn sample.
+        DataError: invalid JSON or samples, missing or unreadable images (the count and the
+            first one), paths leaving the image root, a multi-turn sample, or a limit below 1.
     """
     from edgekd.data.llava import load_llava_json, resolve_images
     from edgekd.errors import DataError
+    from edgekd.images import check_images
 
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1 (got {limit})")
     samples = load_llava_json(data)[:limit]
     root = Path(image_root) if image_root is not None else Path(data).parent
     images = resolve_images(samples, root)
+    check_images(images, [s["id"] for s in samples])  # a bad image fails here, not mid-bench
     items = []
     for sample, image in zip(samples, images, strict=True):
         turns = [t for t in sample["conversations"] if t["from"] != "system"]
@@ -209,10 +216,10 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
         os.environ.setdefault("OMP_NUM_THREADS", str(settings["threads"]))
     from edgekd.runtime import load_backend
     from edgekd.runtime.power import power_meter
-    from PIL import Image
     from rich.progress import Progress
 
     from edgekd.evaluate import score
+    from edgekd.images import open_rgb
 
     device, threads = settings["device"], settings.get("threads")
     peak_is_own = reset_peak_rss() or settings["isolate"]  # a fresh process: its own mark
@@ -228,7 +235,7 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
     load_s = time.perf_counter() - t0
     try:
         item = next((it for it in items if it["image"]), items[0])
-        image = Image.open(item["image"]).convert("RGB") if item["image"] else None
+        image = open_rgb(item["image"]) if item["image"] else None
 
         def once():
             return backend.generate(
@@ -284,7 +291,7 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
         with Progress(transient=True) as progress:
             task = progress.add_task(label, total=len(items))
             for it in items:
-                img = Image.open(it["image"]).convert("RGB") if it["image"] else None
+                img = open_rgb(it["image"]) if it["image"] else None
                 gen = backend.generate(img, it["prompt"], settings["max_new_tokens"])
                 rows.append({**it, "prediction": gen.text})
                 progress.advance(task)
@@ -546,21 +553,44 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
     """Run the bench and write its report; returns the report (also ``bench.json``).
 
     ``show_table=False`` leaves the closing table to the caller (the demo prints it last).
+    The output is checked against every input and locked for the whole run
+    (:func:`edgekd.outputs.output_guard`); an old report is replaced only by a complete one.
 
     Raises:
         BenchConfigError, DataError, ArtifactError, BackendError, BenchError: one-line problems with
         the input (before anything runs) or with a model run.
+        OutputError, OutputExistsError: the output cannot be written (see the guard).
     """
     from edgekd.runtime.report import print_table, write_report
     from rich.console import Console
 
-    from edgekd.envinfo import snapshot
-    from edgekd.io import atomic_dir, atomic_write_json, check_output_dir
+    from edgekd.outputs import output_guard
 
     console = console or Console()
     config.validate()
-    output = check_output_dir(config.output, config.overwrite)
     items = load_items(config.data, config.image_root, config.limit)
+    inputs = [*config.models, config.teacher, config.data, config.image_root, config.profile]
+    inputs += sorted({str(Path(it["image"]).parent) for it in items if it["image"]})
+    with output_guard(config.output, overwrite=config.overwrite, inputs=inputs) as guard:
+        report = _measure(config, items, guard.path, console)
+        with guard.build() as tmp:
+            write_report(report, tmp)
+    shutil.rmtree(_partial_dir(guard.path), ignore_errors=True)
+    if show_table:
+        print_table(report, console)
+    console.print(f"report: {guard.path / 'bench.md'} (JSON: bench.json, plot: bench.png)")
+    return report
+
+
+def _partial_dir(output: Path) -> Path:
+    return output.with_name(f".{output.name}.partial")
+
+
+def _measure(config: BenchConfig, items: list[dict], output: Path, console) -> dict[str, Any]:
+    """Every model measured (finished ones kept in the partial folder), as the report's data."""
+    from edgekd.envinfo import snapshot
+    from edgekd.io import atomic_write_json
+
     specs = model_specs(config)
     verify_artifacts(specs)
     target = resolve_target(config)
@@ -576,7 +606,7 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
         "idle_s": config.idle_s,
         "isolate": config.isolate,
     }
-    partial = output.with_name(f".{output.name}.partial")
+    partial = _partial_dir(output)
     partial.mkdir(parents=True, exist_ok=True)
     results = []
     for i, spec in enumerate(specs, 1):
@@ -624,10 +654,4 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
         "fit": fit,
         "results": results,
     }
-    with atomic_dir(output, overwrite=config.overwrite) as tmp:
-        write_report(report, tmp)
-    shutil.rmtree(partial, ignore_errors=True)
-    if show_table:
-        print_table(report, console)
-    console.print(f"report: {output / 'bench.md'} (JSON: bench.json, plot: bench.png)")
     return report

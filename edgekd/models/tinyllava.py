@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ from typing import Any
 import torch
 
 from edgekd.errors import ModelError
-from edgekd.io import check_output_dir, sha256_file
+from edgekd.io import sha256_file
+from edgekd.models.vlm import pickle_refused
 
 SUPPORTED_CONNECTORS = ("mlp2x_gelu",)
 SUPPORTED_VISION = ("siglip_vision_model",)
@@ -188,15 +190,25 @@ def convert_tinyllava(
 
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is not set (before any work).
+        OutputError: ``out`` is, contains or lies inside ``src``, or cannot be written.
         ModelError: ``src`` is not a supported TinyLLaVA checkpoint, or its tensors do not fill
             the converted model exactly.
     """
-    from edgekd.io import atomic_dir
+    from edgekd.outputs import output_guard
+
+    # refuses out == src (and out inside or around it) before reading a byte of the source
+    with output_guard(out, overwrite=overwrite, inputs=[src]) as guard:
+        vlm, manifest = _convert(src, dtype)
+        with guard.build() as tmp:
+            vlm.write(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def _convert(src: str | os.PathLike, dtype: str):
+    """The converted ``VLM`` and the conversion manifest (nothing written)."""
     from edgekd.models.vlm import VLM, resolve_dtype
 
-    check_output_dir(out, overwrite)
-    if Path(out).expanduser().resolve() == Path(src).expanduser().resolve():
-        raise ModelError(f"output '{out}' is the source checkpoint; write to another directory")
     target_dtype = resolve_dtype(dtype)
     ckpt = read_checkpoint(src)
     strategy = check_supported(ckpt)
@@ -215,10 +227,7 @@ def convert_tinyllava(
     processor = build_processor(ckpt, tokenizer, strategy)
 
     manifest = _manifest(ckpt, config, counts, tied, token_added, source_vocab, target_dtype)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        VLM(model, processor).save_pretrained(tmp)  # tmp is empty: no overwrite needed
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return Path(out)
+    return VLM(model, processor), manifest
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -313,6 +322,8 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    except pickle.UnpicklingError:
+        raise pickle_refused(path) from None
     except Exception as e:  # safetensors and torch raise assorted types for bad files
         raise ModelError(f"cannot read weights '{path}': {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict):
