@@ -64,14 +64,30 @@ def check_output(
             ``reuse`` is set.
     """
     out = absolute(path)
-    _check_kind(out, path)
-    _check_inputs(out, path, inputs)
-    if out.exists() and any(out.iterdir()) and not (overwrite or reuse):
+    try:
+        _check_kind(out, path)
+        _check_inputs(out, path, inputs)
+        exists = out.exists() and any(out.iterdir())
+    except OutputError:
+        raise
+    except (OSError, ValueError) as e:  # a name the system refuses: too long, a NUL byte
+        reason = getattr(e, "strerror", None) or str(e)
+        raise OutputError(f"output {str(path)!r} cannot be used: {reason}") from None
+    if exists and not (overwrite or reuse):
         raise OutputExistsError(f"output '{path}' already exists; {hint}")
     return out
 
 
+_SUFFIX_ROOM = len(".") + len(".tmp-") + 16  # the hidden names made beside an output
+
+
 def _check_kind(out: Path, shown: str | os.PathLike) -> None:
+    longest = 255 - _SUFFIX_ROOM  # NAME_MAX of the usual file systems
+    if len(os.fsencode(out.name)) > longest:
+        raise OutputError(
+            f"output name '{out.name[:40]}...' is {len(os.fsencode(out.name))} bytes; edgekd "
+            f"writes hidden folders beside it, so keep it to {longest}"
+        )
     if out.exists() and not out.is_dir():
         raise OutputError(f"output '{shown}' is an existing file; give a directory path")
     cwd = Path.cwd().resolve()

@@ -147,3 +147,13 @@ def test_swapped_output_honours_the_umask(tmp_path, mask, file_mode, dir_mode):
     assert _mode(out) == dir_mode and _mode(out / "sub") == dir_mode
     assert _mode(out / os.path.basename(name)) == file_mode
 
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("x" * 250, "is 250 bytes"), ("a\0b", "cannot be used: embedded null byte")],
+)
+def test_names_the_system_or_the_guard_cannot_use(tmp_path, name, message):
+    with pytest.raises(OutputError, match=message):
+        check_output(tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
