@@ -237,10 +237,17 @@ def export(
     """Export a student to ONNX, TensorRT or GGUF, with parity checks against PyTorch."""
     from edgekd.export import ExportConfig, get_exporter
     from edgekd.export import export as run_export
-    from edgekd.models.vlm import require_chat_template
+    from edgekd.images import checked_samples
+    from edgekd.models.checkpoint import require_chat_template
+    from edgekd.profiles import load_device_profile
 
     exporter = get_exporter(target)
-    require_chat_template(checkpoint)  # every artifact renders prompts: fail before the export
+    # fail before minutes of export, not in the parity checks after it
+    require_chat_template(checkpoint)  # every artifact renders prompts with it
+    if profile is not None:
+        load_device_profile(profile)  # an unknown name lists the valid ones
+    if eval_data is not None:
+        checked_samples(eval_data, limit=max(eval_limit, parity_prompts))
     config = ExportConfig(
         checkpoint=checkpoint,
         target=target,

@@ -131,16 +131,10 @@ def load_items(data: str | Path, image_root=None, limit: int | None = None) -> l
         DataError: invalid JSON or samples, missing or unreadable images (the count and the
             first one), paths leaving the image root, a multi-turn sample, or a limit below 1.
     """
-    from edgekd.data.llava import load_llava_json, resolve_images
     from edgekd.errors import DataError
-    from edgekd.images import check_images
+    from edgekd.images import checked_samples
 
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be at least 1 (got {limit})")
-    samples = load_llava_json(data)[:limit]
-    root = Path(image_root) if image_root is not None else Path(data).parent
-    images = resolve_images(samples, root)
-    check_images(images, [s["id"] for s in samples])  # a bad image fails here, not mid-bench
+    samples, images = checked_samples(data, image_root, limit)  # bad images fail here
     items = []
     for sample, image in zip(samples, images, strict=True):
         turns = [t for t in sample["conversations"] if t["from"] != "system"]

@@ -306,7 +306,7 @@ def _meta_vlm_from_checkpoint(src: str) -> VLM:
 
     from edgekd.io import checkpoint_dir, is_hub_id
     from edgekd.models import SHAPES, VLM
-    from edgekd.models.vlm import load_config
+    from edgekd.models.checkpoint import load_config
 
     local = Path(src).expanduser()
     if local.is_dir():

@@ -126,11 +126,29 @@ CORRUPTIONS = {
         ),
         "vision_config.hidden_size is '64', not a positive integer",
     ),
-    "shapes-differ": (
+    "larger-than-weights": (
         lambda c: _edit_config(
             c, lambda d: {**d, "text_config": {**d["text_config"], "hidden_size": 128}}
         ),
+        "config.json describes 0.45M parameters but the weights hold 0.27M",
+    ),
+    "text-config-empty": (  # transformers' defaults: a 7B model, never allocated
+        lambda c: _edit_config(c, lambda d: {**d, "text_config": {}}),
+        "but the weights hold 0.27M",
+    ),
+    "shapes-differ": (
+        lambda c: _edit_config(
+            c, lambda d: {**d, "text_config": {**d["text_config"], "intermediate_size": 96}}
+        ),
         "config.json does not match the weights",
+    ),
+    "shard-index-broken": (
+        lambda c: (c / "model.safetensors.index.json").write_text('{"weight_map": {}}'),
+        "is not a shard index",
+    ),
+    "tokenizer-broken": (
+        lambda c: (c / "tokenizer.json").write_text('{"version": "1.0", "model": {}}'),
+        "cannot load the tokenizer or processor",
     ),
     "pickle-only": (_pickle_only, "pytorch_model.bin' is a pickle holding objects other than"),
 }
@@ -151,10 +169,25 @@ def test_bad_checkpoint_in_export_leaves_no_output(cli, ckpt, tmp_path):
     assert not out.exists() and leftovers(out) == []
 
 
-def test_export_without_chat_template_fails_before_exporting(cli, ckpt, tmp_path):
-    (ckpt / "chat_template.jinja").unlink()
+@pytest.mark.parametrize("kind", ["missing", "not-jinja"])
+def test_export_without_a_usable_chat_template_fails_first(cli, ckpt, tmp_path, kind):
+    template = ckpt / "chat_template.jinja"
+    if kind == "missing":
+        template.unlink()
+    else:
+        template.write_text("{% for m in messages %}{{ m.content }")
     out = tmp_path / "art"
     cli("export", ckpt, "--target", "onnx", "-o", out).one_line_error(str(ckpt), "chat template")
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_export_with_a_bad_eval_set_fails_first(cli, ckpt, tmp_path):
+    data = write_qa_set(tmp_path / "eval")
+    (tmp_path / "eval" / "images" / "2.png").write_text("no image")
+    out = tmp_path / "art"
+    cli(
+        "export", ckpt, "--target", "onnx", "-o", out, "--eval-data", data
+    ).one_line_error("sample 'q2'", "2.png")
     assert not out.exists() and leftovers(out) == []
 
 
@@ -281,6 +314,7 @@ def test_malformed_set_and_option_values(cli, tiny_checkpoint, tmp_path):
         (("--logging-steps", "0"), ("--logging-steps must be at least 1",)),
         (("--save-steps", "-5"), ("--save-steps must be at least 1",)),
         (("--vsd-adapter", "cubic"), ("--vsd-adapter 'cubic'", "none, linear")),
+        (("--device", "tpu"), ("--device 'tpu'", "auto, cpu, cuda")),
         (("--set", "distributed.strategy=fsdp"), ("distributed.strategy fsdp", "CUDA")),
         (
             ("--set", "distributed.strategy=ddp", "--set", "distributed.num_processes=2"),
@@ -327,6 +361,16 @@ def test_local_looking_path_fails_at_once_without_the_hub(cli, tmp_path, monkeyp
         "distill", "--method", "sft", "--student", path, "--device", "cpu", "-o", "r"
     ).one_line_error(path, "not found")
     assert sorted(os.listdir(tmp_path)) == ["runs"]
+
+
+def test_unknown_names_list_the_valid_ones(cli, tiny_checkpoint, tmp_path):
+    cli(
+        "export", tiny_checkpoint, "--target", "onnx", "-o", tmp_path / "a", "--profile", "nope"
+    ).one_line_error("unknown device profile 'nope'", "cpu-x86_64")
+    cli("models", "create", "tiny", tmp_path / "m", "--tokenizer", "./gone").one_line_error(
+        "'gone' not found"
+    )
+    assert os.listdir(tmp_path) == []
 
 
 def test_negative_limits_are_refused(cli, tiny_checkpoint, tmp_path):

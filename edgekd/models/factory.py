@@ -228,8 +228,11 @@ def corpus_texts(llava_json: str | Path) -> list[str]:
 def _shared_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    from edgekd.models.checkpoint import resolve_checkpoint
+
+    src = resolve_checkpoint(path)  # a missing local folder fails here, not on the hub
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a tokenizer from '{path}': {e}") from None
     if IMAGE_TOKEN not in tokenizer.get_vocab():

@@ -79,7 +79,7 @@ import torch
 
 from edgekd.errors import ModelError
 from edgekd.io import sha256_file
-from edgekd.models.vlm import pickle_refused
+from edgekd.models.checkpoint import pickle_refused
 
 SUPPORTED_CONNECTORS = ("mlp2x_gelu",)
 SUPPORTED_VISION = ("siglip_vision_model",)

@@ -23,9 +23,18 @@ from typing import Any
 import torch
 
 from edgekd.errors import ModelError
-from edgekd.io import checkpoint_dir, is_hub_id, looks_local
+from edgekd.models.checkpoint import (  # noqa: F401 - re-exported: the model layer's API
+    SUPPORTED_MODEL_TYPES,
+    check_llava_config,
+    check_loading_info,
+    check_weights,
+    first_line,
+    load_config,
+    load_processor,
+    pickle_refused,
+    resolve_checkpoint,
+)
 
-SUPPORTED_MODEL_TYPES = ("llava",)
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -75,12 +84,12 @@ class VLM:
             ModelError: The path does not exist, is not a LLaVA-family checkpoint, or fails to load.
         """
         from safetensors import SafetensorError
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
         src = resolve_checkpoint(path_or_id)
         config = load_config(src, trust_remote_code)
         if Path(src).is_dir():
-            check_weight_files(Path(src))
+            check_weights(Path(src), config)  # before transformers allocates what config says
         try:
             model, info = LlavaForConditionalGeneration.from_pretrained(
                 src,
@@ -90,14 +99,13 @@ class VLM:
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported below, with the file to fix
             )
-            processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
         except pickle.UnpicklingError:
             pickles = sorted(Path(src).glob("pytorch_model*.bin")) if Path(src).is_dir() else []
             raise pickle_refused(pickles[0] if pickles else src) from None
         except (OSError, ValueError, SafetensorError) as e:
-            raise ModelError(f"cannot load '{src}': {_first_line(e)}") from None
+            raise ModelError(f"cannot load '{src}': {first_line(e)}") from None
         check_loading_info(info, src)
-        return cls(model.to(device), processor)
+        return cls(model.to(device), load_processor(src, trust_remote_code))
 
     def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a standard transformers checkpoint (safetensors) with its processor, atomically."""
@@ -248,196 +256,6 @@ class VLM:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
-    """The checkpoint directory of a local path (a run directory's ``model/``), or a hub id.
-
-    Raises:
-        ModelError: the path does not exist. A path written as one (``./x``, ``runs/x`` when
-            ``runs/`` is here, ...) fails at once instead of being looked up on the hub.
-    """
-    src = str(path_or_id)
-    local = Path(src).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ModelError(f"checkpoint '{src}' is a file; pass its directory")
-        return str(checkpoint_dir(local) or local)
-    if looks_local(src) or not is_hub_id(src):
-        raise ModelError(f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)")
-    return src
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """``config.json`` of a local checkpoint, checked to be an object whose shapes are numbers.
-
-    Raises:
-        ModelError: missing, not JSON, not an object, or a sub-config / size that is malformed.
-    """
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ModelError(f"'{folder}' is not a checkpoint: it has no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read '{path}': {e}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"'{path}' is not a JSON object (got {type(config).__name__})")
-    problems = []
-    for key in ("text_config", "vision_config"):
-        sub = config.get(key, {})
-        if not isinstance(sub, dict):
-            problems.append(f"{key} is {type(sub).__name__}, not an object")
-            continue
-        for size in _SIZE_KEYS:
-            value = sub.get(size)
-            if value is not None and not _positive_int(value):
-                problems.append(f"{key}.{size} is {value!r}, not a positive integer")
-    if problems:
-        raise ModelError(f"'{path}': {'; '.join(problems)}")
-    return config
-
-
-_SIZE_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "image_size",
-    "patch_size",
-    "max_position_embeddings",
-)
-
-
-def pickle_refused(path: str | os.PathLike) -> ModelError:
-    """The error for a pickle weights file that ``weights_only`` loading refused."""
-    return ModelError(
-        f"'{path}' is a pickle holding objects other than tensors; edgekd loads weights "
-        "without running pickled code: save them as safetensors in an environment you trust"
-    )
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def check_weight_files(folder: Path) -> None:
-    """Every safetensors file of ``folder`` is readable (header and size), before loading.
-
-    Raises:
-        ModelError: no weights at all, or a truncated / corrupt safetensors file (named).
-    """
-    from safetensors import SafetensorError, safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files and not any(folder.glob("pytorch_model*.bin")):
-        raise ModelError(f"'{folder}' has no weights (model.safetensors)")
-    for file in files:
-        try:
-            with safe_open(str(file), "pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise ModelError(
-                f"'{file}' is not a readable safetensors file (truncated or corrupt: "
-                f"{_first_line(e)}); save or copy the checkpoint again"
-            ) from None
-
-
-def load_config(src: str, trust_remote_code: bool = False):
-    """The config of a checkpoint directory or hub id, every parse failure a :class:`ModelError`.
-
-    A local ``config.json`` is checked first (:func:`read_config`, :func:`check_llava_config`).
-    """
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig, PretrainedConfig
-
-    try:
-        if Path(src).is_dir():
-            check_llava_config(read_config(Path(src)), src)
-        else:
-            raw, _ = PretrainedConfig.get_config_dict(src)
-            check_llava_config(raw, src)
-        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except ModelError:
-        raise
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:
-        cause = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
-        raise ModelError(
-            f"cannot read a model config from '{src}': {_first_line(cause)}"
-        ) from None
-
-
-def check_loading_info(info: dict[str, Any], src: str) -> None:
-    """Refuse weights that do not fill the model ``config.json`` describes, exactly.
-
-    transformers loads such checkpoints with a warning, leaving the missing or mismatched
-    weights random; a model that silently answers noise is worse than an error.
-    """
-    mismatched = sorted(info.get("mismatched_keys") or [])
-    missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(info.get("unexpected_keys") or [])
-    if not (mismatched or missing or unexpected):
-        return
-    if mismatched:
-        key, ckpt, model = mismatched[0]
-        first = f"{key} is {list(ckpt)} in the weights but {list(model)} by config.json"
-    elif missing:
-        first = f"{missing[0]} is missing from the weights"
-    else:
-        first = f"{unexpected[0]} in the weights has no place in the model"
-    raise ModelError(
-        f"'{src}': config.json does not match the weights ({len(mismatched)} mismatched, "
-        f"{len(missing)} missing, {len(unexpected)} unexpected; first: {first}); use the "
-        "config.json the weights were saved with"
-    )
-
-
-def require_chat_template(path_or_id: str | os.PathLike) -> None:
-    """Refuse a local checkpoint without a chat template (prompts are rendered with it).
-
-    Raises:
-        ModelError: no ``chat_template.jinja`` and no template in the processor or tokenizer
-            config.
-    """
-    local = Path(path_or_id).expanduser()
-    folder = checkpoint_dir(local) if local.is_dir() else None
-    if folder is None:
-        return  # a hub id, or not a checkpoint: the loader says so
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_templates").is_dir():
-        return
-    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        try:
-            if json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template"):
-                return
-        except (OSError, ValueError, AttributeError):
-            continue
-    raise ModelError(
-        f"checkpoint '{path_or_id}' has no chat template (no chat_template.jinja, none in its "
-        "tokenizer or processor config); add the template the model was trained with"
-    )
-
-
-def check_llava_config(config: dict[str, Any], src: str) -> None:
-    """Refuse checkpoints that are not LLaVA-family VLMs, with a hint for TinyLLaVA ones.
-
-    Args:
-        config: The checkpoint's raw ``config.json`` as a dict.
-        src: Where it came from, for the message.
-    """
-    model_type = config.get("model_type")
-    if model_type in SUPPORTED_MODEL_TYPES:
-        return
-    if model_type == "tinyllava" or "TinyLlava" in str(config.get("architectures", "")):
-        raise ModelError(
-            f"'{src}' is a TinyLLaVA Factory checkpoint; convert it first: "
-            f"edgekd convert tinyllava {src} OUT"
-        )
-    raise ModelError(
-        f"'{src}' is not a LLaVA-family VLM (model_type '{model_type}'); edgekd takes "
-        "LlavaForConditionalGeneration checkpoints"
-    )
-
-
 def check_compatible(teacher: VLM, student: VLM) -> None:
     """Teacher and student must share the vocabulary and the image token for logit distillation.
 
@@ -459,8 +277,3 @@ def check_compatible(teacher: VLM, student: VLM) -> None:
     if t_vocab != s_vocab:
         diff = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))[:3]
         raise ModelError(f"teacher and student tokenizers differ (e.g. {diff}); {fix}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
