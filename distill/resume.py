@@ -1,6 +1,6 @@
 """``--resume`` continues the run it finds, or refuses: the job must be the one that was saved.
 
-Two checks, both before anything is written (``config.yaml`` included):
+Three checks, all before anything is written (``config.yaml`` included):
 
 1. :func:`check_resume_config`: the resolved recipe and job against the run's ``config.yaml``.
    Only the length of training and the number of processes may change on resume; a different
@@ -8,6 +8,8 @@ Two checks, both before anything is written (``config.yaml`` included):
 2. :func:`check_resume_shapes`: the student about to train against the checkpoint's
    ``config.json`` and tensors (sizes, layers, vocabulary, image token, the VSD adapter), so
    that a changed student never meets the checkpoint inside the trainer.
+3. :func:`check_checkpoint_files`: the checkpoint's files are whole (JSON, safetensors, torch
+   archives), so that a file cut short names itself instead of failing inside the trainer.
 """
 
 from __future__ import annotations
@@ -89,6 +91,37 @@ def check_resume_config(recipe_dict: dict[str, Any], job_dict: dict[str, Any], r
         raise DistillError(
             f"--resume: this job differs from the run in '{path}': {'; '.join(diffs)}; {_FIX}"
         )
+
+
+def check_checkpoint_files(checkpoint: str | os.PathLike) -> None:
+    """The files a resume reads are whole: JSON parses, safetensors headers and torch archives
+    (optimizer, scheduler, RNG states) open.
+
+    Raises:
+        DistillError: naming the broken file and the folder to remove to resume from the
+            checkpoint before it.
+    """
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    ckpt = Path(checkpoint)
+    for file in sorted(ckpt.iterdir()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file):  # torch.save archives: a cut file has no directory
+                    pass
+        except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DistillError(
+                f"--resume: '{file}' is truncated or corrupt ({reason}); remove '{ckpt}' to "
+                "resume from the checkpoint before it"
+            ) from None
 
 
 def check_resume_shapes(student, checkpoint: str | os.PathLike) -> None:

@@ -24,7 +24,11 @@ from typing import Any
 
 import torch
 from edgekd.distill.objective import Objective
-from edgekd.distill.resume import check_resume_config, check_resume_shapes
+from edgekd.distill.resume import (
+    check_checkpoint_files,
+    check_resume_config,
+    check_resume_shapes,
+)
 from edgekd.distill.switch import build_adapter
 from edgekd.distill.trainer import STAGING, DistillError
 from rich.console import Console
@@ -143,7 +147,7 @@ def check_strategy(recipe, device: str) -> None:
 def check_sources(recipe) -> None:
     """Teacher, student and dataset exist (a typo'd path fails now, not after loading a model)."""
     from edgekd.data import DATASETS
-    from edgekd.models.vlm import resolve_checkpoint
+    from edgekd.models.checkpoint import resolve_checkpoint
 
     for spec in (recipe.teacher if recipe.method != "sft" else None, recipe.student):
         if spec and not spec.startswith("tiny:"):
@@ -325,7 +329,13 @@ def resolve_dataset(dataset: str, console: Console | None = None) -> Path:
     )
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def pick_device(requested: str) -> str:
+    """``cuda`` or ``cpu`` for ``--device`` (``auto``: a GPU when one is visible)."""
+    if requested not in DEVICES:
+        raise DistillError(f"--device '{requested}' is unknown; valid: {', '.join(DEVICES)}")
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -368,6 +378,7 @@ def run(job: DistillJob, console: Console | None = None) -> dict[str, Any]:
         work, resume_from = prepare_output(job, guard.path, guard.replacing)
         if resume_from is not None:
             check_resume_config(profile_to_dict(recipe), _job_dict(job), guard.path)
+            check_checkpoint_files(resume_from)
         state.wait_for_everyone()  # every rank has decided where to write before anyone writes
         args.output_dir = str(work / "checkpoints")
         existed = work.exists()

@@ -236,3 +236,16 @@ def test_full_file_system_during_training_says_so(tmp_path, distill_data, studen
         assert os.listdir(full) == []
     finally:
         subprocess.run(["umount", str(full)])
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_resume_from_a_cut_checkpoint_names_the_file(
+    finished_run, distill_data, student_ckpt, cli, name
+):
+    out, _ = finished_run
+    last = out / "checkpoints" / "checkpoint-3"
+    (last / name).write_bytes((last / name).read_bytes()[:-30])
+    before = (out / "config.yaml").read_bytes()
+    resumed = cli(*_short(out, distill_data, student_ckpt, "--resume", "--max-steps", "5"))
+    resumed.one_line_error(str(last / name), "truncated or corrupt", f"remove '{last}'")
+    assert (out / "config.yaml").read_bytes() == before
