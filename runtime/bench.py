@@ -28,6 +28,7 @@ environment snapshot, Markdown, PNG) appears in ``output`` when everything is do
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -462,6 +463,22 @@ def verify_artifacts(specs: list[dict]) -> None:
             verify(spec["path"])
 
 
+def check_checkpoints(specs: list[dict]) -> None:
+    """Every local checkpoint loads and renders prompts, before anything runs.
+
+    Raises:
+        ModelError: a missing chat template, a malformed config.json, unreadable weights or a
+            config that does not fit them (see :mod:`edgekd.models.checkpoint`).
+    """
+    from edgekd.models.checkpoint import check_weights, load_config, require_chat_template
+
+    for spec in specs:
+        folder = checkpoint_dir(spec["path"]) if spec["kind"] == "torch" else None
+        if folder is not None:
+            require_chat_template(folder)
+            check_weights(folder, load_config(str(folder)))
+
+
 def model_bytes(path: str, kind: str) -> int:
     """Bytes of the files a runtime loads: artifact files, or a checkpoint's weights."""
     p = Path(path)
@@ -566,10 +583,16 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
     inputs = [*config.models, config.teacher, config.data, config.image_root, config.profile]
     inputs += sorted({str(Path(it["image"]).parent) for it in items if it["image"]})
     with output_guard(config.output, overwrite=config.overwrite, inputs=inputs) as guard:
-        report = _measure(config, items, guard.path, console)
+        partial = _partial_dir(guard.path)
+        try:
+            report = _measure(config, items, guard.path, console)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                partial.rmdir()  # kept for a re-run only when it holds finished models
+            raise
         with guard.build() as tmp:
             write_report(report, tmp)
-    shutil.rmtree(_partial_dir(guard.path), ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
     if show_table:
         print_table(report, console)
     console.print(f"report: {guard.path / 'bench.md'} (JSON: bench.json, plot: bench.png)")
@@ -587,6 +610,7 @@ def _measure(config: BenchConfig, items: list[dict], output: Path, console) -> d
 
     specs = model_specs(config)
     verify_artifacts(specs)
+    check_checkpoints(specs)
     target = resolve_target(config)
     fit = check_fit(specs, target, context=config.context)
     settings = {

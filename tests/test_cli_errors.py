@@ -181,6 +181,20 @@ def test_export_without_a_usable_chat_template_fails_first(cli, ckpt, tmp_path, 
     assert not out.exists() and leftovers(out) == []
 
 
+@pytest.mark.parametrize("kind", ["no-chat-template", "text-config-empty"])
+def test_bench_checks_checkpoints_before_running(cli, ckpt, tmp_path, kind):
+    if kind == "no-chat-template":
+        (ckpt / "chat_template.jinja").unlink()
+    else:
+        CORRUPTIONS[kind][0](ckpt)
+    data = write_qa_set(tmp_path / "eval")
+    out = tmp_path / "report"
+    result = cli("bench", "--model", ckpt, "--data", data, "-o", out, "--no-isolate")
+    result.one_line_error(str(ckpt))
+    assert "[1/1]" not in result.out  # refused before the first model ran
+    assert not out.exists() and leftovers(out) == []  # no empty .report.partial either
+
+
 def test_export_with_a_bad_eval_set_fails_first(cli, ckpt, tmp_path):
     data = write_qa_set(tmp_path / "eval")
     (tmp_path / "eval" / "images" / "2.png").write_text("no image")
@@ -376,6 +390,7 @@ def test_unknown_names_list_the_valid_ones(cli, tiny_checkpoint, tmp_path):
 def test_negative_limits_are_refused(cli, tiny_checkpoint, tmp_path):
     data = write_qa_set(tmp_path / "eval")
     cli("data", "easy-vqa", tmp_path / "d", "--limit-train", "-5").one_line_error("--limit-train")
+    cli("data", "fashion-grid", tmp_path / "f", "--seed", "-1").one_line_error("seed must be >= 0")
     cli(
         "bench", "--model", tiny_checkpoint, "--data", data, "-o", tmp_path / "b", "--limit", "-1"
     ).one_line_error("--limit must be at least 1")

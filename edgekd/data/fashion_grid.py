@@ -286,6 +286,8 @@ def write_fashion_grid(
         for k, v in (("n_train", n_train), ("n_test", n_test))
         if v < 1
     ]
+    if seed < 0:
+        problems.append(f"seed must be >= 0 (got {seed})")
     if not 1 <= questions_per_image <= len(QUESTION_TYPES):
         problems.append(
             f"questions_per_image must be 1..{len(QUESTION_TYPES)} (got {questions_per_image})"
