@@ -614,9 +614,9 @@ def error_line(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
         from edgekd.io import disk_full
 
-        path = exc.filename or "an output"
+        path = exc.filename or "a file"
         full = disk_full(exc, path)
-        return str(full) if full is not None else f"cannot write '{path}': {exc.strerror}"
+        return str(full) if full is not None else f"cannot access '{path}': {exc.strerror}"
     return None
 
 
