@@ -15,6 +15,7 @@ Output directory::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -25,10 +26,16 @@ import torch
 from rich.console import Console
 
 from edgekd.distill.objective import Objective
+from edgekd.distill.resume import (
+    check_checkpoint_files,
+    check_resume_config,
+    check_resume_shapes,
+)
 from edgekd.distill.switch import build_adapter
 from edgekd.distill.trainer import STAGING, DistillError
-from edgekd.errors import ModelError, OutputExistsError
-from edgekd.io import atomic_dir, atomic_write_text
+from edgekd.errors import ModelError, OptionError
+from edgekd.io import atomic_write_text, writing
+from edgekd.outputs import build_dir, swap_in
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -90,9 +97,82 @@ def has_checkpoint(output: str | Path) -> bool:
     return ckpt_dir.is_dir() and get_last_checkpoint(str(ckpt_dir)) is not None
 
 
-def prepare_output(job: DistillJob) -> str | None:
-    """Check the output directory; return the checkpoint to resume from (or None)."""
-    ckpt_dir = job.output / "checkpoints"
+EXISTS_HINT = "pass --overwrite to replace it or --resume to continue its training"
+
+
+def check_job(job: DistillJob) -> None:
+    """Refuse job settings out of range (all at once, naming the CLI option)."""
+    from edgekd.distill.switch import ADAPTERS
+
+    problems = [
+        f"{flag} must be at least 1 (got {value})"
+        for flag, value in (
+            ("--save-steps", job.save_steps),
+            ("--logging-steps", job.logging_steps),
+            ("save_total_limit", job.save_total_limit),
+        )
+        if value is not None and value < 1
+    ]
+    if job.vsd_adapter not in ADAPTERS:
+        valid = ", ".join(ADAPTERS)
+        problems.append(f"--vsd-adapter '{job.vsd_adapter}' is unknown; valid: {valid}")
+    if problems:
+        raise OptionError("; ".join(problems))
+
+
+def check_strategy(recipe, device: str) -> None:
+    """The recipe's parallelism must be possible here: its package, its devices, its launcher."""
+    dist, world = recipe.distributed, int(os.environ.get("WORLD_SIZE", "1"))
+    problems = []
+    if dist.strategy == "deepspeed-zero3" and importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            "distributed.strategy deepspeed-zero3 needs the deepspeed package: "
+            "pip install deepspeed"
+        )
+    if dist.strategy == "fsdp" and device != "cuda":
+        problems.append(
+            f"distributed.strategy fsdp needs CUDA GPUs (FSDP does not shard on {device} here); "
+            "use distributed.strategy ddp on CPU"
+        )
+    if dist.num_processes > world:
+        problems.append(
+            f"distributed.num_processes is {dist.num_processes} but this is one process; launch "
+            f"one per device: torchrun --nproc_per_node {dist.num_processes} -m edgekd distill "
+            "... (or accelerate launch), or set distributed.num_processes=1"
+        )
+    if problems:
+        raise DistillError("; ".join(problems))
+
+
+def check_sources(recipe) -> None:
+    """Teacher, student and dataset exist (a typo'd path fails now, not after loading a model)."""
+    from edgekd.data import DATASETS
+    from edgekd.models.checkpoint import resolve_checkpoint
+
+    for spec in (recipe.teacher if recipe.method != "sft" else None, recipe.student):
+        if spec and not spec.startswith("tiny:"):
+            resolve_checkpoint(spec)
+    data = recipe.data.dataset
+    if data not in DATASETS and not Path(data).expanduser().exists():
+        raise DistillError(
+            f"training data '{data}' is neither a file nor a built-in dataset "
+            f"({', '.join(DATASETS)}); pass --data TRAIN.json"
+        )
+
+
+def inputs_of(recipe, job: DistillJob) -> list[str | None]:
+    """What the run reads, for the output guard (names that are not paths are skipped)."""
+    return [recipe.teacher, recipe.student, recipe.data.dataset, recipe.data.image_root, job.recipe]
+
+
+def prepare_output(job: DistillJob, out: Path, replacing: bool) -> tuple[Path, str | None]:
+    """Where this run writes, and the checkpoint to resume from (or None).
+
+    A resumed or a new run writes into ``out`` itself (its checkpoints can be resumed after a
+    crash); a run replacing an old one (``--overwrite``) builds beside it and is swapped in
+    when it has finished, so the old run survives any failure.
+    """
+    ckpt_dir = out / "checkpoints"
     if job.resume:
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -100,15 +180,14 @@ def prepare_output(job: DistillJob) -> str | None:
         if last is None:
             raise DistillError(f"--resume: no checkpoint in '{ckpt_dir}'; start without --resume")
         shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # a save cut short by a crash
-        return last
-    if job.output.exists() and any(job.output.iterdir()):
-        if not job.overwrite:
-            raise OutputExistsError(
-                f"output '{job.output}' already exists; pass --overwrite to "
-                "replace it or --resume to continue its training"
-            )
-        shutil.rmtree(job.output)
-    return None
+        return out, last
+    if replacing:
+        return out.with_name(f".{out.name}.tmp-distill"), None  # one name for every rank
+    return out, None
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def training_arguments(job: DistillJob, recipe, device: str):
@@ -262,7 +341,13 @@ def resolve_dataset(dataset: str, console: Console | None = None) -> Path:
     )
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def pick_device(requested: str) -> str:
+    """``cuda`` or ``cpu`` for ``--device`` (``auto``: a GPU when one is visible)."""
+    if requested not in DEVICES:
+        raise DistillError(f"--device '{requested}' is unknown; valid: {', '.join(DEVICES)}")
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -271,31 +356,88 @@ def pick_device(requested: str) -> str:
 
 
 def run(job: DistillJob, console: Console | None = None) -> dict[str, Any]:
-    """Train a student as ``job`` says; returns a summary (paths, steps, last logged values)."""
+    """Train a student as ``job`` says; returns a summary (paths, steps, last logged values).
+
+    Everything is checked before the output is touched: the job, the recipe, the parallelism,
+    the sources, then (under the output's lock, :func:`edgekd.outputs.output_guard`) the models,
+    the data and, on ``--resume``, that the job is the run's own.
+    """
+    from edgekd.outputs import output_guard
+    from edgekd.profiles import profile_to_dict
+
+    console = console or Console()
+    job.output = Path(job.output)
+    check_job(job)
+    recipe = resolve_recipe(job)
+    device = pick_device(job.device)
+    check_strategy(recipe, device)
+    check_sources(recipe)
+    main = _is_main_process()
+    # before the models (ZeRO-3 partitions them at load); it also sets up the processes. Its
+    # output_dir is set once the guard has decided where this run writes.
+    args = training_arguments(job, recipe, device)
+    state = args.distributed_state
+    with output_guard(
+        job.output,
+        overwrite=job.overwrite,
+        reuse=job.resume,
+        inputs=inputs_of(recipe, job),
+        lock=main,  # the main process holds the lock for every rank
+        hint=EXISTS_HINT,
+    ) as guard:
+        state.wait_for_everyone()  # the main process has locked the output and cleaned up
+        work, resume_from = prepare_output(job, guard.path, guard.replacing)
+        if resume_from is not None:
+            check_resume_config(profile_to_dict(recipe), _job_dict(job), guard.path)
+            check_checkpoint_files(resume_from)
+        state.wait_for_everyone()  # every rank has decided where to write before anyone writes
+        args.output_dir = str(work / "checkpoints")
+        existed = work.exists()
+        fresh = resume_from is None and (not existed or not any(work.iterdir()))
+        try:
+            summary = _train(job, recipe, args, device, work, resume_from, guard.path, console)
+        except BaseException:
+            # keep a run that can be resumed; remove one that left nothing to resume from
+            if main and (work != guard.path or (fresh and not has_checkpoint(work))):
+                _discard(work, keep_dir=existed)
+            raise
+        if main and work != guard.path:
+            swap_in(work, guard.path, overwrite=True)
+    return summary
+
+
+def _discard(work: Path, keep_dir: bool) -> None:
+    """Remove what a failed run wrote (it left no checkpoint to resume from)."""
+    shutil.rmtree(work, ignore_errors=True)
+    if keep_dir:
+        work.mkdir()
+
+
+def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> dict[str, Any]:
+    """Load, check, train into ``work`` and save the student; the summary names ``out``."""
     from transformers.trainer_callback import PrinterCallback
 
     from edgekd.data import LlavaCollator
     from edgekd.distill.callbacks import JsonLogCallback, RichProgressCallback
     from edgekd.distill.trainer import DistillTrainer
+    from edgekd.outputs import check_inputs
     from edgekd.profiles import profile_to_yaml
 
-    console = console or Console()
-    job.output = Path(job.output)
-    recipe = resolve_recipe(job)
-    device = pick_device(job.device)
-    resume_from = prepare_output(job)
-    args = training_arguments(job, recipe, device)  # before the models: ZeRO-3 partitions at load
     teacher, student = load_models(recipe, job, device)
     objective = Objective(method=recipe.method, **recipe.loss.model_dump())
     if objective.uses_switch:
         adapter = build_adapter(student, teacher, job.vsd_adapter)
         if adapter is not None:
             student.model.add_module("vsd_adapter", adapter)
+    if resume_from is not None:
+        check_resume_shapes(student, resume_from)
     student.vision_tower.requires_grad_(bool(recipe.training.train_vision_tower))
     dataset = load_data(recipe, job, student.processor, console)
+    check_inputs(job.output, {str(p.parent) for p in dataset.image_paths if p is not None})
+    config_yaml = _config_yaml(recipe, job, profile_to_yaml)
     if args.should_save:
-        job.output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(job.output / "config.yaml", _config_yaml(recipe, job, profile_to_yaml))
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / "config.yaml", config_yaml)
     trainer = DistillTrainer(
         model=student.model,
         teacher_model=teacher.model if teacher is not None else None,
@@ -306,13 +448,14 @@ def run(job: DistillJob, console: Console | None = None) -> dict[str, Any]:
         processing_class=student.processor,
         callbacks=[
             RichProgressCallback(console),
-            JsonLogCallback(job.output / "training_log.json"),
+            JsonLogCallback(work / "training_log.json"),
             *job.callbacks,
         ],
     )
+    trainer.resumable = work == out  # a run built beside an old one is discarded on failure
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    save_student(trainer, job.output / "model", _config_yaml(recipe, job, profile_to_yaml))
+    save_student(trainer, work / "model", config_yaml)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "output": str(job.output),
@@ -324,12 +467,21 @@ def run(job: DistillJob, console: Console | None = None) -> dict[str, Any]:
     }
 
 
+def _job_dict(job: DistillJob) -> dict[str, Any]:
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in asdict(job).items()
+        if k != "callbacks"
+    }
+
+
 def save_student(trainer, out: Path, config_yaml: str) -> None:
     """Save the student (gathered under FSDP / ZeRO-3) as ``out``, atomically, adapter apart."""
     staging = out.with_name(f".{out.name}.saving")
-    trainer.save_model(str(staging))  # every rank takes part in gathering the weights
+    with writing(out):
+        trainer.save_model(str(staging))  # every rank takes part in gathering the weights
     if trainer.args.should_save:
-        with atomic_dir(out, overwrite=True) as tmp:
+        with build_dir(out, overwrite=True) as tmp:  # the run's lock is held
             for item in staging.iterdir():
                 shutil.move(str(item), tmp / item.name)
             _split_adapter(tmp)
@@ -357,9 +509,4 @@ def _split_adapter(folder: Path) -> None:
 def _config_yaml(recipe, job: DistillJob, to_yaml) -> str:
     import yaml
 
-    job_dict = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in asdict(job).items()
-        if k != "callbacks"
-    }
-    return to_yaml(recipe) + yaml.safe_dump({"job": job_dict}, sort_keys=False)
+    return to_yaml(recipe) + yaml.safe_dump({"job": _job_dict(job)}, sort_keys=False)

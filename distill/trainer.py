@@ -29,6 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from edgekd.distill.objective import Objective
 from edgekd.distill.switch import FeatureCapture, TeacherRoutes
 from edgekd.errors import EdgeKDError
+from edgekd.io import honour_umask, writing
 
 STAGING = ".staging"
 
@@ -65,6 +66,7 @@ class DistillTrainer(Trainer):
             if objective.needs_teacher
             else None
         )
+        self.resumable = True  # False: a failed run is discarded (it was replacing an old one)
         self._stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._tokens = 0
         self._clock = time.perf_counter()
@@ -104,15 +106,25 @@ class DistillTrainer(Trainer):
         if self.args.world_size > 1:  # every rank must stop together, or the others hang
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() > 0:
+            step = self.state.global_step + 1
+            if not self.resumable:
+                raise DistillError(
+                    f"the loss is not finite at step {step}; this run is discarded and the "
+                    "output it was replacing is kept; lower the learning rate and run again"
+                )
             last = (
                 get_last_checkpoint(self.args.output_dir)
                 if os.path.isdir(self.args.output_dir)
                 else None
             )
+            if last is None:
+                raise DistillError(
+                    f"the loss is not finite at step {step}, before the first checkpoint; "
+                    "lower the learning rate and run again"
+                )
             raise DistillError(
-                f"the loss is not finite at step {self.state.global_step + 1}; "
-                f"last good checkpoint: {last or 'none yet'}; lower the learning rate and resume "
-                "with --resume"
+                f"the loss is not finite at step {step}; last good checkpoint: {last}; lower "
+                "the learning rate and resume with --resume"
             )
 
     # ---- logging --------------------------------------------------------------------------
@@ -137,7 +149,8 @@ class DistillTrainer(Trainer):
         name = f"checkpoint-{self.state.global_step}"
         self.args.output_dir = staging
         try:
-            super()._save_checkpoint(model, trial)
+            with writing(staging):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()
@@ -146,6 +159,7 @@ class DistillTrainer(Trainer):
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
+            honour_umask(final)  # serializers write some files 0600
             shutil.rmtree(staging, ignore_errors=True)
             _rotate(run_dir, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()

@@ -2,22 +2,35 @@
 
 Each command parses its options, calls one library function and renders the result. Heavy
 imports (torch, transformers, onnxruntime, llama_cpp, tensorrt) happen inside the commands so
-that ``edgekd --help`` answers at once. User errors (:class:`edgekd.errors.EdgeKDError`) print
-as one line on stderr with exit code 2, never as a traceback.
+that ``edgekd --help`` answers at once.
+
+:func:`main` is the error boundary: user errors (:class:`edgekd.errors.EdgeKDError`, malformed
+options, outputs on a full, read-only or forbidden file system) print as one line on stderr with
+exit code 2; ``--debug`` (or ``EDGEKD_DEBUG=1``) adds the traceback. Any other exception is a bug
+and shows its traceback. SIGTERM unwinds like an error, so temporary outputs are removed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgekd import targets
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, OptionError
+
+try:  # typer 0.2x ships its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_errors
 
 app = typer.Typer(
     name="edgekd",
@@ -44,6 +57,18 @@ console = Console()
 err_console = Console(stderr=True)
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+DEBUG_ENV = "EDGEKD_DEBUG"
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help=f"Show the traceback of errors (or set {DEBUG_ENV}=1)."),
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 # ---- stages ---------------------------------------------------------------------------------
@@ -158,15 +183,26 @@ def distill(
     )
 
 
-def _parse_sets(items: list[str]) -> dict[str, object]:
+def _parse_sets(
+    items: list[str], option: str = "--set", example: str = "training.max_steps=100"
+) -> dict[str, object]:
+    """``KEY=VALUE`` options as a dict, each value read as YAML (``100``, ``true``, ``[1, 2]``)."""
     import yaml
 
     out: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise EdgeKDError(f"--set '{item}': expected KEY=VALUE, e.g. training.max_steps=100")
-        out[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if not sep or not key or not all(part.strip() for part in key.split(".")):
+            raise OptionError(f"{option} '{item}': expected KEY=VALUE, e.g. {option} {example}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise OptionError(
+                f"{option} '{item}': the value is not valid YAML ({problem}); quote a plain "
+                f"string, e.g. {option} {key}='\"...\"'"
+            ) from None
     return out
 
 
@@ -186,7 +222,7 @@ def export(
         Path | None,
         typer.Option(help="LLaVA JSON for the accuracy delta of quantized variants."),
     ] = None,
-    eval_limit: Annotated[int, typer.Option(help="Eval samples used.")] = 200,
+    eval_limit: Annotated[int, typer.Option(min=1, help="Eval samples used.")] = 200,
     parity_prompts: Annotated[int, typer.Option(help="Prompts for greedy agreement.")] = 4,
     option: Annotated[
         list[str] | None,
@@ -211,7 +247,7 @@ def export(
         n_parity_prompts=parity_prompts,
         eval_data=eval_data,
         eval_limit=eval_limit,
-        options=_parse_sets(option or []),
+        options=_parse_sets(option or [], "--option", "int4_block_size=64"),
     )
     with console.status(f"exporting {checkpoint} to {target} ({config.precision}) ..."):
         manifest = run_export(config)
@@ -559,19 +595,63 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or YAML
     typer.echo(show_profile(name), nl=False)  # plain YAML: pipeable into a file
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that context managers remove temporary outputs."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+# Errors of the machine, not of edgekd: a full disk, a read-only or forbidden file system.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug (a traceback)."""
+    if isinstance(exc, click_errors.ClickException):
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        return exc.format_message() + where
+    if isinstance(exc, EdgeKDError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        from edgekd.io import disk_full
+
+        path = exc.filename or "a file"
+        full = disk_full(exc, path)
+        return str(full) if full is not None else f"cannot access '{path}': {exc.strerror}"
+    return None
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    """Entry point: run the app; user errors become one line and exit code 2 (see the module)."""
     # edgekd draws its own progress (rich); the libraries' tqdm bars and info logs are noise here.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
-    except EdgeKDError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError:
+        sys.exit(2)  # the help has been printed
+    except Terminated:
+        err_console.print("[bold red]terminated[/bold red] (SIGTERM); temporary outputs removed")
+        sys.exit(143)
+    except typer.Abort:
+        err_console.print("[bold red]aborted[/bold red]")
+        sys.exit(1)
+    except Exception as e:
+        line = error_line(e)
+        if line is None:
+            raise  # a bug: its traceback shows where it comes from
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exception(e)
+        text = " ".join(part.strip() for part in line.splitlines() if part.strip())
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(text)}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/bold red]")
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """User-facing errors.
 
-Every problem caused by the user's input (a bad path, a malformed file, incompatible models)
-raises an :class:`EdgeKDError`. The CLI prints its message as one line and exits non-zero;
-library users catch it like any other exception.
+Every problem caused by the user's input (a bad path, a malformed file, incompatible models, an
+output that cannot be written) raises an :class:`EdgeKDError`. The CLI prints its message as one
+line and exits with code 2; library users catch it like any other exception.
 """
+
+import errno
 
 
 class EdgeKDError(Exception):
@@ -16,6 +18,14 @@ class DataError(EdgeKDError, ValueError):
 
 class ModelError(EdgeKDError, ValueError):
     """A checkpoint cannot be loaded, or two models are incompatible."""
+
+
+class OptionError(EdgeKDError, ValueError):
+    """A command-line option or a library argument has an invalid value."""
+
+
+class OutputError(EdgeKDError, ValueError):
+    """An output path cannot be used: a file, inside or around an input, or in use by a run."""
 
 
 class OutputExistsError(EdgeKDError, FileExistsError):
@@ -50,3 +60,18 @@ def require(module: str, extra: str, error: type[Exception] = MissingPackageErro
         return importlib.import_module(module)
     except ImportError:
         raise missing from None
+
+
+class DiskFullError(EdgeKDError, OSError):
+    """Writing an output failed because its file system is full (or over quota).
+
+    ``errno`` is ``ENOSPC`` (or ``EDQUOT``) as for the ``OSError`` it replaces; the message is
+    one line naming the output.
+    """
+
+    def __init__(self, message: str, code: int = errno.ENOSPC, filename: str | None = None):
+        super().__init__(code, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

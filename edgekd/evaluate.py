@@ -186,9 +186,16 @@ def evaluate(
     max_new_tokens: int = 8,
     max_length: int = 2048,
 ) -> dict[str, Any]:
-    """Score ``vlm`` on a LLaVA-format eval file; returns scores plus every prediction."""
-    from edgekd.data import LlavaDataset, load_llava_json
+    """Score ``vlm`` on a LLaVA-format eval file; returns scores plus every prediction.
 
+    Raises:
+        DataError: an invalid eval file, or a ``limit`` below 1.
+    """
+    from edgekd.data import LlavaDataset, load_llava_json
+    from edgekd.errors import DataError
+
+    if limit is not None and limit < 1:
+        raise DataError(f"eval limit must be at least 1 (got {limit})")
     samples = load_llava_json(data)[:limit]
     root = image_root if image_root is not None else Path(data).parent
     dataset = LlavaDataset(samples, root, vlm.processor, max_length)

@@ -1,52 +1,125 @@
-"""Filesystem helpers: outputs appear whole or not at all, and data paths stay inside their root."""
+"""Filesystem helpers: outputs appear whole or not at all, and data paths stay inside their root.
+
+Output directories (check, lock, build beside, swap in) live in :mod:`edgekd.outputs`;
+:func:`check_output_dir` and :func:`atomic_dir` here are its entry points for single writers.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import DataError, OutputExistsError
+from edgekd.errors import DataError, DiskFullError
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_NEARLY_FULL_BYTES = 16 * 2**20  # what a sequential writer leaves when the disk ran out
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_umask_lock = threading.Lock()
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output directory unless ``overwrite`` is set."""
-    out = Path(path)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"output '{out}' already exists; pass --overwrite to replace it")
-    return out
+    """Refuse an unusable output (see :func:`edgekd.outputs.check_output`); return it absolute."""
+    from edgekd.outputs import check_output
+
+    return check_output(path, overwrite=overwrite)
+
+
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Context manager: a temporary directory beside ``path``, renamed to ``path`` on success.
+
+    The output is checked and locked first (:func:`edgekd.outputs.output_guard`). On any
+    exception the temporary directory is removed and ``path`` is left untouched, so a reader
+    never sees a half-written output. With ``overwrite`` an existing ``path`` is replaced only
+    after the new content is complete.
+    """
+    from edgekd.outputs import guarded_dir
+
+    return guarded_dir(path, overwrite=overwrite)
+
+
+def umask() -> int:
+    """The process umask (read without leaving it changed)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def honour_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes the umask allows.
+
+    Temporary files and directories (``mkstemp``, ``mkdtemp``, some serializers) are private
+    (0600 / 0700); renamed into place they would stay so. Execute bits of files are kept.
+    """
+    mask = umask()
+    base = Path(root)
+    items = [base, *base.rglob("*")] if base.is_dir() else [base]
+    for item in items:
+        if item.is_symlink():
+            continue
+        mode = 0o777 if item.is_dir() else (item.stat().st_mode & 0o111) | 0o666
+        os.chmod(item, mode & ~mask)
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike) -> DiskFullError | None:
+    """A :class:`DiskFullError` for ``exc`` when it was caused by a full file system, else None.
+
+    Some serializers hide the cause (torch: ``unexpected pos 576 vs 534``); when the error has
+    no errno (safetensors puts it in the text), the free space left on ``path``'s file system
+    decides.
+    """
+    code = getattr(exc, "errno", None)
+    if code is None and (found := _RUST_OS_ERROR.search(str(exc))):
+        code = int(found.group(1))  # safetensors: "I/O error: ... (os error 28)"
+    if code is not None and code not in _FULL_ERRNOS:
+        return None
+    free = _free_bytes(Path(path))
+    if code is None and (free is None or free >= _NEARLY_FULL_BYTES):
+        return None
+    left = "" if free is None else f" ({free / 2**20:.1f} MiB left)"
+    return DiskFullError(
+        f"the disk is full: writing '{path}' failed{left}: {_first_line(exc)}; "
+        "free some space or write the output to another file system",
+        code or errno.ENOSPC,
+        str(path),
+    )
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; rename it to ``path`` on success.
-
-    On any exception the temporary directory is removed and ``path`` is left untouched, so a
-    reader never sees a half-written output. With ``overwrite`` an existing ``path`` is replaced
-    only after the new content is complete.
-    """
-    out = check_output_dir(path, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write failure caused by a full disk into a one-line :class:`DiskFullError`."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        yield
+    except Exception as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from e
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -55,7 +128,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would survive the rename
+        with writing(dest), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -72,9 +146,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def safe_join(root: str | os.PathLike, relative: str) -> Path:
-    """Resolve ``relative`` under ``root``; refuse ``..`` escapes and symlinks leading out."""
+    """Resolve ``relative`` under ``root``; refuse ``..`` escapes, symlinks leading out, and
+    names the system cannot open (a NUL byte, a name too long, a symlink loop)."""
     base = Path(root).resolve()
-    target = (base / relative).resolve()
+    try:
+        target = (base / relative).resolve()
+        target.is_file()  # a name the system refuses (too long, ...) fails here, not later
+    except (OSError, ValueError, RuntimeError) as e:  # ELOOP / ENAMETOOLONG, NUL, symlink loop
+        reason = getattr(e, "strerror", None) or str(e)
+        raise DataError(f"path {relative!r} under '{base}' cannot be opened: {reason}") from None
     if not target.is_relative_to(base):
         raise DataError(
             f"path '{relative}' escapes its root '{base}'; keep data paths inside the root"
@@ -93,6 +173,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 """A Hugging Face hub id: ``name`` or ``org/name``."""
+
+
+def looks_local(text: str) -> bool:
+    """Whether ``text`` is written as a local path rather than a hub id.
+
+    ``./x``, ``../x``, ``/x``, ``~/x``, ``x/``, ``a/b/c`` and ``runs/x`` where ``runs`` is a
+    folder here are paths: when they do not exist they are typos, not hub ids to look up.
+    """
+    if text in (".", "..") or text.startswith(("./", "../", "/", "~")) or text.endswith("/"):
+        return True
+    if "\\" in text or text.count("/") > 1:
+        return True
+    head, sep, _ = text.partition("/")
+    return bool(sep) and Path(head).is_dir()
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` names a hub model: ``org/name``, not written as a local path.
+
+    A bare ``name`` is taken for a local folder: vision-language checkpoints on the hub live
+    under an organisation, and a missing folder should fail at once, not after network retries.
+    """
+    return bool(HUB_ID.fullmatch(text)) and text.count("/") == 1 and not looks_local(text)
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path | None:

@@ -39,12 +39,14 @@ def export(config: ExportConfig) -> dict[str, Any]:
         ExportError: unknown target or precision (listing the valid ones), an unsupported
             architecture or option, or a missing package; all problems at once.
         OutputExistsError: ``output`` exists and ``overwrite`` is not set.
+        OutputError: ``output`` is a file, overlaps the checkpoint or eval data, or another
+            run is writing it.
         ModelError: the checkpoint is missing or not a LLaVA-family VLM.
         ParityError: the artifact does not match PyTorch (numbers in the message).
     """
     from edgekd import artifact
-    from edgekd.io import atomic_dir, check_output_dir
     from edgekd.models import VLM
+    from edgekd.outputs import guarded_dir
 
     exporter = get_exporter(config.target)
     problems = []
@@ -57,10 +59,12 @@ def export(config: ExportConfig) -> dict[str, Any]:
         problems.append("n_parity_prompts and max_new_tokens must be >= 1 (parity is not optional)")
     if problems:
         raise ExportError("; ".join(problems))
-    check_output_dir(config.output, config.overwrite)  # before minutes of loading and tracing
-    vlm = VLM.from_pretrained(config.checkpoint, dtype="float32")
-    exporter.check(vlm, config)
-    with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
+    _check_inputs(config)
+    inputs = (config.checkpoint, config.eval_data, config.profile)
+    # checked and locked before minutes of loading and tracing; replaced only when complete
+    with guarded_dir(config.output, overwrite=config.overwrite, inputs=inputs) as tmp:
+        vlm = VLM.from_pretrained(config.checkpoint, dtype="float32")
+        exporter.check(vlm, config)
         components = exporter.export(vlm, config, tmp)
         parity = exporter.validate(vlm, config, tmp)
         return artifact.write(
@@ -73,3 +77,18 @@ def export(config: ExportConfig) -> dict[str, Any]:
             parity=parity,
             options=config.options,
         )
+
+
+def _check_inputs(config: ExportConfig) -> None:
+    """Fail before minutes of export, not in the parity checks after it: the chat template
+    every artifact renders prompts with, the device profile, and every eval sample's image."""
+    from edgekd.images import checked_samples
+    from edgekd.models.checkpoint import require_chat_template
+    from edgekd.profiles import load_device_profile
+
+    require_chat_template(config.checkpoint)
+    if config.profile is not None:
+        load_device_profile(config.profile)  # an unknown name lists the valid ones
+    if config.eval_data is not None:
+        limit = max(config.eval_limit, config.n_parity_prompts)
+        checked_samples(config.eval_data, limit=limit)

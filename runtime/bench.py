@@ -28,6 +28,7 @@ environment snapshot, Markdown, PNG) appears in ``output`` when everything is do
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ from typing import Any
 
 from edgekd import artifact
 from edgekd.errors import EdgeKDError
-from edgekd.io import checkpoint_dir
+from edgekd.io import checkpoint_dir, is_hub_id
 from edgekd.targets import DEVICES
 
 GB = 1e9
@@ -107,6 +108,9 @@ class BenchConfig:
         if self.names and len(self.names) != len(self.models):
             problems.append(f"{len(self.names)} --name for {len(self.models)} --model")
         for m in [*self.models, *([self.teacher] if self.teacher else [])]:
+            if not Path(m).expanduser().exists() and not is_hub_id(str(m)):
+                problems.append(f"model '{m}' not found (a directory, or a hub id org/name)")
+                continue
             try:
                 artifact.kind_of(m)
             except artifact.ArtifactError as e:
@@ -124,15 +128,13 @@ def load_items(data: str | Path, image_root=None, limit: int | None = None) -> l
     """Single-turn questions of a LLaVA-format eval file: prompt, reference, type, image path.
 
     Raises:
-        DataError: invalid JSON or samples, missing images (the count and the first one), paths
-            leaving the image root, or a multi-turn sample.
+        DataError: invalid JSON or samples, missing or unreadable images (the count and the
+            first one), paths leaving the image root, a multi-turn sample, or a limit below 1.
     """
-    from edgekd.data.llava import load_llava_json, resolve_images
     from edgekd.errors import DataError
+    from edgekd.images import checked_samples
 
-    samples = load_llava_json(data)[:limit]
-    root = Path(image_root) if image_root is not None else Path(data).parent
-    images = resolve_images(samples, root)
+    samples, images = checked_samples(data, image_root, limit)  # bad images fail here
     items = []
     for sample, image in zip(samples, images, strict=True):
         turns = [t for t in sample["conversations"] if t["from"] != "system"]
@@ -206,10 +208,10 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
     """Measure one model (see the module docstring); returns its JSON-ready result."""
     if settings.get("threads"):
         os.environ.setdefault("OMP_NUM_THREADS", str(settings["threads"]))
-    from PIL import Image
     from rich.progress import Progress
 
     from edgekd.evaluate import score
+    from edgekd.images import open_rgb
     from edgekd.runtime import load_backend
     from edgekd.runtime.power import power_meter
 
@@ -227,7 +229,7 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
     load_s = time.perf_counter() - t0
     try:
         item = next((it for it in items if it["image"]), items[0])
-        image = Image.open(item["image"]).convert("RGB") if item["image"] else None
+        image = open_rgb(item["image"]) if item["image"] else None
 
         def once():
             return backend.generate(
@@ -283,7 +285,7 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
         with Progress(transient=True) as progress:
             task = progress.add_task(label, total=len(items))
             for it in items:
-                img = Image.open(it["image"]).convert("RGB") if it["image"] else None
+                img = open_rgb(it["image"]) if it["image"] else None
                 gen = backend.generate(img, it["prompt"], settings["max_new_tokens"])
                 rows.append({**it, "prediction": gen.text})
                 progress.advance(task)
@@ -456,6 +458,22 @@ def verify_artifacts(specs: list[dict]) -> None:
             artifact.verify(spec["path"])
 
 
+def check_checkpoints(specs: list[dict]) -> None:
+    """Every local checkpoint loads and renders prompts, before anything runs.
+
+    Raises:
+        ModelError: a missing chat template, a malformed config.json, unreadable weights or a
+            config that does not fit them (see :mod:`edgekd.models.checkpoint`).
+    """
+    from edgekd.models.checkpoint import check_weights, load_config, require_chat_template
+
+    for spec in specs:
+        folder = checkpoint_dir(spec["path"]) if spec["kind"] == "torch" else None
+        if folder is not None:
+            require_chat_template(folder)
+            check_weights(folder, load_config(str(folder)))
+
+
 def model_bytes(path: str, kind: str) -> int:
     """Bytes of the files a runtime loads: artifact files, or a checkpoint's weights."""
     p = Path(path)
@@ -538,23 +556,53 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
     """Run the bench and write its report; returns the report (also ``bench.json``).
 
     ``show_table=False`` leaves the closing table to the caller (the demo prints it last).
+    The output is checked against every input and locked for the whole run
+    (:func:`edgekd.outputs.output_guard`); an old report is replaced only by a complete one.
 
     Raises:
         BenchConfigError, DataError, ArtifactError, BackendError, BenchError: one-line problems with
         the input (before anything runs) or with a model run.
+        OutputError, OutputExistsError: the output cannot be written (see the guard).
     """
     from rich.console import Console
 
-    from edgekd.envinfo import snapshot
-    from edgekd.io import atomic_dir, atomic_write_json, check_output_dir
+    from edgekd.outputs import output_guard
     from edgekd.runtime.report import print_table, write_report
 
     console = console or Console()
     config.validate()
-    output = check_output_dir(config.output, config.overwrite)
     items = load_items(config.data, config.image_root, config.limit)
+    inputs = [*config.models, config.teacher, config.data, config.image_root, config.profile]
+    inputs += sorted({str(Path(it["image"]).parent) for it in items if it["image"]})
+    with output_guard(config.output, overwrite=config.overwrite, inputs=inputs) as guard:
+        partial = _partial_dir(guard.path)
+        try:
+            report = _measure(config, items, guard.path, console)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                partial.rmdir()  # kept for a re-run only when it holds finished models
+            raise
+        with guard.build() as tmp:
+            write_report(report, tmp)
+    shutil.rmtree(partial, ignore_errors=True)
+    if show_table:
+        print_table(report, console)
+    console.print(f"report: {guard.path / 'bench.md'} (JSON: bench.json, plot: bench.png)")
+    return report
+
+
+def _partial_dir(output: Path) -> Path:
+    return output.with_name(f".{output.name}.partial")
+
+
+def _measure(config: BenchConfig, items: list[dict], output: Path, console) -> dict[str, Any]:
+    """Every model measured (finished ones kept in the partial folder), as the report's data."""
+    from edgekd.envinfo import snapshot
+    from edgekd.io import atomic_write_json
+
     specs = model_specs(config)
     verify_artifacts(specs)
+    check_checkpoints(specs)
     target = resolve_target(config)
     fit = check_fit(specs, target, context=config.context)
     settings = {
@@ -568,7 +616,7 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
         "idle_s": config.idle_s,
         "isolate": config.isolate,
     }
-    partial = output.with_name(f".{output.name}.partial")
+    partial = _partial_dir(output)
     partial.mkdir(parents=True, exist_ok=True)
     results = []
     for i, spec in enumerate(specs, 1):
@@ -616,10 +664,4 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
         "fit": fit,
         "results": results,
     }
-    with atomic_dir(output, overwrite=config.overwrite) as tmp:
-        write_report(report, tmp)
-    shutil.rmtree(partial, ignore_errors=True)
-    if show_table:
-        print_table(report, console)
-    console.print(f"report: {output / 'bench.md'} (JSON: bench.json, plot: bench.png)")
     return report

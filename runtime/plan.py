@@ -301,29 +301,21 @@ def _facts_by_name(name: str) -> ModelFacts:
 
 def _meta_vlm_from_checkpoint(src: str) -> VLM:
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, PretrainedConfig
+    from transformers import LlavaForConditionalGeneration
 
-    from edgekd.io import HUB_ID, checkpoint_dir
+    from edgekd.io import checkpoint_dir, is_hub_id
     from edgekd.models import SHAPES, VLM
-    from edgekd.models.vlm import check_llava_config
+    from edgekd.models.checkpoint import load_config
 
     local = Path(src).expanduser()
     if local.is_dir():
         src = str(checkpoint_dir(local) or local)  # a run directory holds its student in model/
-    elif not local.exists() and not HUB_ID.fullmatch(src):
+    elif not local.exists() and not is_hub_id(src):
         raise ModelError(
             f"model '{src}' is neither a preset ({', '.join(SHAPES)}) nor a checkpoint "
             "directory or hub id"
         )
-    try:
-        raw, _ = PretrainedConfig.get_config_dict(src)
-        check_llava_config(raw, src)
-        config = LlavaConfig.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        if isinstance(e, ModelError):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot read a model config from '{src}': {first}") from None
+    config = load_config(src)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     return VLM(model, processor=None)

@@ -22,7 +22,8 @@ from typing import Any
 
 from edgekd.data.llava import qa_sample
 from edgekd.errors import DataError
-from edgekd.io import atomic_dir, atomic_write_json
+from edgekd.io import atomic_write_json
+from edgekd.outputs import output_guard
 
 QUESTION_TYPES = ("shape", "color", "yes/no")
 _YES_NO_START = re.compile(r"^(is|are|does|do|can)\b")
@@ -69,32 +70,42 @@ def write_easy_vqa(
         The ``meta.json`` content.
 
     Raises:
-        DataError: the ``easy-vqa`` package is not installed.
+        DataError: the ``easy-vqa`` package is not installed, or a limit is below 1.
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is off.
+        OutputError: ``out_dir`` cannot be written (see :func:`edgekd.outputs.check_output`).
     """
+    for name, value in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise DataError(f"easy-vqa: {name} ({flag}) must be at least 1 (got {value})")
     try:
         import easy_vqa
     except ImportError:
         raise DataError(
             "the easy-vqa package is not installed; pip install 'edgekd[data]'"
         ) from None
-    sources = {
-        "train": (easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths(), limit_train),
-        "test": (easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths(), limit_test),
-    }
-    answers = easy_vqa.get_answers()
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        splits = {}
-        for split, ((questions, answer_list, image_ids), image_paths, limit) in sources.items():
-            rows = list(zip(questions, answer_list, image_ids, strict=True))[:limit]
-            splits[split] = _write_split(tmp, split, rows, image_paths)
-        meta = {
-            "name": "easy-vqa",
-            "source": f"easy-vqa {_version()}",
-            "question_types": list(QUESTION_TYPES),
+    with output_guard(out_dir, overwrite=overwrite) as guard:
+        sources = {
+            "train": (
+                easy_vqa.get_train_questions(),
+                easy_vqa.get_train_image_paths(),
+                limit_train,
+            ),
+            "test": (easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths(), limit_test),
         }
-        meta.update(qa_summary(splits, answers))
-        atomic_write_json(tmp / "meta.json", meta)
+        answers = easy_vqa.get_answers()
+        with guard.build() as tmp:
+            splits = {}
+            for split, ((questions, answer_list, image_ids), image_paths, limit) in sources.items():
+                rows = list(zip(questions, answer_list, image_ids, strict=True))[:limit]
+                splits[split] = _write_split(tmp, split, rows, image_paths)
+            meta = {
+                "name": "easy-vqa",
+                "source": f"easy-vqa {_version()}",
+                "question_types": list(QUESTION_TYPES),
+            }
+            meta.update(qa_summary(splits, answers))
+            atomic_write_json(tmp / "meta.json", meta)
     return meta
 
 

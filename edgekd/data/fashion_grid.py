@@ -30,7 +30,8 @@ import numpy as np
 from edgekd.data.easyvqa import qa_summary
 from edgekd.data.llava import qa_sample
 from edgekd.errors import DataError
-from edgekd.io import atomic_dir, atomic_write_json
+from edgekd.io import atomic_write_json
+from edgekd.outputs import output_guard
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 CATEGORIES = (
@@ -278,38 +279,42 @@ def write_fashion_grid(
     Raises:
         DataError: Fashion-MNIST is missing or malformed, or the arguments are out of range.
         OutputExistsError: ``out_dir`` exists and ``overwrite`` is off.
+        OutputError: ``out_dir`` cannot be written (see :func:`edgekd.outputs.check_output`).
     """
     problems = [
         f"{k} must be >= 1 (got {v})"
         for k, v in (("n_train", n_train), ("n_test", n_test))
         if v < 1
     ]
+    if seed < 0:
+        problems.append(f"seed must be >= 0 (got {seed})")
     if not 1 <= questions_per_image <= len(QUESTION_TYPES):
         problems.append(
             f"questions_per_image must be 1..{len(QUESTION_TYPES)} (got {questions_per_image})"
         )
     if problems:
         raise DataError("fashion-grid: " + "; ".join(problems))
-    data = {
-        "train": load_fashion_mnist("train", source),
-        "test": load_fashion_mnist("t10k", source),
-    }
-    counts = {"train": n_train, "test": n_test}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        splits = {
-            split: _generate_split(
-                tmp, split, *data[split], counts[split], questions_per_image, seed
-            )
-            for split in data
+    with output_guard(out_dir, overwrite=overwrite, inputs=[source]) as guard:
+        data = {
+            "train": load_fashion_mnist("train", source),
+            "test": load_fashion_mnist("t10k", source),
         }
-        meta = {
-            "name": "fashion-grid",
-            "seed": seed,
-            "questions_per_image": questions_per_image,
-            "grid": "2x2 of 28x28 Fashion-MNIST items, 56x56 px",
-            "categories": list(CATEGORIES),
-            "question_types": list(QUESTION_TYPES),
-        }
-        meta.update(qa_summary(splits, ANSWERS))
-        atomic_write_json(tmp / "meta.json", meta)
+        counts = {"train": n_train, "test": n_test}
+        with guard.build() as tmp:
+            splits = {
+                split: _generate_split(
+                    tmp, split, *data[split], counts[split], questions_per_image, seed
+                )
+                for split in data
+            }
+            meta = {
+                "name": "fashion-grid",
+                "seed": seed,
+                "questions_per_image": questions_per_image,
+                "grid": "2x2 of 28x28 Fashion-MNIST items, 56x56 px",
+                "categories": list(CATEGORIES),
+                "question_types": list(QUESTION_TYPES),
+            }
+            meta.update(qa_summary(splits, ANSWERS))
+            atomic_write_json(tmp / "meta.json", meta)
     return meta

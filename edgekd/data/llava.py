@@ -167,6 +167,9 @@ def _normalize_sample(sample: Any, index: int) -> dict:
         if k and role != "user":
             raise _SampleProblem(f"has an {IMAGE_PLACEHOLDER} placeholder in turn {t} ({role})")
         n_placeholders += k
+    answer = sample.get("answer")
+    if "answer" in sample and not (isinstance(answer, (str, int, float)) and str(answer).strip()):
+        raise _SampleProblem(f"has an empty or non-text 'answer' ({_json_type(answer)} {answer!r})")
     if n_placeholders and image is None:
         raise _SampleProblem(f"has an {IMAGE_PLACEHOLDER} placeholder but no 'image' field")
     if n_placeholders > 1:
@@ -188,6 +191,8 @@ def _check_turn(turn: Any, t: int) -> str:
         raise _SampleProblem(f"turn {t} is a system turn; only the first turn may be one")
     if not isinstance(turn["value"], str):
         raise _SampleProblem(f"turn {t} value is {_json_type(turn['value'])}, not a string")
+    if ROLES[turn["from"]] == "assistant" and not turn["value"].strip():
+        raise _SampleProblem(f"turn {t} is an empty answer; give the assistant turn its text")
     return ROLES[turn["from"]]
 
 
@@ -405,16 +410,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         path = self.image_paths[i]
         if path is None:
             return None
-        from PIL import Image
+        from edgekd.images import open_rgb
 
-        try:
-            with Image.open(path) as im:
-                im.load()
-                rgb = im.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise DataError(
-                f"sample '{self.samples[i]['id']}': cannot read image '{path}': {e}"
-            ) from None
+        rgb = open_rgb(path, self.samples[i]["id"])
         out = self.processor.image_processor(images=rgb, return_tensors="pt")
         return out["pixel_values"][0]
 

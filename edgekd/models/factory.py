@@ -225,6 +225,21 @@ def corpus_texts(llava_json: str | Path) -> list[str]:
     return texts
 
 
+def _shared_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    from edgekd.models.checkpoint import resolve_checkpoint
+
+    src = resolve_checkpoint(path)  # a missing local folder fails here, not on the hub
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from '{path}': {e}") from None
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        raise ModelError(f"the tokenizer of '{path}' has no {IMAGE_TOKEN} token")
+    return tokenizer
+
+
 def create_checkpoint(
     size: str,
     out: str | Path,
@@ -247,21 +262,16 @@ def create_checkpoint(
     Returns:
         Parameter counts per stage (see :func:`count_parameters`).
     """
-    from edgekd.io import check_output_dir
+    from edgekd.outputs import output_guard
 
     get_shape(size)
-    check_output_dir(out, overwrite)  # fail before minutes of work, not after
-    if tokenizer_from is not None:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load a tokenizer from '{tokenizer_from}': {e}") from None
-        if IMAGE_TOKEN not in tokenizer.get_vocab():
-            raise ModelError(f"the tokenizer of '{tokenizer_from}' has no {IMAGE_TOKEN} token")
-    else:
-        tokenizer = train_tokenizer(corpus_texts(corpus) if corpus else ())
-    vlm = build_vlm(size, tokenizer=tokenizer, seed=seed)
-    vlm.save_pretrained(out, overwrite=overwrite)
+    # checked and locked before minutes of work, replaced only when the new checkpoint is whole
+    with output_guard(out, overwrite=overwrite, inputs=[tokenizer_from, corpus]) as guard:
+        if tokenizer_from is not None:
+            tokenizer = _shared_tokenizer(tokenizer_from)
+        else:
+            tokenizer = train_tokenizer(corpus_texts(corpus) if corpus else ())
+        vlm = build_vlm(size, tokenizer=tokenizer, seed=seed)
+        with guard.build() as tmp:
+            vlm.write(tmp)
     return count_parameters(vlm)

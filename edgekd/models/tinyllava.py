@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,8 @@ from typing import Any
 import torch
 
 from edgekd.errors import ModelError
-from edgekd.io import check_output_dir, sha256_file
+from edgekd.io import sha256_file
+from edgekd.models.checkpoint import pickle_refused
 from edgekd.models.hub import Source, resolve_source
 from edgekd.models.tinyllava_processor import (
     IMAGE_TOKEN,
@@ -171,17 +173,29 @@ def convert_tinyllava(
 
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is not set (before any work).
+        OutputError: ``out`` is, contains or lies inside ``src``, or cannot be written.
         ModelError: ``src`` is neither a directory nor a reachable hub id, is not a supported
             TinyLLaVA checkpoint, or its tensors do not fill the converted model exactly.
     """
-    from edgekd.io import atomic_dir
+    from edgekd.models.vlm import resolve_dtype
+    from edgekd.outputs import output_guard
+
+    resolve_dtype(dtype)  # a bad --dtype fails before any download
+    source = resolve_source(src, what="TinyLLaVA checkpoint")
+    # refuses out == src (and out inside or around it) before reading a byte of the weights
+    with output_guard(out, overwrite=overwrite, inputs=[source.path]) as guard:
+        vlm, manifest = _convert(source, dtype)
+        with guard.build() as tmp:
+            vlm.write(tmp)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def _convert(source: Source, dtype: str):
+    """The converted ``VLM`` and the conversion manifest (nothing written)."""
     from edgekd.models.vlm import VLM, resolve_dtype
 
-    check_output_dir(out, overwrite)
     target_dtype = resolve_dtype(dtype)
-    source = resolve_source(src, what="TinyLLaVA checkpoint")
-    if Path(out).expanduser().resolve() == source.path.resolve():
-        raise ModelError(f"output '{out}' is the source checkpoint; write to another directory")
     ckpt = read_checkpoint(source.path)
     strategy = check_supported(ckpt)
     tokenizer, token_added = load_tokenizer(ckpt.path)
@@ -200,10 +214,7 @@ def convert_tinyllava(
     processor = build_processor(ckpt.path, ckpt.vision_config, tokenizer, strategy, aspect)
 
     manifest = _manifest(ckpt, source, model, processor, counts, tied, token_added, source_vocab)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        VLM(model, processor).save_pretrained(tmp)  # tmp is empty: no overwrite needed
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return Path(out)
+    return VLM(model, processor), manifest
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -298,6 +309,8 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    except pickle.UnpicklingError:
+        raise pickle_refused(path) from None
     except Exception as e:  # safetensors and torch raise assorted types for bad files
         raise ModelError(f"cannot read weights '{path}': {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,18 @@ from typing import Any
 import torch
 
 from edgekd.errors import ModelError
-from edgekd.io import HUB_ID, checkpoint_dir
+from edgekd.models.checkpoint import (  # noqa: F401 - re-exported: the model layer's API
+    SUPPORTED_MODEL_TYPES,
+    check_llava_config,
+    check_loading_info,
+    check_weights,
+    first_line,
+    load_config,
+    load_processor,
+    pickle_refused,
+    resolve_checkpoint,
+)
 
-SUPPORTED_MODEL_TYPES = ("llava",)
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -75,42 +85,42 @@ class VLM:
         Raises:
             ModelError: The path does not exist, is not a LLaVA-family checkpoint, or fails to load.
         """
-        from transformers import AutoConfig, LlavaForConditionalGeneration, PretrainedConfig
+        from safetensors import SafetensorError
+        from transformers import LlavaForConditionalGeneration
 
-        src = str(path_or_id)
-        local = Path(src).expanduser()
-        if local.exists():
-            # an `edgekd distill` run directory holds its student in model/
-            src = str(checkpoint_dir(local) or local)
-        elif not HUB_ID.fullmatch(src):
-            raise ModelError(
-                f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)"
-            )
+        src = resolve_checkpoint(path_or_id)
+        config = load_config(src, trust_remote_code)
+        if Path(src).is_dir():
+            check_weights(Path(src), config)  # before transformers allocates what config says
         try:
-            raw, _ = PretrainedConfig.get_config_dict(src)
-            check_llava_config(raw, src)
-            AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            if isinstance(e, ModelError):
-                raise
-            raise ModelError(f"cannot read a model config from '{src}': {_first_line(e)}") from None
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(
-                src, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            model, info = LlavaForConditionalGeneration.from_pretrained(
+                src,
+                config=config,
+                dtype=resolve_dtype(dtype),
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, with the file to fix
             )
-            processor = load_processor(src, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load '{src}': {_first_line(e)}") from None
-        return cls(model.to(device), processor)
+        except pickle.UnpicklingError:
+            pickles = sorted(Path(src).glob("pytorch_model*.bin")) if Path(src).is_dir() else []
+            raise pickle_refused(pickles[0] if pickles else src) from None
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ModelError(f"cannot load '{src}': {first_line(e)}") from None
+        check_loading_info(info, src)
+        return cls(model.to(device), load_processor(src, trust_remote_code))
 
     def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a standard transformers checkpoint (safetensors) with its processor, atomically."""
         from edgekd.io import atomic_dir
 
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.processor.save_pretrained(tmp)
+            self.write(tmp)
         return Path(out_dir)
+
+    def write(self, folder: str | os.PathLike) -> None:
+        """Write the checkpoint's files into an existing ``folder`` (a guarded build directory)."""
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.processor.save_pretrained(folder)
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -264,42 +274,6 @@ class VLM:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_processor(src: str | os.PathLike, trust_remote_code: bool = False):
-    """A checkpoint's processor, its image processor always the PIL-backed class.
-
-    transformers saves a backend-neutral image processor name (``SiglipImageProcessor``) and
-    reloads the torchvision-backed class wherever torchvision is installed, whose resize differs
-    from PIL's by a few grey levels. The reference implementations (LLaVA, TinyLLaVA) resize
-    with PIL, so edgekd pins that backend: preprocessing does not depend on what is installed.
-    """
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(
-        str(src), backend="pil", trust_remote_code=trust_remote_code
-    )
-
-
-def check_llava_config(config: dict[str, Any], src: str) -> None:
-    """Refuse checkpoints that are not LLaVA-family VLMs, with a hint for TinyLLaVA ones.
-
-    Args:
-        config: The checkpoint's raw ``config.json`` as a dict.
-        src: Where it came from, for the message.
-    """
-    model_type = config.get("model_type")
-    if model_type in SUPPORTED_MODEL_TYPES:
-        return
-    if model_type == "tinyllava" or "TinyLlava" in str(config.get("architectures", "")):
-        raise ModelError(
-            f"'{src}' is a TinyLLaVA Factory checkpoint; convert it first: "
-            f"edgekd convert tinyllava {src} OUT"
-        )
-    raise ModelError(
-        f"'{src}' is not a LLaVA-family VLM (model_type '{model_type}'); edgekd takes "
-        "LlavaForConditionalGeneration checkpoints"
-    )
-
-
 def check_compatible(teacher: VLM, student: VLM) -> None:
     """What logit distillation needs of a teacher and a student, all problems in one error.
 
@@ -372,7 +346,3 @@ def _text_vocabulary_problems(teacher: VLM, student: VLM) -> list[str]:
         )
     return problems
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -269,6 +269,10 @@ def test_missing_file(tmp_path):
             [{**conv(("human", "<image>a"), ("gpt", "b")), "image": ["a.png", "b.png"]}],
             "multi-image samples are not supported",
         ),
+        ([conv(("human", "hi"), ("gpt", ""))], "turn 1 is an empty answer"),
+        ([conv(("human", "hi"), ("gpt", " \n"))], "turn 1 is an empty answer"),
+        ([{**conv(("human", "hi"), ("gpt", "a")), "answer": ""}], "has an empty or non-text"),
+        ([{**conv(("human", "hi"), ("gpt", "a")), "answer": None}], "has an empty or non-text"),
     ],
 )
 def test_structural_problems_name_the_sample(write_json, data, message):
@@ -291,6 +295,18 @@ def test_several_bad_samples_are_counted_and_the_first_shown(write_json):
 def test_missing_image_names_sample_and_path(processor, image_root):
     with pytest.raises(DataError, match=r"sample 'm' image '.*root/gone\.png' not found"):
         LlavaDataset([qa("m", "Q?", "A", "gone.png")], image_root, processor, 64)
+
+
+def test_16_bit_image_gives_the_pixels_of_its_8_bit_version(processor, image_root):
+    import numpy as np
+
+    grey = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint16)
+    Image.fromarray(grey * 257).save(image_root / "g16.png")  # the same image in 16 bits
+    Image.fromarray(grey.astype(np.uint8)).convert("RGB").save(image_root / "g8.png")
+    ds = LlavaDataset(
+        [qa("16", "Q?", "A", "g16.png"), qa("8", "Q?", "A", "g8.png")], image_root, processor, 64
+    )
+    assert torch.equal(ds[0]["pixel_values"], ds[1]["pixel_values"])
 
 
 def test_corrupt_image_names_sample_and_path_at_access(processor, image_root):

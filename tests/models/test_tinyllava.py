@@ -21,7 +21,7 @@ from tinyllava_replica import (
     write_tinyllava,
 )
 
-from edgekd.errors import ModelError, OutputExistsError
+from edgekd.errors import ModelError, OutputError, OutputExistsError
 from edgekd.models import VLM
 from edgekd.models.tinyllava import convert_tinyllava
 
@@ -266,7 +266,7 @@ def test_existing_output_refused_before_any_work(tmp_path):
     write_tinyllava(tmp_path / "src")
     convert_tinyllava(tmp_path / "src", out, overwrite=True)
     assert (out / "edgekd_convert.json").is_file() and not (out / "keep.txt").exists()
-    with pytest.raises(ModelError, match="is the source checkpoint"):
+    with pytest.raises(OutputError, match="is the input"):
         convert_tinyllava(tmp_path / "src", tmp_path / "src", overwrite=True)
     assert (tmp_path / "src" / "model.safetensors").is_file()
 
