@@ -265,6 +265,16 @@ def verify(artifact: str | Path, expect: str | None = None) -> Artifact:
     return loaded
 
 
+def listed(root: str | Path, name: str, loaded: Artifact | None) -> Path:
+    """A file a runtime config (``genai_config.json``, ``engines.json``) names: listed in the
+    manifest when there is one, and inside the artifact directory either way."""
+    root = Path(root)
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or "\\" in name or ".." in parts:
+        raise ArtifactError(f"{root}: '{name}' leaves the artifact directory")
+    return loaded.path(name) if loaded is not None else root / name
+
+
 def kind_of(path: str | Path) -> str:
     """The target of an artifact directory, or :data:`CHECKPOINT` (``"torch"``) for a
     checkpoint: a directory with ``config.json``, an ``edgekd distill`` run, or a hub id.

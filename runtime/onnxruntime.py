@@ -165,7 +165,8 @@ class OnnxRuntimeBackend:
     def _session(self, filename: str, options):
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(self.root / filename), options, providers=self.providers)
+        path = artifact.listed(self.root, filename, self.artifact)
+        session = ort.InferenceSession(str(path), options, providers=self.providers)
         if self.providers[0] not in session.get_providers():
             raise BackendError(
                 f"{self.providers[0]} failed to start for {filename} (onnxruntime "

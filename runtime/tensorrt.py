@@ -248,7 +248,11 @@ class TensorRTBackend:
         check_device(self.config, trt.__version__)
         engines = self.config["engines"]
         (vision, embed, decoder), self._keep = load_engines(
-            [self.root / engines[k]["file"] for k in ("vision", "embed", "decoder")], trt
+            [
+                artifact.listed(self.root, engines[k]["file"], self.artifact)
+                for k in ("vision", "embed", "decoder")
+            ],
+            trt,
         )
         decode_profile = list(engines["decoder"]["profiles"]).index("decode")
         self.stream = torch.cuda.Stream()
