@@ -83,9 +83,10 @@ def _check_inputs(config: ExportConfig) -> None:
     """Fail before minutes of export, not in the parity checks after it: the chat template
     every artifact renders prompts with, the device profile, and every eval sample's image."""
     from edgekd.images import checked_samples
-    from edgekd.models.checkpoint import require_chat_template
+    from edgekd.models.checkpoint import load_config, require_chat_template, resolve_checkpoint
     from edgekd.profiles import load_device_profile
 
+    load_config(resolve_checkpoint(config.checkpoint))  # a LLaVA-family config, first
     require_chat_template(config.checkpoint)
     if config.profile is not None:
         load_device_profile(config.profile)  # an unknown name lists the valid ones

@@ -181,9 +181,9 @@ def convert_tinyllava(
     from edgekd.outputs import output_guard
 
     resolve_dtype(dtype)  # a bad --dtype fails before any download
-    source = resolve_source(src, what="TinyLLaVA checkpoint")
-    # refuses out == src (and out inside or around it) before reading a byte of the weights
-    with output_guard(out, overwrite=overwrite, inputs=[source.path]) as guard:
+    # refuses out == src (and out inside or around it) before reading a byte of the source
+    with output_guard(out, overwrite=overwrite, inputs=[src]) as guard:
+        source = resolve_source(src, what="TinyLLaVA checkpoint")
         vlm, manifest = _convert(source, dtype)
         with guard.build() as tmp:
             vlm.write(tmp)
