@@ -162,7 +162,16 @@ def check_sources(recipe) -> None:
 
 def inputs_of(recipe, job: DistillJob) -> list[str | None]:
     """What the run reads, for the output guard (names that are not paths are skipped)."""
-    return [recipe.teacher, recipe.student, recipe.data.dataset, recipe.data.image_root, job.recipe]
+    from edgekd.outputs import DataRoot
+
+    root = recipe.data.image_root
+    return [
+        recipe.teacher,
+        recipe.student,
+        recipe.data.dataset,
+        DataRoot(root) if root else None,
+        job.recipe,
+    ]
 
 
 def prepare_output(job: DistillJob, out: Path, replacing: bool) -> tuple[Path, str | None]:

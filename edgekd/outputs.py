@@ -114,6 +114,11 @@ def _read_only(path: Path) -> bool:
         return False
 
 
+class DataRoot(str):
+    """An input folder read by file name only (an image root): an output inside it is fine,
+    one equal to it or containing it is not (replacing it would delete the data)."""
+
+
 def check_inputs(out: str | os.PathLike, inputs: Iterable[Input]) -> None:
     """Refuse an output equal to, inside, or containing any of ``inputs`` (existing paths).
 
@@ -136,7 +141,7 @@ def _check_inputs(out: Path, shown: str | os.PathLike, inputs: Iterable[Input]) 
                 f"output '{shown}' contains the input '{item}' (replacing it would delete the "
                 "input); write to another directory"
             )
-        if src.is_dir() and real.is_relative_to(src):
+        if src.is_dir() and real.is_relative_to(src) and not isinstance(item, DataRoot):
             raise OutputError(
                 f"output '{shown}' lies inside the input '{item}'; write outside it"
             )

@@ -572,8 +572,12 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
     console = console or Console()
     config.validate()
     items = load_items(config.data, config.image_root, config.limit)
-    inputs = [*config.models, config.teacher, config.data, config.image_root, config.profile]
-    inputs += sorted({str(Path(it["image"]).parent) for it in items if it["image"]})
+    from edgekd.outputs import DataRoot
+
+    roots = {str(Path(it["image"]).parent) for it in items if it["image"]}
+    roots |= {str(config.image_root)} if config.image_root else set()
+    inputs = [*config.models, config.teacher, config.data, config.profile]
+    inputs += [DataRoot(r) for r in sorted(roots)]
     with output_guard(config.output, overwrite=config.overwrite, inputs=inputs) as guard:
         partial = _partial_dir(guard.path)
         try:

@@ -11,7 +11,7 @@ import pytest
 from fault_helpers import leftovers, snapshot
 
 from edgekd.errors import OutputError, OutputExistsError
-from edgekd.outputs import check_output, lock_path, output_guard, output_lock
+from edgekd.outputs import DataRoot, check_output, lock_path, output_guard, output_lock
 
 
 def _mode(path) -> int:
@@ -54,6 +54,19 @@ def test_output_overlapping_an_input_names_both(tmp_path, out, message):
         check_output(target, overwrite=True, inputs=[run / "model", None, "org/hub-id"])
     assert str(target) in str(e.value) and str(run / "model") in str(e.value)
     assert snapshot(run) == before
+
+
+def test_an_output_may_lie_inside_a_data_root_but_not_replace_it(tmp_path):
+    """Images are read by name: a report under the eval set's folder is fine."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "0.png").write_bytes(b"png")
+    inputs = [DataRoot(str(tmp_path)), DataRoot(str(tmp_path / "images"))]
+    check_output(tmp_path / "report", overwrite=False, inputs=inputs)
+    for out, message in ((tmp_path / "images", "is the input"), (tmp_path, "is the input")):
+        with pytest.raises(OutputError, match=message):
+            check_output(out, overwrite=True, inputs=inputs)
+    with pytest.raises(OutputError, match="lies inside the input"):  # a model folder: refused
+        check_output(tmp_path / "report", overwrite=False, inputs=[str(tmp_path)])
 
 
 def test_existing_output_needs_overwrite_and_empty_dir_is_fine(tmp_path):
