@@ -38,6 +38,19 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     return src
 
 
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of a checkpoint, every failure a one-line :class:`ModelError`."""
+    if not path.is_file():
+        raise ModelError(f"'{path.parent}' is not {what}: it has no {path.name}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read '{path}': {e}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"'{path}' is not a JSON object (got {type(data).__name__})")
+    return data
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     """``config.json`` of a local checkpoint, checked to be an object whose shapes are numbers.
 
@@ -45,14 +58,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         ModelError: missing, not JSON, not an object, or a sub-config / size that is malformed.
     """
     path = folder / "config.json"
-    if not path.is_file():
-        raise ModelError(f"'{folder}' is not a checkpoint: it has no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read '{path}': {e}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"'{path}' is not a JSON object (got {type(config).__name__})")
+    config = read_json(path, what="a checkpoint")
     problems = []
     for key in ("text_config", "vision_config"):
         sub = config.get(key, {})

@@ -81,7 +81,7 @@ import torch
 
 from edgekd.errors import ModelError
 from edgekd.io import sha256_file
-from edgekd.models.checkpoint import pickle_refused
+from edgekd.models.checkpoint import pickle_refused, read_json
 from edgekd.models.hub import Source, resolve_source
 from edgekd.models.tinyllava_processor import (
     IMAGE_TOKEN,
@@ -234,18 +234,6 @@ def read_checkpoint(src: str | os.PathLike) -> TinyLlavaCheckpoint:
     vision = _sub_config(path, config, "vision_config", "vision_tower", "vision_model_name_or_path")
     tensors, layout, files = load_tensors(path)
     return TinyLlavaCheckpoint(path, config, text, vision, tensors, layout, files)
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelError(f"'{path.parent}' is not {what}: it has no {path.name}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read '{path}': {e}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"'{path}' is not a JSON object")
-    return data
 
 
 def _sub_config(path: Path, config: dict, key: str, folder: str, name_key: str) -> dict:

@@ -170,7 +170,7 @@ def image_processor(path: Path, vision: dict, aspect_ratio: str | None):
 
 
 def _saved_preprocessing(path: Path, size: int) -> dict[str, Any]:
-    from edgekd.models.tinyllava import read_json
+    from edgekd.models.checkpoint import read_json
 
     pre = path / "preprocessor_config.json"
     if not pre.is_file():
