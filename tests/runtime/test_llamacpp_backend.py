@@ -113,3 +113,32 @@ def test_missing_llama_cpp_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(BackendError, match=r"pip install 'edgekd\[gguf\]'"):
         LlamaCppSession(tmp_path / "model.gguf", None, chat_template="", image_size=(64, 64))
+
+
+def test_stage_methods_match_the_processor_and_pytorch(artifact, contrast_vlm):
+    """The Backend protocol's stages: llama.cpp's own ids and pixels equal the processor's,
+    and its visual tokens and greedy tokens from encoded inputs equal PyTorch's."""
+    import torch
+
+    from edgekd.export.parity import compare
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+    from edgekd.runtime.prompt import encode_prompt
+
+    backend = LlamaCppBackend(artifact, n_threads=1)
+    try:
+        image, prompt = _image(11, size=80), "What color is the shape?"
+        ids, pixels = backend.encode(image, prompt)
+        ref_ids, ref_pixels = encode_prompt(contrast_vlm.processor, image, prompt)
+        assert np.array_equal(ids, ref_ids)
+        assert np.abs(pixels - ref_pixels).max() < 1e-5
+        with torch.no_grad():
+            ref = contrast_vlm.project(contrast_vlm.vision_features(torch.from_numpy(ref_pixels)))
+        assert compare(backend.visual_tokens(ref_pixels), ref)["cosine_min"] > 0.999
+        gen = backend.generate_ids(ref_ids, ref_pixels, max_new_tokens=6)
+        assert gen.token_ids == greedy_reference(contrast_vlm, ref_ids, ref_pixels, 6)
+        with pytest.raises(BackendError, match="logits_all=True"):
+            backend.prefill_logits(ref_ids, ref_pixels)
+        with pytest.raises(BackendError, match="exceed the context length"):
+            backend.generate_ids(np.ones((1, backend.context_length), np.int64), None, 4)
+    finally:
+        backend.close()
