@@ -201,7 +201,7 @@ def load(artifact: str | Path, expect: str | None = None) -> Artifact:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a 5000-digit number
         raise ArtifactError(f"{path}: cannot read it ({e})") from None
     if expect is not None and isinstance(raw, dict) and raw.get("target") != expect:
         raise ArtifactError(
@@ -234,10 +234,10 @@ def verify(artifact: str | Path, expect: str | None = None) -> Artifact:
     """
     loaded = load(artifact, expect)
     root = loaded.root
-    on_disk = {
+    on_disk = {  # every entry but folders: files, links, pipes, sockets, devices
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() != MANIFEST
+        if (p.is_symlink() or not p.is_dir()) and p.relative_to(root).as_posix() != MANIFEST
     }
     unlisted = sorted(on_disk - set(loaded.files))
     if unlisted:
@@ -346,6 +346,8 @@ def _manifest_problems(raw: Any) -> list[str]:
         )
     problems += _file_problems(raw["files"], target)
     problems += _typed(raw["preprocessing"], _PREPROCESSING, "preprocessing.")
+    if not problems:
+        problems += _preprocessing_problems(raw["preprocessing"], raw["text_dims"])
     for key in TextDims.__dataclass_fields__:
         value = raw["text_dims"].get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -361,6 +363,50 @@ def _manifest_problems(raw: Any) -> list[str]:
             if f not in raw["files"]
         ]
     return problems
+
+
+def _preprocessing_problems(pre: dict, dims: dict) -> list[str]:
+    """Values a runtime would trip over: sizes, statistics, ids, the chat template."""
+    import math
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def count(x, low: int = 0) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    vocab = dims.get("vocab") if count(dims.get("vocab"), 1) else None
+    problems = []
+    if len(pre["image_size"]) != 2 or not all(count(x, 1) for x in pre["image_size"]):
+        problems.append("preprocessing.image_size must be [height, width], positive integers")
+    for key in ("image_mean", "image_std"):
+        if not pre[key] or not all(number(x) for x in pre[key]):
+            problems.append(f"preprocessing.{key} must be a list of finite numbers")
+    if not all(number(x) and x > 0 for x in pre["image_std"]):
+        problems.append("preprocessing.image_std must be > 0")
+    if not number(pre["rescale_factor"]) or pre["rescale_factor"] <= 0:
+        problems.append("preprocessing.rescale_factor must be a finite number > 0")
+    ids = [pre["image_token_id"], *pre["eos_token_ids"]]
+    if not all(count(i) and (vocab is None or i < vocab) for i in ids):
+        problems.append(
+            "preprocessing.image_token_id and eos_token_ids must be token ids below "
+            f"text_dims.vocab ({vocab})"
+        )
+    if not count(pre["image_tokens_per_image"]):
+        problems.append("preprocessing.image_tokens_per_image must be an integer >= 0")
+    problems += _template_problems(pre["chat_template"])
+    return problems
+
+
+def _template_problems(template: str) -> list[str]:
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as e:
+        return [f"preprocessing.chat_template is not a valid Jinja template ({e.message})"]
+    return []
 
 
 def _typed(data: dict, spec: dict[str, Any], prefix: str) -> list[str]:

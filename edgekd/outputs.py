@@ -88,6 +88,11 @@ def _check_kind(out: Path, shown: str | os.PathLike) -> None:
             f"output name '{out.name[:40]}...' is {len(os.fsencode(out.name))} bytes; edgekd "
             f"writes hidden folders beside it, so keep it to {longest}"
         )
+    if out.is_symlink():
+        raise OutputError(
+            f"output '{shown}' is a symbolic link; give the directory it should be (edgekd "
+            "replaces outputs by renaming, which would replace the link, not its target)"
+        )
     if out.exists() and not out.is_dir():
         raise OutputError(f"output '{shown}' is an existing file; give a directory path")
     cwd = Path.cwd().resolve()
@@ -160,9 +165,14 @@ def output_lock(out: Path) -> Iterator[Path]:
         OutputError: another process holds it (its pid is named).
     """
     lock = lock_path(out)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            why = f"cannot create {lock}: {reason}"
+            raise OutputError(f"output '{out}' cannot be used: {why}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

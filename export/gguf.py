@@ -77,6 +77,7 @@ def config_problems(vlm, precision: str, options: dict[str, Any]) -> list[str]:
         problems.append(f"unknown option(s) {unknown}; valid: {', '.join(OPTIONS)}")
     if options.get("vision_precision", "f16") not in ("f16", "f32"):
         problems.append(f"option vision_precision '{options['vision_precision']}'; valid: f16, f32")
+    problems += _number_problems(options, {"atol": float, "n_threads": int})
     tc, vc = cfg.text_config, cfg.vision_config
     if tc.model_type not in TEXT_ARCHS:
         problems.append(
@@ -111,6 +112,23 @@ def config_problems(vlm, precision: str, options: dict[str, Any]) -> list[str]:
     except ExportError as e:
         problems.append(str(e))
     problems.extend(tokenizer_problems(vlm.tokenizer))
+    return problems
+
+
+def _number_problems(options: dict[str, Any], kinds: dict[str, type]) -> list[str]:
+    """Each of ``kinds`` given in ``options`` must be a finite number > 0 of its kind."""
+    import math
+
+    problems = []
+    for key, kind in kinds.items():
+        if key not in options:
+            continue
+        value = options[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (kind is float or isinstance(value, int))
+        if not ok or not math.isfinite(value) or value <= 0:
+            what = "an integer" if kind is int else "a number"
+            problems.append(f"option {key} {value!r} must be {what} > 0")
     return problems
 
 

@@ -284,16 +284,20 @@ def _option_problems(options: dict[str, Any]) -> list[str]:
             f"unknown onnx option(s) {', '.join(unknown)}; valid: {', '.join(sorted(OPTIONS))}"
         )
     block = options.get("int4_block_size", OPTIONS["int4_block_size"])
-    if not isinstance(block, int) or block < 16 or block & (block - 1):
+    if not isinstance(block, int) or not 16 <= block <= 256 or block & (block - 1):
         problems.append(
-            f"int4_block_size {block!r} must be a power of two >= 16 (e.g. 32, 64, 128)"
+            f"int4_block_size {block!r} must be a power of two from 16 to 256 (onnxruntime's "
+            "MatMulNBits range), e.g. 32, 64, 128"
         )
     level = options.get("int4_accuracy_level", OPTIONS["int4_accuracy_level"])
     if level is not None and level not in (0, 1, 2, 3, 4):
         problems.append(f"int4_accuracy_level {level!r} must be 0-4 or None")
     opset = options.get("opset", OPTIONS["opset"])
-    if not isinstance(opset, int) or opset < 17:
-        problems.append(f"opset {opset!r} must be >= 17 (one LayerNormalization op per norm)")
+    if not isinstance(opset, int) or not 17 <= opset <= GQA_OPSET:
+        problems.append(
+            f"opset {opset!r} must be from 17 (one LayerNormalization op per norm) to "
+            f"{GQA_OPSET} (the newest this exporter writes)"
+        )
     return problems
 
 

@@ -152,7 +152,11 @@ def _load(
     model: type[_M], kind: str, name_or_path: str | Path, overrides: dict[str, Any] | None
 ) -> tuple[_M, Path | Traversable]:
     source = _locate(kind, name_or_path)
-    data = _read_yaml(source.read_text(encoding="utf-8"), source)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    data = _read_yaml(text, source)
     stem = source.name.rsplit(".", 1)[0]
     problems = []
     if isinstance(data.get("name"), str) and data["name"] != stem:

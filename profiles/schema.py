@@ -51,7 +51,7 @@ CHECKS_BY_PROFILE = "edgekd_checks_by_profile"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Block(_Model):

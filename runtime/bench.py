@@ -116,7 +116,8 @@ class BenchConfig:
             except artifact.ArtifactError as e:
                 problems.append(str(e))
         if not Path(self.data).is_file():
-            problems.append(f"eval set '{self.data}' not found")
+            what = "is a directory, not a file" if Path(self.data).is_dir() else "not found"
+            problems.append(f"eval set '{self.data}' {what}: give the LLaVA JSON file")
         if problems:
             raise BenchConfigError("; ".join(problems))
 

@@ -82,6 +82,28 @@ def open_backend(path, *, device: str, threads: int | None, ort_provider: str = 
     return OnnxRuntimeBackend(path, providers=providers, threads=threads)
 
 
+def read_genai_config(root: Path) -> dict[str, Any]:
+    """The ``model`` block of an artifact's ``genai_config.json``, with every key the backend
+    reads checked (one ArtifactError line naming what is wrong)."""
+    path = root / artifact.GENAI_CONFIG
+    try:
+        model = json.loads(path.read_text())["model"]
+        decoder, inputs = model["decoder"], model["decoder"]["inputs"]
+        names = [model[k]["filename"] for k in ("vision", "embedding", "decoder")]
+        sizes = [decoder[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_size")]
+        sizes += [model["context_length"], model["image_token_id"]]
+        patterns = [inputs["past_key_names"], inputs["past_value_names"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"no key {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise artifact.ArtifactError(f"{path}: not an edgekd genai config ({why})") from None
+    problems = [f"file name {n!r}" for n in names if not isinstance(n, str)]
+    problems += [f"size {v!r}" for v in sizes if not isinstance(v, int) or v < 0]
+    problems += [f"input name {p!r}" for p in patterns if not isinstance(p, str) or "%d" not in p]
+    if problems:
+        raise artifact.ArtifactError(f"{path}: malformed {', '.join(problems)}; re-export")
+    return model
+
+
 def decode_weights(loaded: artifact.Artifact) -> DecodeWeights:
     """Every initializer of the decoder graph (external data lengths, not file sizes), which
     holds the LM head; a tied table in ``shared_embedding.data`` is counted once, through the
@@ -150,12 +172,20 @@ class OnnxRuntimeBackend:
         self.artifact = artifact.verify(self.root) if verify else None
         if self.artifact is not None and self.artifact.target != "onnx":
             raise BackendError(f"'{self.root}' is a {self.artifact.target} artifact, not onnx")
-        self.config = json.loads((self.root / artifact.GENAI_CONFIG).read_text())["model"]
+        self.config = read_genai_config(self.root)
         self.providers = resolve_providers(providers)
         options = _session_options(threads, graph_optimization_level)
         self.vision = self._session(self.config["vision"]["filename"], options)
         self.embed = self._session(self.config["embedding"]["filename"], options)
         self.decoder = self._session(self.config["decoder"]["filename"], options)
+        wanted = {"inputs_embeds", "attention_mask", "position_ids", *self._past_names()}
+        have = {i.name for i in self.decoder.get_inputs()}
+        if wanted != have:
+            extra = sorted(have - wanted)[:3] or sorted(wanted - have)[:3]
+            raise artifact.ArtifactError(
+                f"{self.root}: {artifact.GENAI_CONFIG} does not describe the decoder graph's "
+                f"inputs (e.g. {', '.join(extra)}); re-export"
+            )
         self.processor = load_processor(self.root)  # PIL preprocessing, as in training
         pre = self.artifact.preprocessing if self.artifact else {}
         self.eos_token_ids = set(pre.get("eos_token_ids", self.config["eos_token_id"]))
@@ -166,7 +196,15 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         path = artifact.listed(self.root, filename, self.artifact)
-        session = ort.InferenceSession(str(path), options, providers=self.providers)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+            if type(e).__module__.split(".")[0] != "onnxruntime":
+                raise
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise artifact.ArtifactError(
+                f"{self.root}: onnxruntime cannot load '{filename}': {why}"
+            ) from None
         if self.providers[0] not in session.get_providers():
             raise BackendError(
                 f"{self.providers[0]} failed to start for {filename} (onnxruntime "

@@ -56,6 +56,13 @@ def test_output_overlapping_an_input_names_both(tmp_path, out, message):
     assert snapshot(run) == before
 
 
+def test_a_link_as_output_is_refused(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        check_output(tmp_path / "dangling", overwrite=True)
+    assert (tmp_path / "dangling").is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 def test_an_output_may_lie_inside_a_data_root_but_not_replace_it(tmp_path):
     """Images are read by name: a report under the eval set's folder is fine."""
     (tmp_path / "images").mkdir()

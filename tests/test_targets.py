@@ -4,6 +4,7 @@ load_backend and bench like the built-in ones, and the built-ins are declared on
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -136,6 +137,14 @@ def test_an_artifact_is_exactly_its_manifest(copy_target, tiny_checkpoint, tmp_p
     (out / "weights" / "chat_template.json").write_text("{}")  # a file a loader would read
     with pytest.raises(artifact.ArtifactError, match="chat_template.json' is not listed"):
         artifact.verify(out)
+    (out / "weights" / "chat_template.json").unlink()
+    os.mkfifo(out / "weights" / "extra.json")  # not a regular file: refused all the same
+    with pytest.raises(artifact.ArtifactError, match="extra.json' is not listed"):
+        artifact.verify(out)
+
+
+def _pre(manifest: dict, **changes) -> dict:
+    return {**manifest, "preprocessing": {**manifest["preprocessing"], **changes}}
 
 
 @pytest.mark.parametrize(
@@ -154,6 +163,14 @@ def test_an_artifact_is_exactly_its_manifest(copy_target, tiny_checkpoint, tmp_p
         (lambda m: {**m, "files": {"../x": m["files"][WEIGHTS]}}, "'../x' leaves the artifact"),
         (lambda m: {**m, "text_dims": {**m["text_dims"], "layers": "2"}}, "text_dims.layers"),
         (lambda m: {**m, "version": 1}, "version 1 (this edgekd reads 2); re-export"),
+        (lambda m: _pre(m, image_size=[64]), "image_size must be [height, width]"),
+        (lambda m: _pre(m, image_size=["a", "b"]), "image_size must be [height, width]"),
+        (lambda m: _pre(m, image_mean=["x"]), "image_mean must be a list of finite numbers"),
+        (lambda m: _pre(m, rescale_factor=float("nan")), "rescale_factor must be a finite"),
+        (lambda m: _pre(m, eos_token_ids=["x"]), "must be token ids below text_dims.vocab"),
+        (lambda m: _pre(m, image_token_id=10**9), "must be token ids below text_dims.vocab"),
+        (lambda m: _pre(m, image_tokens_per_image=-5), "image_tokens_per_image must be"),
+        (lambda m: _pre(m, chat_template="{% for x in %}"), "not a valid Jinja template"),
     ],
 )
 def test_a_malformed_manifest_is_one_line(copy_target, tiny_checkpoint, tmp_path, change, message):
@@ -165,6 +182,15 @@ def test_a_malformed_manifest_is_one_line(copy_target, tiny_checkpoint, tmp_path
         artifact.load(out)
     assert message in str(err.value) and "\n" not in str(err.value)
     shutil.rmtree(out)
+
+
+def test_a_number_too_long_to_read_is_one_line(copy_target, tiny_checkpoint, tmp_path):
+    out = tmp_path / "a"
+    export(ExportConfig(str(tiny_checkpoint), "copy", "fp32", out, n_parity_prompts=1))
+    text = (out / artifact.MANIFEST).read_text()
+    (out / artifact.MANIFEST).write_text(text.replace('"version": 2', '"version": ' + "9" * 5000))
+    with pytest.raises(artifact.ArtifactError, match="manifest.json: cannot read it"):
+        artifact.load(out)
 
 
 def test_builtin_targets_are_declared_once():

@@ -99,6 +99,14 @@ def test_unknown_precision_lists_valid_ones(tiny_vlm, tmp_path):
         GgufExporter().check(tiny_vlm, config)
 
 
+@pytest.mark.parametrize("value", ["abc", float("nan"), float("inf"), -1.0, 0])
+def test_atol_must_be_a_positive_number(tiny_vlm, tmp_path, value):
+    options = {"atol": value}
+    config = ExportConfig("x", "gguf", "f32", tmp_path, options=options)
+    with pytest.raises(ExportError, match=f"option atol {value!r} must be a number > 0"):
+        GgufExporter().check(tiny_vlm, config)
+
+
 def test_unsupported_architecture_refused_in_one_line_without_files(tiny_vlm, tmp_path):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 

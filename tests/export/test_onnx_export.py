@@ -172,6 +172,11 @@ def test_bad_options_are_reported_together(tiny_vlm, tmp_path):
         get_exporter("onnx").check(tiny_vlm, config)
     message = str(e.value)
     assert "bogus" in message and "int4_block_size 48" in message and "opset 13" in message
+    too_big = {"int4_block_size": 1024, "opset": 99}
+    big = ExportConfig("x", "onnx", "int4", tmp_path, options=too_big)
+    with pytest.raises(ExportError) as e:
+        get_exporter("onnx").check(tiny_vlm, big)
+    assert "from 16 to 256" in str(e.value) and "opset 99 must be from 17" in str(e.value)
 
 
 def test_non_llava_checkpoint_is_refused_in_one_line(tmp_path):

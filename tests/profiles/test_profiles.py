@@ -81,6 +81,16 @@ def error_of(load, *args, **kwargs) -> str:
 # --- shipped profiles ---------------------------------------------------------------------------
 
 
+def test_profile_not_utf8_or_infinite_is_one_line(tmp_path):
+    from edgekd.profiles import ProfileError
+
+    (tmp_path / "bad.yaml").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ProfileError, match="not UTF-8 text"):
+        load_device_profile(tmp_path / "bad.yaml")
+    with pytest.raises(ProfileError, match="memory_gb"):
+        load_device_profile("jetson-orin-nano-8gb", {"memory_gb": float("inf")})
+
+
 def test_shipped_profiles_are_listed():
     assert set(list_profiles("device")) == EXPECTED_DEVICES
     assert list_profiles("device") == [f[: -len(".yaml")] for f in DEVICE_FILES]
