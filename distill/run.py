@@ -187,7 +187,10 @@ def prepare_output(job: DistillJob, out: Path, replacing: bool) -> tuple[Path, s
 
         last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
         if last is None:
-            raise DistillError(f"--resume: no checkpoint in '{ckpt_dir}'; start without --resume")
+            raise DistillError(
+                f"--resume: no checkpoint in '{ckpt_dir}' (the run stopped before its first); "
+                "start again without --resume, with --overwrite to replace what it left"
+            )
         shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # a save cut short by a crash
         return out, last
     if replacing:
