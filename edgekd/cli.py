@@ -58,6 +58,7 @@ err_console = Console(stderr=True)
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 DEBUG_ENV = "EDGEKD_DEBUG"
+_debug = {"on": False}  # --debug of this invocation (the environment is left as it was)
 
 
 @app.callback()
@@ -67,8 +68,7 @@ def _options(
         typer.Option("--debug", help=f"Show the traceback of errors (or set {DEBUG_ENV}=1)."),
     ] = False,
 ) -> None:
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    _debug["on"] = debug
 
 
 # ---- stages ---------------------------------------------------------------------------------
@@ -630,6 +630,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     signal.signal(signal.SIGTERM, _terminate)
+    _debug["on"] = False
     try:
         code = app(standalone_mode=False)
     except click_errors.NoArgsIsHelpError:
@@ -644,7 +645,7 @@ def main() -> None:
         line = error_line(e)
         if line is None:
             raise  # a bug: its traceback shows where it comes from
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if _debug["on"] or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exception(e)
         text = " ".join(part.strip() for part in line.splitlines() if part.strip())
         err_console.print(

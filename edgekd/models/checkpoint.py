@@ -35,7 +35,10 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
         return str(checkpoint_dir(local) or local)
     if looks_local(src) or not is_hub_id(src):
         raise ModelError(f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)")
-    return src
+    from edgekd.models.hub import resolve_source
+
+    # the hub's snapshot (data files, never code), failing in one line where it is unreachable
+    return str(resolve_source(src).path)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekd.errors import ModelError
-from edgekd.io import HUB_ID
+from edgekd.io import is_hub_id
 
 # What a snapshot needs (never *.py: no remote code); *.bin only when there is no safetensors.
-HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
+HUB_FILES = ("*.json", "*.jinja", "*.safetensors", "*.txt", "*.model")
 HUB_BIN_FILES = ("*.bin",)
 
 
@@ -48,19 +48,9 @@ def resolve_source(src: str | os.PathLike, what: str = "checkpoint") -> Source:
         if not path.is_dir():
             raise ModelError(f"{what} '{text}' is not a directory")
         return Source(path)
-    if looks_local(text):
+    if not is_hub_id(text):
         raise ModelError(f"{what} '{text}' not found: no such directory (a hub id is org/name)")
     return _download(text, what)
-
-
-def looks_local(text: str) -> bool:
-    """Whether ``text`` can only be meant as a local path (it cannot be a hub id ``org/name``)."""
-    return (
-        text.startswith(("/", ".", "~"))
-        or "\\" in text
-        or text.count("/") != 1
-        or not HUB_ID.fullmatch(text)
-    )
 
 
 def _download(repo_id: str, what: str) -> Source:
