@@ -283,26 +283,13 @@ def lm_only_view(out: Path, verify: bool = True) -> artifact.Artifact:
         EdgeKDError: ``model.gguf`` differs from its record (with ``verify``).
     """
     from edgekd.io import sha256_file
-    from edgekd.models.dims import TextDims
 
     record = json.loads((out / RECORD).read_text())
     for name, info in record["files"].items():
         f = out / name
         if verify and (f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]):
             raise EdgeKDError(f"{f} differs from its {RECORD}; delete {out} to rebuild it")
-    return artifact.Artifact(
-        root=out,
-        target="gguf",
-        precision=record["precision"],
-        files=record["files"],
-        components=record["components"],
-        preprocessing=record["preprocessing"],
-        text=TextDims.from_dict(record["text_dims"]),
-        parity=record["parity"],
-        options=record["options"],
-        source=record["source"],
-        manifest=record,
-    )
+    return artifact.Artifact.from_manifest(out, {**record, "target": "gguf"})
 
 
 def gguf_session(model: Path, pre: dict, threads: int, n_ctx: int, logits_all: bool = False):

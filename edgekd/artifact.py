@@ -96,11 +96,22 @@ class Artifact:
         """Size of every listed file together."""
         return sum(int(f["bytes"]) for f in self.files.values())
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width) images are resized to."""
-        h, w = self.preprocessing["image_size"]
-        return int(h), int(w)
+    @classmethod
+    def from_manifest(cls, root: str | Path, raw: dict[str, Any]) -> Artifact:
+        """An ``Artifact`` of a manifest dict that :func:`load` has checked."""
+        return cls(
+            root=Path(root),
+            target=raw["target"],
+            precision=raw["precision"],
+            files=raw["files"],
+            components=raw["components"],
+            preprocessing=raw["preprocessing"],
+            text=TextDims.from_dict(raw["text_dims"]),
+            parity=raw["parity"],
+            options=raw.get("options") or {},
+            source=raw["source"],
+            manifest=raw,
+        )
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -211,19 +222,7 @@ def load(artifact: str | Path, expect: str | None = None) -> Artifact:
     problems = _manifest_problems(raw)
     if problems:
         raise ArtifactError(f"{path}: not a valid edgekd manifest: {'; '.join(problems)}")
-    return Artifact(
-        root=root,
-        target=raw["target"],
-        precision=raw["precision"],
-        files=raw["files"],
-        components=raw["components"],
-        preprocessing=raw["preprocessing"],
-        text=TextDims.from_dict(raw["text_dims"]),
-        parity=raw["parity"],
-        options=raw.get("options") or {},
-        source=raw["source"],
-        manifest=raw,
-    )
+    return Artifact.from_manifest(root, raw)
 
 
 def verify(artifact: str | Path, expect: str | None = None) -> Artifact:

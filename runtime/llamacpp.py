@@ -268,15 +268,24 @@ class LlamaCppSession:
             )
         return [self.tokenize(parts[0]), "image", self.tokenize(parts[1])]
 
+    @contextlib.contextmanager
+    def _image_chunk(self, pieces: list, image):
+        """libmtmd's image chunk of ``image`` if ``pieces`` hold ``"image"`` (else None),
+        freed when the block ends."""
+        if "image" not in pieces:
+            yield None
+            return
+        chunks, chunk = self._image_chunks(image)
+        try:
+            yield chunk
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
     def prefill(self, pieces: list, image=None) -> None:
         """Reset, then feed ``pieces`` (token-id lists and ``"image"``, encoded here)."""
-        chunks, chunk = self._image_chunks(image) if "image" in pieces else (None, None)
-        try:
+        with self._image_chunk(pieces, image) as chunk:
             embd = self._encode(chunk)[0] if chunk is not None else None
             self._feed(pieces, chunk, embd)
-        finally:
-            if chunks is not None:
-                self._mtmd.mtmd_input_chunks_free(chunks)
 
     def _feed(self, pieces: list, chunk, embd) -> None:
         llm = self.llm
@@ -300,7 +309,10 @@ class LlamaCppSession:
 
         ``ignore_eos`` decodes exactly ``max_new_tokens`` tokens (fixed-length speed runs).
         """
-        chunks, chunk = self._image_chunks(image) if "image" in pieces else (None, None)
+        with self._image_chunk(pieces, image) as chunk:
+            return self._greedy(pieces, chunk, max_new_tokens, ignore_eos)
+
+    def _greedy(self, pieces: list, chunk, max_new_tokens: int, ignore_eos: bool) -> Generation:
         n_image = 0 if chunk is None else self._mtmd.mtmd_input_chunk_get_n_tokens(chunk)
         state: dict[str, Any] = {}
         llm = self.llm
@@ -317,21 +329,17 @@ class LlamaCppSession:
             llm.eval([token])
             return int(np.argmax(self.last_logits()))
 
-        try:
-            return greedy_generate(
-                encode_image=encode_image,
-                prefill=prefill,
-                step=step,
-                prompt_tokens=sum(len(p) for p in pieces if not isinstance(p, str)) + n_image,
-                max_new_tokens=max_new_tokens,
-                stop_ids=() if ignore_eos else self.stop_ids,
-                decode=lambda ids: self.detokenize([i for i in ids if i not in self.stop_ids]),
-                has_image=chunk is not None,
-                context_length=llm.n_ctx(),
-            )
-        finally:
-            if chunks is not None:
-                self._mtmd.mtmd_input_chunks_free(chunks)
+        return greedy_generate(
+            encode_image=encode_image,
+            prefill=prefill,
+            step=step,
+            prompt_tokens=sum(len(p) for p in pieces if not isinstance(p, str)) + n_image,
+            max_new_tokens=max_new_tokens,
+            stop_ids=() if ignore_eos else self.stop_ids,
+            decode=lambda ids: self.detokenize([i for i in ids if i not in self.stop_ids]),
+            has_image=chunk is not None,
+            context_length=llm.n_ctx(),
+        )
 
     def generate(
         self, image, prompt: str, max_new_tokens: int = 32, ignore_eos: bool = False

@@ -178,7 +178,14 @@ class OnnxRuntimeBackend:
         self.vision = self._session(self.config["vision"]["filename"], options)
         self.embed = self._session(self.config["embedding"]["filename"], options)
         self.decoder = self._session(self.config["decoder"]["filename"], options)
-        wanted = {"inputs_embeds", "attention_mask", "position_ids", *self._past_names()}
+        decoder = self.config["decoder"]
+        inputs, layers = decoder["inputs"], decoder["num_hidden_layers"]
+        self.past_names = [  # names of the KV cache inputs, layer by layer: (key, value)
+            name % i
+            for i in range(layers)
+            for name in (inputs["past_key_names"], inputs["past_value_names"])
+        ]
+        wanted = {"inputs_embeds", "attention_mask", "position_ids", *self.past_names}
         have = {i.name for i in self.decoder.get_inputs()}
         if wanted != have:
             extra = sorted(have - wanted)[:3] or sorted(wanted - have)[:3]
@@ -238,17 +245,9 @@ class OnnxRuntimeBackend:
             "attention_mask": np.ones((b, start + length), dtype=np.int64),
             "position_ids": np.broadcast_to(np.arange(start, start + length), (b, length)).copy(),
         }
-        feed.update(zip(self._past_names(), past))
+        feed.update(zip(self.past_names, past))
         out = self.decoder.run(None, feed)
         return out[0], out[1:]
-
-    def _past_names(self) -> list[str]:
-        inputs = self.config["decoder"]["inputs"]
-        return [
-            name % i
-            for i in range(self.config["decoder"]["num_hidden_layers"])
-            for name in (inputs["past_key_names"], inputs["past_value_names"])
-        ]
 
     def _empty_cache(self, batch: int) -> list[np.ndarray]:
         d = self.config["decoder"]

@@ -232,8 +232,7 @@ class TensorRTBackend:
         self.vision, self.embed, self.prefill, self.decode = self._load_runners()
         self.processor = load_processor(self.root / artifact.TRT_ONNX_DIR)  # PIL preprocessing
         pre = self.config["preprocessing"]
-        self.eos_ids = [int(i) for i in pre["eos_token_ids"]]
-        self.eos_token_ids = set(self.eos_ids)
+        self.eos_token_ids = {int(i) for i in pre["eos_token_ids"]}
         self.image_token_id = int(pre["image_token_id"])
         self.past_names = [n for n in self.prefill.inputs if n.startswith("past_key_values.")]
         self.max_prompt = self.prefill.limits("inputs_embeds")[2][1]
@@ -385,7 +384,7 @@ class TensorRTBackend:
                 step=step,
                 prompt_tokens=length,
                 max_new_tokens=max_new_tokens,
-                stop_ids=() if ignore_eos else self.eos_ids,
+                stop_ids=() if ignore_eos else self.eos_token_ids,
                 decode=lambda t: self.processor.tokenizer.decode(t, skip_special_tokens=True),
                 has_image=pixel_values is not None,
                 sync=self._sync,
