@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.distill.trainer import DistillError
+from edgekd.models.checkpoint import read_json
 
 # Settings a resumed run may change: how long it trains and how many processes share a batch.
 RESUMABLE = {
@@ -131,10 +132,7 @@ def check_resume_shapes(student, checkpoint: str | os.PathLike) -> None:
         DistillError: naming the first differing setting with both values, or the adapter.
     """
     ckpt = Path(checkpoint)
-    try:
-        saved = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DistillError(f"--resume: cannot read '{ckpt / 'config.json'}': {e}") from None
+    saved = read_json(ckpt / "config.json", what="a checkpoint")
     now = student.config.to_dict()
     for block, keys in _SHAPES.items():
         before, after = (saved.get(block) or {}, now.get(block) or {}) if block else (saved, now)

@@ -432,7 +432,7 @@ def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> 
     from edgekd.data import LlavaCollator
     from edgekd.distill.callbacks import JsonLogCallback, RichProgressCallback
     from edgekd.distill.trainer import DistillTrainer
-    from edgekd.outputs import check_inputs
+    from edgekd.outputs import DataRoot, check_inputs
     from edgekd.profiles import profile_to_yaml
 
     teacher, student = load_models(recipe, job, device)
@@ -445,7 +445,8 @@ def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> 
         check_resume_shapes(student, resume_from)
     student.vision_tower.requires_grad_(bool(recipe.training.train_vision_tower))
     dataset = load_data(recipe, job, student.processor, console)
-    check_inputs(job.output, {str(p.parent) for p in dataset.image_paths if p is not None})
+    roots = {str(p.parent) for p in dataset.image_paths if p is not None}
+    check_inputs(job.output, [DataRoot(r) for r in sorted(roots)])
     config_yaml = _config_yaml(recipe, job, profile_to_yaml)
     if args.should_save:
         work.mkdir(parents=True, exist_ok=True)

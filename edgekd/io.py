@@ -1,7 +1,7 @@
 """Filesystem helpers: outputs appear whole or not at all, and data paths stay inside their root.
 
 Output directories (check, lock, build beside, swap in) live in :mod:`edgekd.outputs`;
-:func:`check_output_dir` and :func:`atomic_dir` here are its entry points for single writers.
+:func:`atomic_dir` here is its entry point for single writers.
 """
 
 from __future__ import annotations
@@ -25,13 +25,6 @@ _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _NEARLY_FULL_BYTES = 16 * 2**20  # what a sequential writer leaves when the disk ran out
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _umask_lock = threading.Lock()
-
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an unusable output (see :func:`edgekd.outputs.check_output`); return it absolute."""
-    from edgekd.outputs import check_output
-
-    return check_output(path, overwrite=overwrite)
 
 
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
@@ -88,7 +81,7 @@ def disk_full(exc: BaseException, path: str | os.PathLike) -> DiskFullError | No
         return None
     left = "" if free is None else f" ({free / 2**20:.1f} MiB left)"
     return DiskFullError(
-        f"the disk is full: writing '{path}' failed{left}: {_first_line(exc)}; "
+        f"the disk is full: writing '{path}' failed{left}: {first_line(exc)}; "
         "free some space or write the output to another file system",
         code or errno.ENOSPC,
         str(path),
@@ -117,7 +110,8 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import ModelError
-from edgekd.io import checkpoint_dir, is_hub_id, looks_local
+from edgekd.io import checkpoint_dir, first_line, is_hub_id
 
 SUPPORTED_MODEL_TYPES = ("llava",)
 _FIT_FACTOR = 1.25  # a config describing more parameters than this x the weights' is refused
@@ -33,7 +33,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
         if not local.is_dir():
             raise ModelError(f"checkpoint '{src}' is a file; pass its directory")
         return str(checkpoint_dir(local) or local)
-    if looks_local(src) or not is_hub_id(src):
+    if not is_hub_id(src):  # a path written as a local one fails here, without the network
         raise ModelError(f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)")
     from edgekd.models.hub import resolve_source
 
@@ -133,12 +133,9 @@ def weight_files(folder: Path) -> list[Path]:
     """
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(f"cannot read '{index}': {e}") from None
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(data, dict) or "metadata" not in data or not weight_map:
+        data = read_json(index, what="a sharded checkpoint")
+        weight_map = data.get("weight_map")
+        if "metadata" not in data or not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"'{index}' is not a shard index (with 'metadata' and 'weight_map')")
         shards = [folder / str(name) for name in sorted(set(weight_map.values()))]
         missing = [s.name for s in shards if not s.is_file()]
@@ -323,7 +320,3 @@ def check_llava_config(config: dict[str, Any], src: str) -> None:
         "LlavaForConditionalGeneration checkpoints"
     )
 
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
