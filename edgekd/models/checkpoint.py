@@ -278,11 +278,11 @@ def require_chat_template(path_or_id: str | os.PathLike) -> None:
     if (folder / "chat_templates").is_dir():
         return
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        try:
-            if json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template"):
-                return
-        except (OSError, ValueError, AttributeError):
-            continue
+        # a broken config is named as such, not taken for one without a template
+        if (folder / name).is_file() and read_json(folder / name, "a checkpoint file").get(
+            "chat_template"
+        ):
+            return
     raise ModelError(
         f"checkpoint '{path_or_id}' has no chat template (no chat_template.jinja, none in its "
         "tokenizer or processor config); add the template the model was trained with"
