@@ -129,19 +129,39 @@ def check_strategy(recipe, device: str) -> None:
             "distributed.strategy deepspeed-zero3 needs the deepspeed package: "
             "pip install deepspeed"
         )
-    if dist.strategy == "fsdp" and device != "cuda":
+    if dist.strategy == "fsdp" and world < 2:
         problems.append(
-            f"distributed.strategy fsdp needs CUDA GPUs (FSDP does not shard on {device} here); "
-            "use distributed.strategy ddp on CPU"
+            "distributed.strategy fsdp shards the models over several processes but this is one: "
+            "launch one per CUDA GPU (torchrun --nproc_per_node N -m edgekd distill ...), or use "
+            "distributed.strategy none"
         )
     if dist.num_processes > world:
         problems.append(
-            f"distributed.num_processes is {dist.num_processes} but this is one process; launch "
-            f"one per device: torchrun --nproc_per_node {dist.num_processes} -m edgekd distill "
-            "... (or accelerate launch), or set distributed.num_processes=1"
+            f"distributed.num_processes is {dist.num_processes} but "
+            f"{'this is one process' if world == 1 else f'{world} processes were launched'}; "
+            f"launch one per device: torchrun --nproc_per_node {dist.num_processes} -m edgekd "
+            f"distill ... (or accelerate launch), or set distributed.num_processes={world}"
         )
     if problems:
         raise DistillError("; ".join(problems))
+
+
+def check_parallelism(trainer, strategy: str, device: str) -> None:
+    """The trainer really runs the recipe's strategy (accelerate would fall back to plain DDP).
+
+    accelerate enables FSDP only on accelerators (GPUs): on CPU an FSDP config trains every rank
+    with the whole model, which would make the recipe's memory plan a fiction.
+    """
+    active = {
+        "fsdp": trainer.is_fsdp_enabled,
+        "deepspeed-zero3": trainer.is_deepspeed_enabled,
+    }.get(strategy, True)
+    if not active:
+        raise DistillError(
+            f"distributed.strategy {strategy} is not active on {device}: accelerate would train "
+            "a whole model on every process (plain DDP); use CUDA GPUs, or distributed.strategy "
+            "ddp here"
+        )
 
 
 def check_sources(recipe) -> None:
@@ -191,7 +211,8 @@ def prepare_output(job: DistillJob, out: Path, replacing: bool) -> tuple[Path, s
                 f"--resume: no checkpoint in '{ckpt_dir}' (the run stopped before its first); "
                 "start again without --resume, with --overwrite to replace what it left"
             )
-        shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # a save cut short by a crash
+        if _is_main_process():  # a save cut short by a crash; rank 0 owns the run folder
+            shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)
         return out, last
     if replacing:
         return out.with_name(f".{out.name}.tmp-distill"), None  # one name for every rank
@@ -208,6 +229,8 @@ def training_arguments(job: DistillJob, recipe, device: str):
 
     t, strategy = recipe.training, recipe.distributed.strategy
     kwargs: dict[str, Any] = {}
+    if strategy == "deepspeed-zero3":
+        init_deepspeed_processes(device)
     if strategy == "deepspeed-zero3" and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
         kwargs["deepspeed"] = str(CONFIG_DIR / "deepspeed_zero3.json")
     if strategy == "fsdp":
@@ -239,6 +262,20 @@ def training_arguments(job: DistillJob, recipe, device: str):
         else None,
         **kwargs,
     )
+
+
+def init_deepspeed_processes(device: str) -> None:
+    """Join DeepSpeed's process group before ``TrainingArguments`` (any launcher, any device).
+
+    ``accelerate launch`` does this itself; under ``torchrun`` on CPU accelerate skips it, and
+    DeepSpeed then counts one process: ZeRO-3's ``from_pretrained`` fails its batch-size check
+    (``train_batch_size 8 != 4 * 1 * 1``). Idempotent: an initialised group is kept.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
 
 
 def load_models(recipe, job: DistillJob, device: str):
@@ -385,6 +422,8 @@ def run(job: DistillJob, console: Console | None = None) -> dict[str, Any]:
     check_strategy(recipe, device)
     check_sources(recipe)
     main = _is_main_process()
+    if not main:  # one report per run: progress, data summary and notes come from rank 0
+        console = Console(quiet=True)
     # before the models (ZeRO-3 partitions them at load); it also sets up the processes. Its
     # output_dir is set once the guard has decided where this run writes.
     args = training_arguments(job, recipe, device)
@@ -431,10 +470,12 @@ def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> 
 
     from edgekd.data import LlavaCollator
     from edgekd.distill.callbacks import JsonLogCallback, RichProgressCallback
-    from edgekd.distill.trainer import DistillTrainer
+    from edgekd.distill.trainer import DistillTrainer, wrap_classes
     from edgekd.outputs import DataRoot, check_inputs
     from edgekd.profiles import profile_to_yaml
 
+    with args.main_process_first(desc="built-in dataset"):  # one rank writes the cache
+        resolve_dataset(recipe.data.dataset, console)
     teacher, student = load_models(recipe, job, device)
     objective = Objective(method=recipe.method, **recipe.loss.model_dump())
     if objective.uses_switch:
@@ -444,9 +485,16 @@ def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> 
     if resume_from is not None:
         check_resume_shapes(student, resume_from)
     student.vision_tower.requires_grad_(bool(recipe.training.train_vision_tower))
+    unused = set(student.unused_vision_parameters())  # past the feature layer: never a gradient
+    for name, param in student.model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
     dataset = load_data(recipe, job, student.processor, console)
     roots = {str(p.parent) for p in dataset.image_paths if p is not None}
     check_inputs(job.output, [DataRoot(r) for r in sorted(roots)])
+    if args.fsdp_plugin_args is not None and recipe.distributed.strategy == "fsdp":
+        models = [student.model] + ([teacher.model] if teacher is not None else [])
+        args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(wrap_classes(*models))
     config_yaml = _config_yaml(recipe, job, profile_to_yaml)
     if args.should_save:
         work.mkdir(parents=True, exist_ok=True)
@@ -465,6 +513,7 @@ def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> 
             *job.callbacks,
         ],
     )
+    check_parallelism(trainer, recipe.distributed.strategy, device)
     trainer.resumable = work == out  # a run built beside an old one is discarded on failure
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume_from)

@@ -16,6 +16,7 @@ module forwards), and the teacher's token embeddings are computed once for both 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +42,31 @@ class TeacherRoutes(nn.Module):
         input_image_token_id: The image token id of the ids it is given (the student's); the
             teacher reads them with its own image token id instead (:meth:`VLM.own_ids`). None:
             the ids already use the teacher's.
+        checkpoint_switch: Recompute the teacher's decoder layers in the switch route's
+            backward instead of keeping their activations (the recipe's
+            ``gradient_checkpointing``). The switch route keeps, per token and decoder layer,
+            about ``8 h + 2 kv + 4 I`` activations (61k values for a 3B Qwen2.5); checkpointed,
+            only each layer's input (``h``) and one layer's set during its recomputation. Same
+            values and gradients, one more teacher forward in the backward.
     """
 
-    def __init__(self, teacher_model: nn.Module, input_image_token_id: int | None = None):
+    def __init__(
+        self,
+        teacher_model: nn.Module,
+        input_image_token_id: int | None = None,
+        checkpoint_switch: bool = False,
+    ):
         super().__init__()
         self.teacher = teacher_model
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.input_image_token_id = input_image_token_id
+        self.checkpoint_switch = checkpoint_switch
+        if checkpoint_switch:
+            if hasattr(teacher_model, "activation_checkpointing_enable"):
+                teacher_model.activation_checkpointing_enable({"use_reentrant": False})
+            else:  # transformers before the rename
+                teacher_model.gradient_checkpointing_enable({"use_reentrant": False})
 
     def train(self, mode: bool = True) -> TeacherRoutes:
         # The teacher stays in eval mode (no dropout) whatever the trainer asks.
@@ -85,8 +103,32 @@ class TeacherRoutes(nn.Module):
             rows = has_image if has_image is not None else slice(None)
             ids, mask = input_ids[rows], attention_mask[rows]
             visual = vlm.project(student_features.to(embeds.dtype))
-            switch = vlm.language_logits(vlm.merge(embeds[rows], visual, ids), mask)
+            with _checkpointed_layers(vlm.language_model, self.checkpoint_switch):
+                switch = vlm.language_logits(vlm.merge(embeds[rows], visual, ids), mask)
         return TeacherOutput(logits=logits, switch_logits=switch)
+
+
+@contextmanager
+def _checkpointed_layers(language_model: nn.Module, enabled: bool):
+    """Let the (eval-mode) teacher's decoder layers checkpoint themselves inside the block.
+
+    transformers checkpoints a layer only when it is in training mode; the layers alone (not
+    their attention or MLP, whose dropout stays off) are switched for the block.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = (
+        [m for m in language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if enabled
+        else []
+    )
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
 
 
 class FeatureCapture:
@@ -96,6 +138,13 @@ class FeatureCapture:
     the student's own forward, so DDP, FSDP and ZeRO-3 gather and reduce parameters as usual and
     the features stay in the autograd graph. An adapter (if any) is applied inside the hook for
     the same reason: its parameters are part of the student module.
+
+    Under DDP the adapter's output must be reachable from the student's output: DDP with
+    ``find_unused_parameters`` marks every parameter its outputs do not reach as unused when the
+    forward ends, and an adapter whose output left only through this hook would then be marked
+    ready twice (once there, once by its gradient from the switch loss). So the projector's
+    input becomes ``features + 0 * sum(adapted)``: the same values and the same gradients, and a
+    graph edge from the student's logits to the adapter.
     """
 
     def __init__(self, student_model: nn.Module, adapter: nn.Module | None = None):
@@ -104,9 +153,13 @@ class FeatureCapture:
         projector = student_model.model.multi_modal_projector
         self._handle = projector.register_forward_pre_hook(self._hook)
 
-    def _hook(self, module: nn.Module, args: tuple) -> None:
+    def _hook(self, module: nn.Module, args: tuple) -> tuple | None:
         feats = args[0]
-        self.features = self.adapter(feats) if self.adapter is not None else feats
+        if self.adapter is None:
+            self.features = feats
+            return None
+        self.features = self.adapter(feats)
+        return (feats + 0 * self.features.sum().to(feats.dtype), *args[1:])
 
     def pop(self) -> torch.Tensor | None:
         """The features of the last forward (then forgotten, so stale ones are never reused)."""
@@ -123,6 +176,28 @@ def vision_shapes(vlm_or_model) -> tuple[int, int]:
     return vlm.num_image_tokens(), vlm.vision_hidden_size
 
 
+def check_same_feature_layer(student: VLM, teacher: VLM) -> None:
+    """The switch feeds the student's features to a projector trained on the teacher's layer.
+
+    The same layer counted from the input or from the output (``-2`` of two towers of different
+    depths) passes; otherwise both values are named.
+    """
+    s_cfg, t_cfg = student.config, teacher.config
+    same_from_start = student.feature_layers() == teacher.feature_layers()
+    s_depth = int(s_cfg.vision_config.num_hidden_layers)
+    t_depth = int(t_cfg.vision_config.num_hidden_layers)
+    same_from_end = [s_depth - k for k in student.feature_layers()] == [
+        t_depth - k for k in teacher.feature_layers()
+    ]
+    if not (same_from_start or same_from_end):
+        raise ModelError(
+            f"student vision_feature_layer {s_cfg.vision_feature_layer} (of {s_depth} layers) != "
+            f"teacher vision_feature_layer {t_cfg.vision_feature_layer} (of {t_depth} layers): "
+            "the visual switch feeds the student's features to the teacher's projector, trained "
+            "on the teacher's layer; set the student's vision_feature_layer in its config.json"
+        )
+
+
 def build_adapter(student: VLM, teacher: VLM, kind: str = "none") -> nn.Module | None:
     """Check that student vision features fit the teacher projector; build the adapter if asked.
 
@@ -132,6 +207,7 @@ def build_adapter(student: VLM, teacher: VLM, kind: str = "none") -> nn.Module |
     """
     if kind not in ADAPTERS:
         raise ModelError(f"unknown --vsd-adapter '{kind}'; valid: {', '.join(ADAPTERS)}")
+    check_same_feature_layer(student, teacher)
     (n_s, d_s), (n_t, d_t) = vision_shapes(student), vision_shapes(teacher)
     if n_s != n_t:
         raise ModelError(

@@ -1,13 +1,18 @@
 """``DistillTrainer``: transformers' ``Trainer`` with a frozen teacher and the Switch-KD objective.
 
 Subclassing ``Trainer`` (as TRL's GKDTrainer does) keeps everything distributed standard:
-launch with ``torchrun`` or ``accelerate launch`` and the student is wrapped by DDP, FSDP or
+launch with ``torchrun`` or ``accelerate launch`` and the student is wrapped by DDP, FSDP2 or
 DeepSpeed ZeRO-3 as ``TrainingArguments`` say. The teacher is placed to match:
 
 * none / DDP: moved to the device, frozen, never wrapped (it has nothing to synchronise);
-* FSDP: sharded by ``accelerator.prepare_model(..., evaluation_mode=True)``;
-* ZeRO-3: its own DeepSpeed engine with the trainer's ZeRO config minus the optimizer, so its
-  parameters are partitioned like the student's (stage 3) or replicated (stages 0-2).
+* FSDP: sharded with FSDP2's ``fully_shard`` per layer (:func:`_fsdp_teacher`);
+  ``accelerator.prepare_model(..., evaluation_mode=True)`` would leave it whole on every rank;
+* ZeRO-3: its own DeepSpeed engine with the trainer's ZeRO config minus the optimizer, bucket
+  sizes filled from the teacher's width (:func:`zero_buckets`), so its parameters are
+  partitioned like the student's (stage 3) or replicated (stages 0-2).
+
+With gradient checkpointing the teacher's decoder layers are recomputed in the switch route's
+backward too (:class:`TeacherRoutes`, ``checkpoint_switch``).
 
 Phases of one step (:meth:`compute_loss`): student forward (its projector's input captured as
 the vision features) -> teacher forward, both routes in one call -> the objective. Checkpoints
@@ -74,11 +79,16 @@ class DistillTrainer(Trainer):
     # ---- setup ----------------------------------------------------------------------------
     def _place_teacher(self, teacher_model, student_image_token_id: int | None) -> torch.nn.Module:
         # the teacher reads the student's input ids, its own image token in place of the student's
-        routes = TeacherRoutes(teacher_model, input_image_token_id=student_image_token_id)
+        routes = TeacherRoutes(
+            teacher_model,
+            input_image_token_id=student_image_token_id,
+            checkpoint_switch=bool(self.args.activation_checkpointing)
+            and self.objective.uses_switch,
+        )
         if self.is_deepspeed_enabled:
             return _deepspeed_teacher(routes, self.accelerator)
         if self.is_fsdp_enabled:
-            return self.accelerator.prepare_model(routes, evaluation_mode=True)
+            return _fsdp_teacher(routes.to(self.args.device), self.accelerator)
         return routes.to(self.args.device)
 
     # ---- the loss step --------------------------------------------------------------------
@@ -142,6 +152,13 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- checkpoints ----------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # a state dict gathered from shards (FSDP2, ZeRO-3) holds one copy per name of a tied
+        # weight; save each tied parameter once, as an unsharded model would
+        if state_dict:
+            state_dict = drop_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+        super()._save(output_dir, state_dict=state_dict)
+
     def _save_checkpoint(self, model, trial) -> None:
         """Write ``checkpoint-N`` under a staging folder, then rename it into place."""
         run_dir = self.args.output_dir
@@ -165,6 +182,19 @@ class DistillTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def drop_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
+    """``state_dict`` without the second and later names of parameters the model ties together.
+
+    The first name is the one ``model.named_parameters()`` yields (e.g. the input embeddings
+    are kept, ``lm_head.weight`` dropped), as ``save_pretrained`` does for an unsharded model.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    copies = {name for group in names.values() for name in group[1:]}
+    return {k: v for k, v in state_dict.items() if k not in copies}
+
+
 def _rotate(run_dir: str, limit: int | None) -> None:
     """Keep the newest ``limit`` checkpoints (by step)."""
     if not limit:
@@ -178,14 +208,78 @@ def _rotate(run_dir: str, limit: int | None) -> None:
         shutil.rmtree(os.path.join(run_dir, f"checkpoint-{step}"), ignore_errors=True)
 
 
-def _deepspeed_teacher(routes: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """A DeepSpeed inference engine for the teacher with the trainer's ZeRO settings."""
+def wrap_classes(*models: torch.nn.Module) -> list[str]:
+    """The layer classes FSDP shards one by one: each model's ``_no_split_modules`` it contains.
+
+    A LLaVA model lists the no-split classes of every sub-model type it could hold (a SigLIP
+    vision tower lists ``SiglipTextEmbeddings`` too), and accelerate refuses a name the model
+    lacks: keep the classes really present (e.g. ``Qwen2DecoderLayer``, ``SiglipEncoderLayer``).
+    """
+    present = {type(m).__name__ for model in models for m in model.modules()}
+    wanted = {
+        name for model in models for name in (getattr(model, "_no_split_modules", None) or ())
+    }
+    return sorted(wanted & present)
+
+
+def _fsdp_teacher(routes: TeacherRoutes, accelerator) -> torch.nn.Module:
+    """The frozen teacher sharded with FSDP2 (``fully_shard``), layer by layer like the student.
+
+    Each layer's parameters are gathered for its forward and freed after it (and gathered again
+    in the switch route's backward), so a rank holds 1/world of the teacher between layers.
+    ``accelerator.prepare_model(..., evaluation_mode=True)`` would leave it whole on every rank.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise DistillError('the FSDP teacher needs FSDP2: set "version": 2 in the fsdp config')
+    names = set(wrap_classes(routes.teacher))
+    for module in routes.teacher.modules():
+        if type(module).__name__ in names:
+            fully_shard(module, reshard_after_forward=True)
+    fully_shard(routes, reshard_after_forward=True)
+    return routes
+
+
+def zero_buckets(config: dict, hidden_size: int) -> dict:
+    """``config`` with its ``"auto"`` ZeRO bucket sizes filled from a model's hidden size.
+
+    transformers fills these keys for the student only when training starts (from the student's
+    width), after the teacher's engine is built; DeepSpeed would silently drop the ``"auto"``
+    strings and use its own defaults. Same rule as transformers, with the teacher's width ``h``:
+    ``reduce_bucket_size = h^2``, ``stage3_prefetch_bucket_size = 0.9 h^2``,
+    ``stage3_param_persistence_threshold = 10 h``.
+    """
+    config = copy.deepcopy(config)
+    zero = config.setdefault("zero_optimization", {})
+    rules = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in rules.items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    return config
+
+
+def _deepspeed_teacher(routes: TeacherRoutes, accelerator) -> torch.nn.Module:
+    """A DeepSpeed inference engine for the teacher with the trainer's ZeRO settings.
+
+    ZeRO-3 partitions the teacher's parameters over the ranks like the student's (gathered
+    layer by layer in its forward, and again in the backward of the switch route); stages 0-2
+    replicate it (nothing to partition without an optimizer).
+    """
     import deepspeed
 
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     config.pop("optimizer", None)
     config.pop("scheduler", None)
-    if config.get("zero_optimization", {}).get("stage") != 3:
+    if config.get("zero_optimization", {}).get("stage") == 3:
+        text = routes.teacher.config.get_text_config()
+        config = zero_buckets(config, int(text.hidden_size))
+    else:
         config["zero_optimization"] = {"stage": 0}  # small teachers: replicate, no partitioning
     engine, *_ = deepspeed.initialize(model=routes, config=config)
     engine.eval()

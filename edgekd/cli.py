@@ -360,23 +360,116 @@ def demo(
 
 @app.command("plan")
 def plan_command(
-    model: Annotated[
-        str, typer.Option(help="Preset (qwen2-0.5b-siglip-so400m), checkpoint dir or hub id.")
-    ],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Preset (qwen2-0.5b-siglip-so400m), checkpoint dir or hub id."),
+    ] = None,
     context: Annotated[int, typer.Option(help="Tokens held in the KV cache per sequence.")] = 2048,
-    batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 1,
+    batch: Annotated[
+        int | None,
+        typer.Option(help="Sequences decoded together (--train: per GPU; default: the recipe's)."),
+    ] = None,
     power_mode: Annotated[
         str | None, typer.Option(help="nvpmodel mode (default: the profile's).")
     ] = None,
+    train: Annotated[
+        bool, typer.Option("--train", help="Plan a distillation run instead of inference.")
+    ] = False,
+    recipe: Annotated[str, typer.Option(help="--train: recipe name or YAML file.")] = (
+        "tinyllava-3b-to-0.5b"
+    ),
+    teacher: Annotated[
+        str | None, typer.Option(help="--train: teacher preset or checkpoint (default: recipe's).")
+    ] = None,
+    student: Annotated[
+        str | None, typer.Option(help="--train: student preset or checkpoint (default: recipe's).")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="--train: none, ddp, fsdp, deepspeed-zero3.")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="--train: processes, one per GPU.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="--train: tokens per sequence.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="--train: fp32, bf16-mixed (GPU default), bf16.")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="--train: recompute activations (default: the recipe's).",
+        ),
+    ] = None,
 ) -> None:
-    """Will a model fit a device, and how fast can it decode? (weights, KV cache, roofline)"""
-    from rich.table import Table
-
+    """Will a model fit a device, and how fast can it decode? With --train: will a
+    distillation run fit its GPUs, and how fast can a step be? (memory parts, roofline)"""
     from edgekd.profiles import load_device_profile
-    from edgekd.runtime.plan import GB, plan
 
     device = load_device_profile(profile)  # a bad name fails before torch is imported
+    if train:
+        _plan_train(device, recipe, teacher, student, strategy, gpus, batch, seq_len,
+                    precision, gradient_checkpointing)  # fmt: skip
+        return
+    if model is None:
+        raise OptionError("--model is needed (or --train to plan a distillation run)")
+    _plan_inference(device, model, context, batch or 1, power_mode)
+
+
+def _plan_train(device, recipe_name, teacher, student, strategy, gpus, batch, seq_len,
+                precision, checkpointing) -> None:  # fmt: skip
+    from rich.table import Table
+
+    from edgekd.distill.plan import GB, plan_train, setup_from_recipe
+    from edgekd.profiles import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    teacher = teacher or recipe.teacher
+    student = student or recipe.student
+    for flag, value in (("--teacher", teacher), ("--student", student)):
+        if value and "REPLACE" in value:
+            raise OptionError(
+                f"recipe '{recipe.name}' has a placeholder {flag[2:]} ('{value}'); pass {flag} "
+                "with a preset (edgekd models list) or a checkpoint"
+            )
+    setup = setup_from_recipe(
+        recipe, device, strategy=strategy, processes=gpus, batch=batch, seq_len=seq_len,
+        precision=precision, gradient_checkpointing=checkpointing,
+    )  # fmt: skip
+    result = plan_train(teacher, student, device, setup)
+    s = result.setup
+    console.print(
+        f"{recipe.name}: {result.teacher} -> {result.student} on {s.processes} x "
+        f"{result.profile}, {s.strategy}, {s.precision}, batch {s.batch} x {s.seq_len} tokens, "
+        f"checkpointing {'on' if s.gradient_checkpointing else 'off'}",
+        highlight=False,
+    )
+    table = Table()
+    table.add_column("per process", no_wrap=True)
+    table.add_column("GB", justify="right")
+    for part, value in result.parts.items():
+        table.add_row(part, f"{value / GB:.2f}")
+    colour = "green" if result.fits else "red"
+    peak = f"[bold]{result.peak_bytes / GB:.2f}[/bold]"
+    table.add_row(f"[bold]peak ({result.peak_phase})[/bold]", peak)
+    table.add_row("usable", f"{result.usable_bytes / GB:.2f}")
+    console.print(table)
+    console.print(f"[{colour}]{result.verdict}[/{colour}]", highlight=False)
+    seconds = result.step_seconds
+    flops = ", ".join(f"{k} {v / 1e12:.1f}" for k, v in result.step_flops.items())
+    if seconds is None:
+        console.print(f"step: {flops} TFLOP; the profile lists no peak to bound its time")
+    else:
+        console.print(
+            f"step roofline: {seconds:.2f} s per micro-step at {result.peak_tflops:g} TFLOP/s "
+            f"({flops} TFLOP); communication not included"
+        )
+
+
+def _plan_inference(device, model: str, context: int, batch: int, power_mode) -> None:
+    from rich.table import Table
+
+    from edgekd.runtime.plan import GB, plan
+
     result = plan(model, device, context=context, batch=batch, power_mode=power_mode)
     mode = f", {result.power_mode}" if result.power_mode else ""
     table = Table(

@@ -292,11 +292,16 @@ def model_facts(model: str | VLM) -> ModelFacts:
 
 @lru_cache(maxsize=8)
 def _facts_by_name(name: str) -> ModelFacts:
+    return facts_from_vlm(meta_vlm(name), name=name)
+
+
+def meta_vlm(name: str) -> VLM:
+    """A preset, or a checkpoint's config (no weights read), as a VLM on the meta device."""
     from edgekd.models import SHAPES, build_vlm
 
     if name in SHAPES:
-        return facts_from_vlm(build_vlm(name, device="meta"), name=name)
-    return facts_from_vlm(_meta_vlm_from_checkpoint(name), name=name)
+        return build_vlm(name, device="meta")
+    return _meta_vlm_from_checkpoint(name)
 
 
 def _meta_vlm_from_checkpoint(src: str) -> VLM:

@@ -176,7 +176,7 @@ def _described_numel(config, folder: Path) -> int:
     from transformers import LlavaForConditionalGeneration
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _without_zero3_init():
             model = LlavaForConditionalGeneration(config)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         raise ModelError(
@@ -184,6 +184,19 @@ def _described_numel(config, folder: Path) -> int:
             f"{first_line(e)}"
         ) from None
     return sum(p.numel() for p in model.parameters())
+
+
+def _without_zero3_init():
+    """A context in which transformers builds sub-models plainly even under DeepSpeed ZeRO-3.
+
+    Under ZeRO-3 every ``from_config`` partitions and re-initialises parameters, which a model
+    on the meta device (built only to count its parameters) cannot take.
+    """
+    from contextlib import nullcontext
+
+    from transformers import modeling_utils
+
+    return getattr(modeling_utils, "set_zero3_state", nullcontext)()
 
 
 def load_config(src: str, trust_remote_code: bool = False):

@@ -176,6 +176,46 @@ class VLM:
         n = (vc.image_size // vc.patch_size) ** 2
         return n - 1 if self.config.vision_feature_select_strategy == "default" else n
 
+    def feature_layers(self) -> list[int]:
+        """The vision feature layer(s) as non-negative indices into ``hidden_states``.
+
+        ``hidden_states[k]`` is the output of the first ``k`` encoder layers (0: the embeddings),
+        so a tower of ``n`` layers has ``n + 1`` entries and ``-1`` is ``n``.
+        """
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        n = int(self.config.vision_config.num_hidden_layers)
+        return [k if k >= 0 else n + 1 + k for k in layers]
+
+    def unused_vision_parameters(self) -> list[str]:
+        """Names (in :attr:`model`) of vision-tower parameters the features never depend on.
+
+        The features are ``hidden_states[k]`` (:meth:`feature_layers`): the encoder layers from
+        ``k`` on, the final layer norm and the pooling head (SigLIP, CLIP) come after them. They
+        get no gradient, so no optimizer state; a sharded optimizer checkpoint then lacks them
+        and refuses to load while they require gradients. Empty for a tower without an
+        ``encoder.layers`` list.
+        """
+        tower = self.vision_tower
+        found = [
+            (name, module)
+            for name, module in tower.named_modules()
+            if name.endswith("encoder.layers") and isinstance(module, torch.nn.ModuleList)
+        ]
+        if len(found) != 1:
+            return []
+        name, layers = found[0]
+        base = name[: -len("encoder.layers")]  # "vision_model." or ""
+        last = max(self.feature_layers())
+        unused = [f"{base}encoder.layers.{i}." for i in range(last, len(layers))]
+        unused += [f"{base}post_layernorm.", f"{base}head."]
+        prefix = next(n for n, m in self.model.named_modules() if m is tower) + "."
+        return [
+            prefix + pname
+            for pname, _ in tower.named_parameters()
+            if any(pname.startswith(u) for u in unused)
+        ]
+
     # ---- the stages ---------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision-tower output at the configured layer(s) and select strategy, before the projector.

@@ -146,3 +146,52 @@ def test_identity_initialised_adapter_for_equal_widths(tiny_vlm, small_vlm):
     adapter = build_adapter(tiny_vlm, small_vlm, "linear")
     x = torch.randn(2, 16, 64)
     torch.testing.assert_close(adapter(x), x)
+
+
+def _saved_activation_bytes(module: torch.nn.Module, fn) -> int:
+    """Bytes autograd keeps for the backward while ``fn`` runs (parameters excluded)."""
+    params = {id(p) for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params:
+            seen[id(base)] = base.numel() * base.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_checkpointed_switch_route_same_gradients_less_memory(tokenizer, distill_data):
+    teacher = build_vlm("small", tokenizer=tokenizer, seed=3)
+    student = build_vlm("tiny", tokenizer=tokenizer, seed=4)
+    batch = _batch(student, distill_data)
+    features = torch.randn(
+        int(batch["has_image"].sum()), student.num_image_tokens(), student.vision_hidden_size
+    )
+    results = []
+    for checkpoint in (False, True):
+        routes = TeacherRoutes(teacher.model, checkpoint_switch=checkpoint)
+        feats = features.clone().requires_grad_(True)
+        outs = {}
+
+        def run(routes=routes, feats=feats, outs=outs):
+            outs["out"] = routes(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["pixel_values"],
+                batch["has_image"],
+                feats,
+            )
+
+        saved = _saved_activation_bytes(teacher.model, run)
+        outs["out"].switch_logits.square().mean().backward()
+        results.append((saved, outs["out"].switch_logits.detach(), feats.grad))
+        assert not any(m.training for m in teacher.model.modules())  # eval again afterwards
+    (full, logits, grad), (ckpt, logits_c, grad_c) = results
+    torch.testing.assert_close(logits_c, logits, rtol=0, atol=0)
+    torch.testing.assert_close(grad_c, grad, rtol=1e-6, atol=1e-7)
+    layers = teacher.config.text_config.num_hidden_layers
+    assert ckpt < full * 0.6, f"checkpointing kept {ckpt} of {full} bytes ({layers} layers)"
