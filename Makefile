@@ -35,8 +35,9 @@ system-deps:
 demo: install system-deps
 	$(BIN)/edgekd demo
 
+# loadgroup: tests marked xdist_group share one worker (the distributed runs share a DDP reference)
 test: install system-deps
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check edgekd distill export runtime profiles tests benchmarks

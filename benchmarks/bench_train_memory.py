@@ -206,12 +206,21 @@ def paper(args) -> dict:
         sum(here.step_flops.values()) / (gemm * 1e12), 1
     )
     row["step_tflop"] = {k: round(v / 1e12, 2) for k, v in here.step_flops.items()}
-    recipe = TrainSetup(strategy="deepspeed-zero3", processes=8, batch=4, seq_len=2048)
-    gpus = plan_train("qwen2.5-3b-siglip-so400m", "qwen2-0.5b-siglip-so400m", "h100-80gb", recipe)
+    gpus = paper_recipe_plan()
     return {
         "runs": [row],
         "paper_recipe_8x_h100": _row("paper recipe, 8 x H100, ZeRO-3", gpus, None),
     }
+
+
+def paper_recipe_plan():
+    """The plan of the tinyllava-3b-to-0.5b recipe as written (8 x H100, ZeRO-3)."""
+    from edgekd.distill.plan import setup_from_recipe
+    from edgekd.profiles import load_device_profile, load_recipe
+
+    device = load_device_profile("h100-80gb")
+    setup = setup_from_recipe(load_recipe("tinyllava-3b-to-0.5b"), device)
+    return plan_train("qwen2.5-3b-siglip-so400m", "qwen2-0.5b-siglip-so400m", device, setup)
 
 
 def gemm_tflops(dtype, n: int = 2048, repeats: int = 5) -> float:

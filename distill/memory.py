@@ -51,6 +51,9 @@ class TensorMemory:
         """Mark a phase; its peak is kept under ``name`` (the highest of repeated phases)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # keep the peak reached before the phase, then measure the phase alone
+            peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            self.peak_bytes = max(self.peak_bytes, peak)
             torch.cuda.reset_peak_memory_stats(self.device)
             yield
             torch.cuda.synchronize(self.device)

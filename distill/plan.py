@@ -17,8 +17,10 @@ bf16-mixed (GPU)   4         4       8; ZeRO-3: 2 + 2 + 12 (fp32 master)    2
 bf16 (pure)        2         2       4 (m, v in bf16)                       2
 =================  ========  ======  =====================================  ===========
 
-weights and optimizer are divided by ``S`` (ZeRO-3 in fp32 keeps an fp32 partition of its own
-as well: 12 bytes of optimizer state); DDP adds one more gradient-sized buffer (its reducer's
+``bf16`` (pure) is not what ``edgekd distill`` trains (its student is fp32): it describes the
+paper-shape benchmark, which fits a CPU machine only so. Weights, gradients and optimizer state
+are divided by ``S`` (ZeRO-3 in fp32 keeps an fp32 partition of its own as well: 12 bytes of
+optimizer state); DDP adds one more gradient-sized buffer (its reducer's
 buckets). Gathered parameters: FSDP2 holds the largest layer twice (the current one and the
 prefetched one); a ZeRO-3 engine keeps up to ``stage3_max_live_parameters`` (1e9 in edgekd's
 config) gathered while they will be used again, and the teacher's two routes reuse every
@@ -40,8 +42,9 @@ and switch logits that the backward creates, plus the cross-entropy's fp32 copy 
 log-softmax of the supervised rows (``answer_tokens`` per sequence). The distillation terms work
 in chunks (a few ``(chunk, V)`` buffers).
 
-Peak = weights + optimizer + teacher + gathered layers + the larger of (activations + logits
-working set + the output head's gradient), the backward's start, and (gradients + buckets +
+Peak = weights + optimizer + teacher + gathered layers + DDP buckets (all persistent) + the
+larger of (activations + logits working set + the output head's gradient, or all gradients
+when they accumulate over micro-steps or under ZeRO-3), the backward's start, and (gradients +
 one trainable-sized optimizer temporary), the optimizer step.
 
 Step time (a lower bound): FLOPs over the profile's dense peak. A matmul costs ``2 P_mm`` per
@@ -111,6 +114,7 @@ class TrainSetup:
     train_vision_tower: bool = True
     method: str = "switch-kd"
     loss_chunk: int = 256  # Objective.chunk_size
+    gradient_accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,9 +125,13 @@ class TrainSetup:
             problems.append(
                 f"precision '{self.precision}' is unknown; valid: {', '.join(PRECISIONS)}"
             )
-        for key in ("processes", "batch", "seq_len", "answer_tokens", "loss_chunk"):
+        keys = ("processes", "batch", "seq_len", "answer_tokens", "loss_chunk",
+                "gradient_accumulation_steps")  # fmt: skip
+        for key in keys:
             if getattr(self, key) < 1:
                 problems.append(f"{key} must be at least 1 (got {getattr(self, key)})")
+        if self.strategy == "fsdp" and self.processes < 2:
+            problems.append("strategy fsdp needs at least 2 processes (edgekd distill refuses 1)")
         if problems:
             raise ModelError("; ".join(problems))
 
@@ -281,7 +289,8 @@ def plan_train(
         t = teacher if isinstance(teacher, ModelShape) else model_shape(teacher)
     b, by, n = setup, _bytes(setup), setup.shards
     ckpt = b.gradient_checkpointing
-    switch = b.method == "switch-kd" and t is not None
+    # the switch route keeps activations only when its gradient has a tower to reach
+    switch = b.method == "switch-kd" and t is not None and b.train_vision_tower
     frozen = s.unused_vision_params if b.train_vision_tower else s.vision_params
     trainable = s.params - frozen
     tokens = b.batch * b.seq_len
@@ -331,18 +340,20 @@ def plan_train(
     chunk = 4 * min(b.loss_chunk, supervised) * s.vocab * 4 if t else 0.0
     parts["logits working set"] = 2 * logits_s + logits_t + 2 * logits_v + ce + chunk
 
-    static = sum(
-        parts[k]
-        for k in ("student weights", "optimizer state", "teacher weights", "gathered layers")
-    )
+    persistent = ("student weights", "optimizer state", "teacher weights", "gathered layers",
+                  "DDP buckets")  # fmt: skip
+    static = sum(parts[k] for k in persistent)
+    # gradients outlive the backward when they accumulate over micro-steps, and ZeRO-3 keeps
+    # its gradient partition; otherwise they appear as the activations are freed
+    kept = b.gradient_accumulation_steps > 1 or b.strategy == "deepspeed-zero3"
     head_grad = s.vocab * s.hidden * by["grad"] / n
     backward_start = (
         parts["student activations"]
         + parts["switch-route activations"]
         + parts["logits working set"]
-        + head_grad
+        + (parts["student gradients"] if kept else head_grad)
     )
-    step = parts["student gradients"] + parts["DDP buckets"] + trainable * by["grad"] / n
+    step = parts["student gradients"] + trainable * by["grad"] / n  # + one optimizer temporary
     phase, transient = (
         ("backward start", backward_start) if backward_start >= step else ("optimizer step", step)
     )
@@ -408,17 +419,29 @@ def setup_from_recipe(
     t = recipe.training
     if precision is None:
         precision = "bf16-mixed" if t.bf16 and device.kind != "cpu" else "fp32"
+    processes = recipe.distributed.num_processes if processes is None else processes
+    strategy = recipe.distributed.strategy if strategy is None else strategy
+    if strategy == "none" and processes > 1:
+        strategy = "ddp"  # as edgekd distill runs it under a launcher
+    batch = t.per_device_batch_size if batch is None else batch
+    accumulation = t.gradient_accumulation_steps or max(
+        1, t.global_batch_size // max(1, batch * processes)
+    )
+    method = recipe.method
+    if method == "switch-kd" and recipe.loss.w_vsd == 0:
+        method = "dbild"  # no switch route without its loss
     return TrainSetup(
-        strategy=strategy or recipe.distributed.strategy,
-        processes=processes or recipe.distributed.num_processes,
-        batch=batch or t.per_device_batch_size,
-        seq_len=seq_len or t.max_length,
+        strategy=strategy,
+        processes=processes,
+        batch=batch,
+        seq_len=t.max_length if seq_len is None else seq_len,
+        gradient_accumulation_steps=accumulation,
         answer_tokens=answer_tokens,
         precision=precision,
         gradient_checkpointing=t.gradient_checkpointing
         if gradient_checkpointing is None
         else gradient_checkpointing,
         train_vision_tower=bool(t.train_vision_tower),
-        method=recipe.method,
+        method=method,
         loss_chunk=recipe.loss.model_dump().get("chunk_size", 256),
     )

@@ -257,6 +257,9 @@ def training_arguments(job: DistillJob, recipe, device: str):
         disable_tqdm=True,
         remove_unused_columns=False,
         use_cpu=device == "cpu",
+        # a micro-batch without an image leaves the vision tower unused (transformers turns
+        # the search off under gradient checkpointing; non-reentrant checkpointing allows it)
+        ddp_find_unused_parameters=True,
         ddp_backend="gloo"
         if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1
         else None,
@@ -493,8 +496,10 @@ def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> 
     roots = {str(p.parent) for p in dataset.image_paths if p is not None}
     check_inputs(job.output, [DataRoot(r) for r in sorted(roots)])
     if args.fsdp_plugin_args is not None and recipe.distributed.strategy == "fsdp":
-        models = [student.model] + ([teacher.model] if teacher is not None else [])
-        args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(wrap_classes(*models))
+        # the student's own classes (the teacher is sharded apart, by its own classes)
+        args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(
+            wrap_classes(student.model)
+        )
     config_yaml = _config_yaml(recipe, job, profile_to_yaml)
     if args.should_save:
         work.mkdir(parents=True, exist_ok=True)

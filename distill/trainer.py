@@ -91,6 +91,24 @@ class DistillTrainer(Trainer):
             return _fsdp_teacher(routes.to(self.args.device), self.accelerator)
         return routes.to(self.args.device)
 
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        # with several processes every micro-batch holds an image (the same order under every
+        # strategy); FSDP and ZeRO-3 cannot train without it, DDP can
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        has_image = [p is not None for p in getattr(dataset, "image_paths", ())]
+        if sampler is None or self.args.world_size < 2 or not has_image or all(has_image):
+            return sampler
+        try:
+            return ImageInEveryBatch(
+                has_image, self.args.per_device_train_batch_size, seed=self.args.data_seed or 0
+            )
+        except DistillError:
+            if sharded:
+                raise
+            return sampler
+
     # ---- the loss step --------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, attn = inputs["input_ids"], inputs["attention_mask"]
@@ -182,6 +200,56 @@ class DistillTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+class ImageInEveryBatch(torch.utils.data.Sampler):
+    """A shuffled order in which every run of ``batch`` indices has an image.
+
+    Under FSDP and ZeRO-3 every rank must run the same modules in each step (their parameters
+    are gathered collectively): a rank whose micro-batch is all text would skip the vision
+    towers and the switch route and leave the others waiting. Each run of ``batch`` indices
+    takes its samples in the shuffled order, except that one image is reserved for each run.
+    """
+
+    def __init__(self, has_image: list[bool], batch: int, seed: int = 0):
+        n_image, n = sum(has_image), len(has_image)
+        batches = -(-n // batch)
+        if batch < 2 or n_image < batches:
+            raise DistillError(
+                f"FSDP and ZeRO-3 need an image in every micro-batch, but {n - n_image} of {n} "
+                f"samples are text-only and training.per_device_batch_size is {batch} "
+                f"({batches} micro-batches for {n_image} images); raise per_device_batch_size, "
+                "leave out text-only samples, or use distributed.strategy ddp"
+            )
+        self.has_image, self.batch, self.seed, self.epoch = has_image, batch, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.has_image)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        from collections import deque
+
+        # the same order on every rank: seeded by the run's data seed and the epoch
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.has_image), generator=g).tolist()
+        images = deque(i for i in order if self.has_image[i])
+        texts = deque(i for i in order if not self.has_image[i])
+        rank = {idx: pos for pos, idx in enumerate(order)}
+        out: list[int] = []
+        runs = -(-len(order) // self.batch)
+        for r in range(runs):
+            size = min(self.batch, len(order) - r * self.batch)
+            run = [images.popleft()]  # one image per run, reserved in order
+            later_runs = runs - r - 1
+            while len(run) < size:
+                spare = len(images) > later_runs  # an image no later run needs
+                take_image = spare and (not texts or rank[images[0]] < rank[texts[0]])
+                run.append(images.popleft() if take_image or not texts else texts.popleft())
+            out.extend(sorted(run, key=rank.__getitem__))  # the shuffled order within a run
+        return iter(out)
+
+
 def drop_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
     """``state_dict`` without the second and later names of parameters the model ties together.
 
@@ -267,9 +335,10 @@ def zero_buckets(config: dict, hidden_size: int) -> dict:
 def _deepspeed_teacher(routes: TeacherRoutes, accelerator) -> torch.nn.Module:
     """A DeepSpeed inference engine for the teacher with the trainer's ZeRO settings.
 
-    ZeRO-3 partitions the teacher's parameters over the ranks like the student's (gathered
-    layer by layer in its forward, and again in the backward of the switch route); stages 0-2
-    replicate it (nothing to partition without an optimizer).
+    ZeRO-3 partitions the teacher's parameters over the ranks like the student's; they are
+    gathered for the forward and the switch route's backward, and up to
+    ``stage3_max_live_parameters`` stay gathered between uses (both routes reuse every layer).
+    Stages 0-2 replicate it (nothing to partition without an optimizer).
     """
     import deepspeed
 

@@ -1,11 +1,10 @@
 """One rank of a 2-process distillation run on CPU (gloo), for tests/distill/test_distributed.py.
 
-Usage: python -m torch.distributed.run ... dist_worker.py FIELDS_JSON OUT_DIR [RESUME_STEPS]
+Usage: python -m torch.distributed.run ... dist_worker.py FIELDS_JSON OUT_DIR
 
 Runs ``edgekd.distill.run.run`` with the job ``FIELDS_JSON`` and writes ``OUT_DIR/rankN.json``:
-the logged losses, how the student and the teacher are placed on this rank (wrapper, local and
-full parameter counts, ZeRO bucket sizes) and, with RESUME_STEPS, the same after resuming the
-run's checkpoint to that many steps in the same processes.
+the logged losses and how the student and the teacher are placed on this rank (wrapper, local
+and full parameter counts, ZeRO bucket sizes).
 
 Two test-only adjustments, both to run on a 2-core CPU machine what runs on GPUs:
 * accelerate enables FSDP only on accelerators; on CPU it would train plain DDP. The patch
@@ -91,7 +90,6 @@ def main() -> None:
     from edgekd.distill.run import DistillJob, run
 
     fields, out = json.loads(sys.argv[1]), sys.argv[2]
-    resume_steps = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     strategy = fields.get("overrides", {}).get("distributed.strategy")
     if strategy == "fsdp":
         keep_fsdp_on_cpu()
@@ -110,10 +108,6 @@ def main() -> None:
     record = {"world": int(os.environ["WORLD_SIZE"])}
     run(DistillJob(**fields))
     record["first"] = describe(trainers[-1])
-    if resume_steps:
-        overrides = {**fields["overrides"], "training.max_steps": resume_steps}
-        run(DistillJob(**{**fields, "overrides": overrides, "resume": True}))
-        record["resumed"] = describe(trainers[-1])
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump(record, f)
 

@@ -110,3 +110,29 @@ def test_a_strategy_that_did_not_take_effect_is_refused(strategy, flag):
     setattr(trainer, flag, True)
     check_parallelism(trainer, strategy, "cpu")
     check_parallelism(trainer, "ddp", "cpu")
+
+
+@pytest.mark.parametrize("batch", [2, 3, 4])
+def test_every_micro_batch_gets_an_image_and_every_sample_once(batch):
+    from edgekd.distill.trainer import ImageInEveryBatch
+
+    has_image = [i % 3 != 0 for i in range(25)]  # 8 or 9 text-only samples of 25
+    sampler = ImageInEveryBatch(has_image, batch, seed=7)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(25))
+        runs = [order[i : i + batch] for i in range(0, 25, batch)]
+        assert all(any(has_image[i] for i in run) for run in runs)
+    sampler.set_epoch(0)
+    assert list(sampler) == list(ImageInEveryBatch(has_image, batch, seed=7))  # every rank agrees
+    assert list(sampler) != sorted(order)  # shuffled
+
+
+def test_too_few_images_for_the_micro_batches_are_refused():
+    from edgekd.distill.trainer import ImageInEveryBatch
+
+    with pytest.raises(DistillError, match="need an image in every micro-batch.*8 of 10"):
+        ImageInEveryBatch([True, True] + [False] * 8, 2)
+    with pytest.raises(DistillError, match="per_device_batch_size is 1"):
+        ImageInEveryBatch([True, False], 1)
