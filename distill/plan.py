@@ -424,9 +424,8 @@ def setup_from_recipe(
     if strategy == "none" and processes > 1:
         strategy = "ddp"  # as edgekd distill runs it under a launcher
     batch = t.per_device_batch_size if batch is None else batch
-    accumulation = t.gradient_accumulation_steps or max(
-        1, t.global_batch_size // max(1, batch * processes)
-    )
+    # the recipe's global batch over the planned processes and micro-batch
+    accumulation = max(1, t.global_batch_size // max(1, batch * processes))
     method = recipe.method
     if method == "switch-kd" and recipe.loss.w_vsd == 0:
         method = "dbild"  # no switch route without its loss

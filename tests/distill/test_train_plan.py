@@ -134,3 +134,24 @@ def test_tensor_memory_sees_allocations_and_phases():
     assert 1_000_000 <= mem.phases["small"] < 4_000_000
     assert mem.end_bytes >= 1_000_000
     del small
+
+
+def test_setup_from_recipe_follows_what_distill_runs():
+    from edgekd.distill.plan import setup_from_recipe
+    from edgekd.profiles import load_device_profile, load_recipe
+
+    gpu, cpu = load_device_profile("h100-80gb"), load_device_profile("cpu-x86_64")
+    paper = load_recipe("tinyllava-3b-to-0.5b")
+    setup = setup_from_recipe(paper, gpu)
+    assert (setup.strategy, setup.processes, setup.batch, setup.seq_len) == (
+        "deepspeed-zero3", 8, 4, 2048,
+    )  # fmt: skip
+    assert setup.gradient_accumulation_steps == 4 and setup.precision == "bf16-mixed"
+    assert setup_from_recipe(paper, gpu, processes=16).gradient_accumulation_steps == 2
+    assert setup_from_recipe(paper, cpu).precision == "fp32"  # distill trains fp32 on CPU
+    demo = load_recipe("easyvqa-cpu")
+    assert setup_from_recipe(demo, cpu, processes=2).strategy == "ddp"  # as under a launcher
+    no_vsd = load_recipe("easyvqa-cpu", overrides={"loss.w_vsd": 0.0})
+    assert setup_from_recipe(no_vsd, cpu).method == "dbild"
+    with pytest.raises(ModelError, match="batch must be at least 1"):
+        setup_from_recipe(paper, gpu, batch=0)  # a zero is not replaced by the recipe's value
