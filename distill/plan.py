@@ -30,8 +30,9 @@ Activations, kept for the backward pass (values per token and layer, measured wi
 saved-tensor hooks on transformers' SDPA layers, which these match exactly):
 
 * decoder layer (pre-norm, gated MLP: Qwen2, Llama): ``8 h + 2 kv + 4 I + heads + 2``;
-* vision layer (SigLIP, CLIP): ``8 h + 2 I + heads + 4``, for every layer of a trained tower
-  (layers past the feature layer run too), plus the image and the pooling head;
+* vision layer (SigLIP, CLIP): ``8 h + 2 I + heads + 4`` (CLIP's two-op quick_gelu: ``3 I``)
+  per token (CLIP: the patches and its class token), for every layer of a trained tower (layers
+  past the feature layer run too), plus the image and the pooling head;
 * with gradient checkpointing each layer keeps only its input (``h``) and one layer's full set
   exists again while it is recomputed;
 * the switch route keeps the teacher's decoder activations for the rows with an image (the
@@ -95,7 +96,8 @@ class ModelShape:
     vision_hidden: int
     vision_intermediate: int
     vision_heads: int
-    vision_tokens: int  # patches per image, all of them run through the tower
+    vision_tokens: int  # tokens through the tower per image: patches (+ CLIP's class token)
+    vision_act_values: int  # values the MLP activation keeps per intermediate unit (see below)
     image_size: int
     image_tokens: int  # visual tokens in the sequence (after the select strategy)
 
@@ -224,7 +226,8 @@ def model_shape(model: str | VLM) -> ModelShape:
         vision_hidden=int(vision.hidden_size),
         vision_intermediate=int(vision.intermediate_size),
         vision_heads=int(vision.num_attention_heads),
-        vision_tokens=patches,
+        vision_tokens=patches + (1 if _has_class_token(vlm.vision_tower) else 0),
+        vision_act_values=ACTIVATION_VALUES.get(str(vision.hidden_act), 2),
         image_size=int(vision.image_size),
         image_tokens=vlm.num_image_tokens(),
     )
@@ -237,7 +240,18 @@ def decoder_layer_values(m: ModelShape) -> int:
 
 
 def vision_layer_values(m: ModelShape) -> int:
-    return 8 * m.vision_hidden + 2 * m.vision_intermediate + m.vision_heads + 4
+    mlp = (1 + m.vision_act_values) * m.vision_intermediate  # fc1's output + the activation's
+    return 8 * m.vision_hidden + mlp + m.vision_heads + 4
+
+
+# Values a vision MLP's activation keeps per intermediate unit, beside fc1's output: a fused op
+# (SigLIP's gelu_pytorch_tanh, gelu) keeps its output for fc2; CLIP's quick_gelu,
+# x * sigmoid(1.702 x), keeps the sigmoid too. Unknown activations count as two.
+ACTIVATION_VALUES = {"gelu_pytorch_tanh": 1, "gelu": 1, "quick_gelu": 2}
+
+
+def _has_class_token(tower) -> bool:
+    return any(hasattr(m, "class_embedding") for m in tower.modules())
 
 
 def _stack(layers: int, tokens: int, full: int, hidden: int, checkpointed: bool) -> int:

@@ -70,6 +70,20 @@ def test_unused_vision_parameters_are_exactly_those_without_gradient(tokenizer):
     assert all("encoder.layers" not in n for n in vlm.unused_vision_parameters())
 
 
+def test_unused_vision_parameters_of_a_clip_tower():
+    from distill_helpers import clip_llama_vlm
+
+    vlm, vision, _ = clip_llama_vlm()
+    vlm.vision_features(torch.randn(1, 3, vision.image_size, vision.image_size)).sum().backward()
+    no_grad = {
+        n
+        for n, p in vlm.model.named_parameters()
+        if n.startswith("model.vision_tower") and p.grad is None
+    }
+    assert any("post_layernorm" in n for n in no_grad)  # CLIP: no pooling head, a final norm
+    assert set(vlm.unused_vision_parameters()) == no_grad
+
+
 def test_switch_needs_the_same_feature_layer(tokenizer):
     teacher = build_vlm("small", tokenizer=tokenizer, seed=1)
     student = build_vlm("tiny", tokenizer=tokenizer, seed=0)

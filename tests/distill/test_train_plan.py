@@ -155,3 +155,19 @@ def test_setup_from_recipe_follows_what_distill_runs():
     assert setup_from_recipe(no_vsd, cpu).method == "dbild"
     with pytest.raises(ModelError, match="batch must be at least 1"):
         setup_from_recipe(paper, gpu, batch=0)  # a zero is not replaced by the recipe's value
+
+
+def test_clip_and_llama_activation_counts_match_autograd():
+    """A family the presets do not use: CLIP (class token, quick_gelu) with a Llama decoder."""
+    from distill_helpers import clip_llama_vlm
+
+    vlm, vision, text = clip_llama_vlm()
+    shape = model_shape(vlm)
+    assert shape.vision_tokens == 16 + 1  # patches and the class token
+    tokens = 48
+    got = _per_layer(
+        text, lambda c: {"inputs_embeds": torch.randn(1, tokens, c.hidden_size, requires_grad=True)}
+    )
+    assert got == tokens * decoder_layer_values(shape)
+    got = _per_layer(vision, lambda c: {"pixel_values": torch.randn(1, 3, 32, 32)})
+    assert got == shape.vision_tokens * vision_layer_values(shape)
