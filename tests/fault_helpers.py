@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+from llava_samples import image_sample, write_samples
 from PIL import Image
 
 
@@ -36,20 +36,9 @@ def write_qa_set(root: Path, n: int = 3) -> Path:
     for i in range(n):
         pixels = np.full((64, 64, 3), 40 * i, np.uint8)
         Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        samples.append(
-            {
-                "id": f"q{i}",
-                "image": f"images/{i}.png",
-                "question_type": "color",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nWhat color is it?"},
-                    {"from": "gpt", "value": "red"},
-                ],
-            }
-        )
-    path = root / "eval.json"
-    path.write_text(json.dumps(samples))
-    return path
+        question = image_sample(f"q{i}", f"images/{i}.png", "What color is it?", "red", "color")
+        samples.append(question)
+    return write_samples(root / "eval.json", samples)
 
 
 def bomb_png(width: int = 30000, height: int = 30000) -> bytes:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+from llava_samples import COLOURS, image_sample, text_sample, write_samples
 from PIL import Image
 
 SHAPES = ("circle", "square", "triangle")
@@ -19,35 +19,17 @@ def write_dataset(root: Path, n: int = 24, text_only: int = 4, seed: int = 0) ->
     samples = []
     for i in range(n):
         color = COLORS[i % 3]
-        rgb = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}[color]
+        rgb = COLOURS[color]
         pixels = np.full((64, 64, 3), 255, np.uint8)
         x, y = rng.integers(4, 30, size=2)
         pixels[y : y + 24, x : x + 24] = rgb
         Image.fromarray(pixels).save(root / "images" / f"{i}.png")
         samples.append(
-            {
-                "id": f"s{i}",
-                "image": f"images/{i}.png",
-                "question_type": "color",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nWhat color is the shape?"},
-                    {"from": "gpt", "value": color},
-                ],
-            }
+            image_sample(f"s{i}", f"images/{i}.png", "What color is the shape?", color, "color")
         )
     for i in range(text_only):
-        samples.append(
-            {
-                "id": f"t{i}",
-                "conversations": [
-                    {"from": "human", "value": "Is red a color?"},
-                    {"from": "gpt", "value": "yes"},
-                ],
-            }
-        )
-    path = root / "train.json"
-    path.write_text(json.dumps(samples))
-    return path
+        samples.append(text_sample(f"t{i}", "Is red a color?", "yes"))
+    return write_samples(root / "train.json", samples)
 
 
 FAST = {
@@ -75,3 +57,22 @@ def clip_llama_vlm():
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100)  # fmt: skip
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=99)
     return VLM(Llava(config), processor=None), vision, text
+
+
+def saved_for_backward(module, run) -> list:
+    """The tensors autograd keeps for the backward while ``run()`` runs (``module``'s parameters
+    left out), each storage once (a view counts as its base)."""
+    import torch
+
+    params = {id(p) for p in module.parameters()}
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params:
+            seen[id(base)] = base
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return list(seen.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distill_helpers import saved_for_backward
 
 from edgekd.data import LlavaCollator, LlavaDataset
 from edgekd.distill.objective import Objective
@@ -148,22 +149,6 @@ def test_identity_initialised_adapter_for_equal_widths(tiny_vlm, small_vlm):
     torch.testing.assert_close(adapter(x), x)
 
 
-def _saved_activation_bytes(module: torch.nn.Module, fn) -> int:
-    """Bytes autograd keeps for the backward while ``fn`` runs (parameters excluded)."""
-    params = {id(p) for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        base = t._base if t._base is not None else t
-        if id(base) not in params:
-            seen[id(base)] = base.numel() * base.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def test_checkpointed_switch_route_same_gradients_less_memory(tokenizer, distill_data):
     teacher = build_vlm("small", tokenizer=tokenizer, seed=3)
     student = build_vlm("tiny", tokenizer=tokenizer, seed=4)
@@ -186,7 +171,7 @@ def test_checkpointed_switch_route_same_gradients_less_memory(tokenizer, distill
                 feats,
             )
 
-        saved = _saved_activation_bytes(teacher.model, run)
+        saved = sum(t.numel() * t.element_size() for t in saved_for_backward(teacher.model, run))
         outs["out"].switch_logits.square().mean().backward()
         results.append((saved, outs["out"].switch_logits.detach(), feats.grad))
         assert not any(m.training for m in teacher.model.modules())  # eval again afterwards

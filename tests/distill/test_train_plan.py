@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from distill_helpers import saved_for_backward
 
 from edgekd.distill.plan import (
     GB,
@@ -20,22 +21,6 @@ from edgekd.errors import ModelError
 TEACHER, STUDENT = "qwen2.5-3b-siglip-so400m", "qwen2-0.5b-siglip-so400m"
 
 
-def _saved_values(module: torch.nn.Module, run) -> int:
-    """Values autograd keeps for the backward while ``run`` runs (parameters excluded)."""
-    params = {id(p) for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        base = t._base if t._base is not None else t
-        if id(base) not in params:
-            seen[id(base)] = base.numel()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(seen.values())
-
-
 def _per_layer(config, make_input, layers_attr="num_hidden_layers") -> int:
     """Saved values of a 2-layer model minus a 1-layer one (real CPU tensors, SDPA)."""
     from transformers import AutoModel
@@ -45,7 +30,8 @@ def _per_layer(config, make_input, layers_attr="num_hidden_layers") -> int:
         cfg = copy.deepcopy(config)
         setattr(cfg, layers_attr, n)
         model = AutoModel.from_config(cfg, attn_implementation="sdpa").train()
-        counts.append(_saved_values(model, lambda m=model, c=cfg: m(**make_input(c))))
+        saved = saved_for_backward(model, lambda m=model, c=cfg: m(**make_input(c)))
+        counts.append(sum(t.numel() for t in saved))
     return counts[1] - counts[0]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from llava_samples import COLOURS, image_sample, text_sample, write_samples
 from PIL import Image
 from tinyllava_replica import write_tinyllava
 
@@ -25,36 +26,17 @@ def write_data(root: Path, n: int = 8) -> Path:
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     samples = []
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    colours = COLOURS
     for i in range(n):
         name = list(colours)[i % 3]
         pixels = np.full((40, 56, 3), 255, np.uint8)
         x, y = rng.integers(0, 20, size=2)
         pixels[y : y + 16, x : x + 16] = colours[name]
         Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        samples.append(
-            {
-                "id": f"s{i}",
-                "image": f"images/{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nWhat color is the shape?"},
-                    {"from": "gpt", "value": name},
-                ],
-            }
-        )
+        samples.append(image_sample(f"s{i}", f"images/{i}.png", "What color is the shape?", name))
     for i in range(2):
-        samples.append(
-            {
-                "id": f"t{i}",
-                "conversations": [
-                    {"from": "human", "value": "Is red a color?"},
-                    {"from": "gpt", "value": "yes"},
-                ],
-            }
-        )
-    path = root / "train.json"
-    path.write_text(json.dumps(samples))
-    return path
+        samples.append(text_sample(f"t{i}", "Is red a color?", "yes"))
+    return write_samples(root / "train.json", samples)
 
 
 @pytest.fixture(scope="module")
