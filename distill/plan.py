@@ -167,9 +167,9 @@ class TrainPlan:
 
     @property
     def verdict(self) -> str:
-        if self.fits:
-            return f"fits, {self.margin_gb:.2f} GB spare per process"
-        return f"does not fit by {-self.margin_gb:.2f} GB per process"
+        from edgekd.runtime.plan import fit_verdict
+
+        return fit_verdict(self.margin_gb, " per process")
 
     @property
     def step_seconds(self) -> float | None:

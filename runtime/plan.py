@@ -149,9 +149,14 @@ class PrecisionPlan:
 
     @property
     def verdict(self) -> str:
-        if self.fits:
-            return f"fits, {self.margin_gb:.2f} GB spare"
-        return f"does not fit by {-self.margin_gb:.2f} GB"
+        return fit_verdict(self.margin_gb)
+
+
+def fit_verdict(margin_gb: float, per: str = "") -> str:
+    """``fits, X GB spare`` or ``does not fit by X GB`` (``per``: e.g. " per process")."""
+    if margin_gb >= 0:
+        return f"fits, {margin_gb:.2f} GB spare{per}"
+    return f"does not fit by {-margin_gb:.2f} GB{per}"
 
 
 @dataclass(frozen=True)
