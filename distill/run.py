@@ -457,7 +457,27 @@ def run(job: DistillJob, console: Console | None = None) -> dict[str, Any]:
             raise
         if main and work != guard.path:
             swap_in(work, guard.path, overwrite=True)
+    end_processes()
     return summary
+
+
+def end_processes() -> None:
+    """Shut a distributed run's process group down once every rank is done with it.
+
+    A process that exits with its gloo group alive can abort in interpreter finalisation
+    (the group's worker threads still hold tensors): a finished run's rank dies with SIGABRT
+    and the launcher reports the job as failed. accelerate's state is reset with it, so a
+    later run in the same processes sets its group up again. Nothing to do in one process.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from accelerate.state import AcceleratorState
+
+    dist.barrier()
+    dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _discard(work: Path, keep_dir: bool) -> None:
