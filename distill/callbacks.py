@@ -24,13 +24,16 @@ _SHOWN = (
     ("vsd", "vsd", ".3f"),
     ("k_t", "k_t", ".1f"),
     ("k_s", "k_s", ".1f"),
+    ("k_at_min", "k=min", ".0%"),
+    ("k_at_max", "k=max", ".0%"),
     ("learning_rate", "lr", ".1e"),
     ("tokens_per_s", "tok/s", ".0f"),
 )
 
 
 def format_log(logs: dict[str, float]) -> str:
-    """One dense line: loss parts, mean k per side, learning rate and throughput."""
+    """One dense line: loss parts, mean k per side and its shares at the clamp's bounds,
+    learning rate and throughput."""
     return "  ".join(f"{label} {logs[key]:{fmt}}" for key, label, fmt in _SHOWN if key in logs)
 
 

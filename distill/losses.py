@@ -38,6 +38,9 @@ class LossOutput:
         k_t: mean teacher-led k over supervised positions (top-k losses only; detached).
         k_s: mean student-led k over supervised positions (top-k losses only; detached).
         parts: detached named components of ``loss`` (e.g. teacher-led / student-led terms).
+        k_at_min: share of (position, side) pairs whose k is the clamp's lower bound (DBiLD
+            only; detached). A position at k = k_min may be a knee there or clamped up to it.
+        k_at_max: the same for the upper bound (clamped down, or no knee in the window).
     """
 
     loss: Tensor
@@ -45,6 +48,8 @@ class LossOutput:
     k_t: Tensor | None = None
     k_s: Tensor | None = None
     parts: dict[str, Tensor] = field(default_factory=dict)
+    k_at_min: Tensor | None = None
+    k_at_max: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,8 +382,13 @@ def _topk_pair_loss(
     temperature: float,
     reverse: bool,
     chunk_size: int,
+    bounds: Callable[[int], tuple[int, int]] | None = None,
 ) -> LossOutput:
-    """Teacher-led + student-led pairwise-difference KL shared by BiLD and DBiLD."""
+    """Teacher-led + student-led pairwise-difference KL shared by BiLD and DBiLD.
+
+    ``bounds``: n_select -> the (lo, hi) clamp of ``k_fn``; the shares of k at each are
+    reported (DBiLD).
+    """
     _check(student, teacher, mask, temperature, chunk_size)
     rows = _rows(mask)
     if rows.numel() == 0:
@@ -407,12 +417,18 @@ def _topk_pair_loss(
         parts[name] = _PairwiseDiffKL.apply(a, b, k_rows, int(chunk_size), need_a, need_b)
     n = rows.numel()
     loss = (parts["teacher_led"].sum() + parts["student_led"].sum()) / n
+    shares = {}
+    if bounds is not None:
+        lo, hi = bounds(n_select)
+        both = torch.cat([k_t, k_s])
+        shares = {"k_at_min": (both == lo).float().mean(), "k_at_max": (both == hi).float().mean()}
     return LossOutput(
         loss=loss,
         n_tokens=n,
         k_t=k_t.float().mean(),
         k_s=k_s.float().mean(),
         parts={name: p.detach().mean() for name, p in parts.items()},
+        **shares,
     )
 
 
@@ -490,7 +506,7 @@ def dbild(
     *,
     temperature: float = 3.0,
     top_n: int = 256,
-    k_min: int = 2,
+    k_min: int = 3,
     k_max: int = 64,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> LossOutput:
@@ -504,8 +520,11 @@ def dbild(
        ``L_s = KL(q_s || q_t)`` on the student-led top-k_s set, q = softmax over the
        k(k-1)/2 pairwise differences (z_i - z_j) / T, i < j, in the leader's order.
 
-    ``loss = mean_n (L_t + L_s)``; no T^2 factor. With k_min == k_max == k this equals
-    ``bild(..., k=k, direction="reverse")``. Options the paper leaves open are marked [U] and
+    ``loss = mean_n (L_t + L_s)``; no T^2 factor (the objective applies it, see
+    :mod:`edgekd.distill.objective`). With k_min == k_max == k this equals
+    ``bild(..., k=k, direction="reverse")``. k_min = 2 is allowed here but degenerate: a
+    position at k = 2 has one pairwise difference, whose softmax is 1, so its term is exactly 0
+    (recipes require k_min >= 3). Options the paper leaves open are marked [U] and
     default to the values in SWITCH_KD.md.
 
     Args:
@@ -514,12 +533,13 @@ def dbild(
         mask: (...) bool or 0/1, true at supervised positions.
         temperature: [U] T > 0, default 3.0 as in BiLD.
         top_n: [U] Kneedle search window, the top-N logits of each side (clipped to V).
-        k_min: [U] smallest k, >= 2.
+        k_min: [U] smallest k, >= 2 (3 or more to be useful).
         k_max: [U] largest k (clipped to top_n); rows without a knee use it.
         chunk_size: supervised positions per chunk of the top-k search and pairwise softmax.
 
     Returns:
-        LossOutput with the loss, ``n_tokens``, mean ``k_t`` / ``k_s`` and the two led parts.
+        LossOutput with the loss, ``n_tokens``, mean ``k_t`` / ``k_s``, the two led parts and
+        the shares of k at the clamp's bounds (``k_at_min``, ``k_at_max``).
     """
     if not 2 <= k_min <= k_max:
         raise ValueError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
@@ -530,6 +550,7 @@ def dbild(
         n_select=top_n,
         k_fn=lambda values: kneedle_k(values, k_min, k_max),
         temperature=temperature, reverse=True, chunk_size=chunk_size,
+        bounds=lambda n: (min(k_min, k_max, n), min(k_max, n)),  # kneedle_k's clamp
     )  # fmt: skip
 
 

@@ -287,7 +287,8 @@ def load_models(recipe, job: DistillJob, device: str):
 
     dtype = "bfloat16" if recipe.training.bf16 and device == "cuda" else "float32"
     teacher = None
-    if recipe.method != "sft":
+    shared_tower = recipe.training.vision_tower_init == "teacher"
+    if recipe.method != "sft" or shared_tower:
         if recipe.teacher.startswith("tiny:"):
             raise ModelError(
                 f"teacher '{recipe.teacher}' would be an untrained model; train a "
@@ -300,7 +301,50 @@ def load_models(recipe, job: DistillJob, device: str):
     if teacher is not None:
         check_compatible(teacher, student)
         check_same_preprocessing(teacher, student)
+    if shared_tower:
+        share_vision_tower(teacher, student)
+    if recipe.method == "sft":
+        teacher = None  # read for its vision tower only
     return teacher, student
+
+
+def share_vision_tower(teacher, student) -> None:
+    """Start the student's vision tower as a copy of the teacher's (``vision_tower_init``).
+
+    In the paper both models start from one pretrained SigLIP, so the visual switch begins with
+    student features the teacher's projector was trained on. Under ZeRO-3 the partitioned
+    parameters are gathered for the copy.
+
+    Raises:
+        ModelError: the towers differ in a parameter's name or shape (both are named).
+    """
+    from contextlib import nullcontext
+
+    src = dict(teacher.vision_tower.named_parameters())
+    dst = dict(student.vision_tower.named_parameters())
+
+    def shape(p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape apart
+
+    for name in sorted(set(src) | set(dst)):
+        s_shape = shape(dst[name]) if name in dst else "absent"
+        t_shape = shape(src[name]) if name in src else "absent"
+        if s_shape != t_shape:
+            raise ModelError(
+                f"--vision-tower-init teacher: student vision tower parameter '{name}' is "
+                f"{s_shape}, the teacher's is {t_shape}; it needs the same tower shape (use "
+                "--vision-tower-init student to keep the student's own tower)"
+            )
+    gathered = nullcontext()
+    if any(hasattr(p, "ds_tensor") for p in (*src.values(), *dst.values())):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(
+            [*src.values(), *dst.values()], modifier_rank=0
+        )
+    with gathered, torch.no_grad():
+        for name, param in dst.items():
+            param.copy_(src[name].to(param.dtype))
 
 
 def _load_student(recipe, job: DistillJob, teacher, device: str):
@@ -500,7 +544,7 @@ def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> 
     with args.main_process_first(desc="built-in dataset"):  # one rank writes the cache
         resolve_dataset(recipe.data.dataset, console)
     teacher, student = load_models(recipe, job, device)
-    objective = Objective(method=recipe.method, **recipe.loss.model_dump())
+    objective = build_objective(recipe, student.tokenizer)
     if objective.uses_switch:
         adapter = build_adapter(student, teacher, job.vsd_adapter)
         if adapter is not None:
@@ -552,6 +596,22 @@ def _train(job, recipe, args, device, work, resume_from, out: Path, console) -> 
         "last_log": logs[-1] if logs else {},
         "method": recipe.method,
     }
+
+
+def build_objective(recipe, tokenizer) -> Objective:
+    """The recipe's objective; special tokens left out of distillation unless it says not."""
+    loss = recipe.loss.model_dump()
+    distill_special = loss.pop("distill_special_tokens")
+    exclude = frozenset() if distill_special else special_token_ids(tokenizer)
+    return Objective(method=recipe.method, exclude_ids=exclude, **loss)
+
+
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens (EOS, end-of-turn, padding, added special ones)."""
+    ids = set(tokenizer.all_special_ids)
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids.update(i for i, token in decoder.items() if getattr(token, "special", False))
+    return frozenset(int(i) for i in ids if i is not None)
 
 
 def _job_dict(job: DistillJob) -> dict[str, Any]:

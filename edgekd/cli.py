@@ -106,6 +106,24 @@ def distill(
     top_n: Annotated[int | None, typer.Option(help="Kneedle window (top-N logits).")] = None,
     k_min: Annotated[int | None, typer.Option(help="Smallest dynamic k.")] = None,
     k_max: Annotated[int | None, typer.Option(help="Largest dynamic k.")] = None,
+    t2_scale: Annotated[
+        bool | None,
+        typer.Option("--t2-scale/--no-t2-scale", help="Scale bild/dbild/switch-kd terms by T^2."),
+    ] = None,
+    distill_special_tokens: Annotated[
+        bool | None,
+        typer.Option(
+            "--distill-special-tokens/--no-distill-special-tokens",
+            help="Distil at end-of-turn and other special-token targets too (CE always does).",
+        ),
+    ] = None,
+    logit_loss: Annotated[
+        str | None, typer.Option(help="switch-kd's logit loss: dbild (the paper) or kd.")
+    ] = None,
+    vision_tower_init: Annotated[
+        str | None,
+        typer.Option(help="student (its own tower) or teacher (a copy of the teacher's tower)."),
+    ] = None,
     bf16: Annotated[
         bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (GPU).")
     ] = None,
@@ -156,6 +174,10 @@ def distill(
         "loss.top_n": top_n,
         "loss.k_min": k_min,
         "loss.k_max": k_max,
+        "loss.t2_scale": t2_scale,
+        "loss.distill_special_tokens": distill_special_tokens,
+        "loss.logit_loss": logit_loss,
+        "training.vision_tower_init": vision_tower_init,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides.update(_parse_sets(set_ or []))

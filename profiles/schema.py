@@ -17,6 +17,7 @@ from edgekd.errors import EdgeKDError
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 Method = Literal["sft", "kd", "rkl", "bild", "dbild", "switch-kd"]
+LogitLoss = Literal["dbild", "kd"]  # switch-kd's loss between logits (kd: an ablation)
 # Loss weights a method ignores: set to 0 when left out, an error when given > 0.
 UNUSED_WEIGHTS: dict[str, tuple[str, ...]] = {
     "sft": ("w_align", "w_vsd"),
@@ -277,8 +278,13 @@ class DeviceProfile(_Model):
 class LossConfig(_Block):
     """Loss weights and DBiLD settings (Switch-KD: w_ce*CE + w_align*L_Align + w_vsd*L_VSD).
 
-    Weights 1/1/1, temperature 3, top_n 256 and k in [2, 64] are the defaults named in SWITCH_KD.md;
-    the paper does not publish them.
+    Weights 1/1/1, temperature 3 and top_n 256 are the defaults named in SWITCH_KD.md (the paper
+    does not publish them). The T^2 scale, k_min 3 and leaving special tokens out of the
+    distillation terms are edgekd's defaults: at T = 3 the unscaled DBiLD gradient is a tenth
+    to a quarter of CE's, k = 2 gives a single pairwise difference whose softmax is 1 (a term
+    that is exactly 0), and at the end-of-turn token the teacher is certain and the pairwise
+    terms fit the order of irrelevant runner-up tokens (distilling it cost dbild 19 points in
+    the study of docs/results.md).
     """
 
     w_ce: float = Field(1.0, ge=0, description="Weight of cross-entropy on the answer tokens.")
@@ -289,9 +295,28 @@ class LossConfig(_Block):
         1.0, ge=0, description="Weight of the visual-switch loss L_VSD; switch-kd only (else 0)."
     )
     temperature: float = Field(3.0, gt=0, description="Logit temperature of the distillation loss.")
-    top_n: int = Field(256, ge=2, description="Kneedle search window: the top-N sorted logits.")
-    k_min: int = Field(2, ge=1, description="Smallest dynamic k (top logits compared pairwise).")
-    k_max: int = Field(64, ge=1, description="Largest dynamic k; at most top_n.")
+    t2_scale: bool = Field(
+        True,
+        description="Multiply the softened logit losses (bild, dbild, switch-kd) by T^2, which "
+        "keeps their gradient of the order of CE's (Hinton et al. 2015); kd/rkl run at T = 1.",
+    )
+    top_n: int = Field(256, ge=3, description="Kneedle search window: the top-N sorted logits.")
+    k_min: int = Field(
+        3,
+        ge=3,
+        description="Smallest dynamic k; at least 3 (k = 2 is one pair, whose softmax is 1).",
+    )
+    k_max: int = Field(64, ge=3, description="Largest dynamic k; at most top_n.")
+    distill_special_tokens: bool = Field(
+        False,
+        description="Distil at positions whose target is a special token (end-of-turn, EOS); "
+        "CE covers them either way.",
+    )
+    logit_loss: LogitLoss = Field(
+        "dbild",
+        description="switch-kd's loss between logits for L_Align and L_VSD: dbild (the paper) "
+        "or kd (forward KL at T = 1, an ablation).",
+    )
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -325,6 +350,11 @@ class TrainingConfig(_Model):
     seed: int = Field(42, ge=0, description="Seed for data order and initialisation.")
     train_vision_tower: bool | None = Field(
         None, description="Train the student's vision tower; default true for switch-kd only."
+    )
+    vision_tower_init: Literal["student", "teacher"] = Field(
+        "student",
+        description="Where the student's vision tower starts: its own weights, or a copy of the "
+        "teacher's (same tower shape; both start from one pretrained SigLIP in the paper).",
     )
 
 
@@ -380,6 +410,10 @@ class RecipeProfile(_Model):
         loss, method, train = self.loss, self.method, self.training
         if method != "sft" and not self.teacher:
             out.append(("teacher", f"required for method '{method}'"))
+        elif train.vision_tower_init == "teacher" and not self.teacher:
+            out.append(("teacher", "required by training.vision_tower_init 'teacher'"))
+        if method != "switch-kd" and loss.logit_loss != "dbild":
+            out.append(("loss.logit_loss", f"switch-kd only; method '{method}' has its own loss"))
         for key in UNUSED_WEIGHTS[method]:
             if key in loss.model_fields_set and getattr(loss, key) > 0:
                 out.append((f"loss.{key}", f"method '{method}' does not use it; set 0"))

@@ -61,7 +61,7 @@ def _pair_kl(xs, xt, reverse):
 
 
 def reference(name, s, t, mask, temperature=None, k=8, direction="forward",
-              top_n=256, k_min=2, k_max=64):  # fmt: skip
+              top_n=256, k_min=3, k_max=64):  # fmt: skip
     s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
     terms = []
     for row in mask.reshape(-1).nonzero().flatten().tolist():
@@ -170,7 +170,7 @@ def test_losses_are_non_negative(name, seed, scale):
 
 
 # computed once with _inputs(seed=0) and the default options; a regression pin, not a truth
-GOLDEN = {"kd": 2.9906921, "rkl": 3.1438704, "bild": 0.7762816, "dbild": 0.75525439}
+GOLDEN = {"kd": 2.9906921, "rkl": 3.1438704, "bild": 0.7762816, "dbild": 0.77470756}
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
