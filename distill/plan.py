@@ -38,10 +38,12 @@ saved-tensor hooks on transformers' SDPA layers, which these match exactly):
 * the switch route keeps the teacher's decoder activations for the rows with an image (the
   backward reaches the student's tower through them), checkpointed like the student's.
 
-Logits: student, teacher and switch logits ``(B, L, V)`` with the dense gradients of the student
-and switch logits that the backward creates, plus the cross-entropy's fp32 copy and
-log-softmax of the supervised rows (``answer_tokens`` per sequence). The distillation terms work
-in chunks (a few ``(chunk, V)`` buffers).
+Logits: the trainer computes them only at the positions whose next token is supervised in some
+row of the micro-batch, at most ``P = min(L, B * answer_tokens)`` of the ``L``: student, teacher
+and switch logits ``(B, P, V)`` with the dense gradients of the student and switch logits that
+the backward creates, plus the cross-entropy's fp32 copy and log-softmax of the supervised rows
+(``answer_tokens`` per sequence). The distillation terms work in chunks (a few ``(chunk, V)``
+buffers). The output heads' FLOPs count those ``B * P`` rows too.
 
 Peak = weights + optimizer + teacher + gathered layers + DDP buckets (all persistent) + the
 larger of (activations + logits working set + the output head's gradient, or all gradients
@@ -346,9 +348,10 @@ def plan_train(
         switch_act += images * t.image_tokens * (2 * s.vision_hidden + 2 * t.hidden)
     parts["switch-route activations"] = switch_act * by["teacher"]
 
-    logits_s = tokens * s.vocab * act
-    logits_t = tokens * s.vocab * by["teacher"] if t else 0.0
-    logits_v = tokens * s.vocab * by["teacher"] if switch else 0.0
+    head_rows = b.batch * logit_positions(b)
+    logits_s = head_rows * s.vocab * act
+    logits_t = head_rows * s.vocab * by["teacher"] if t else 0.0
+    logits_v = head_rows * s.vocab * by["teacher"] if switch else 0.0
     supervised = b.batch * min(b.answer_tokens, b.seq_len)
     ce = supervised * s.vocab * 4 * 2  # fp32 copy and log-softmax of the supervised rows
     chunk = 4 * min(b.loss_chunk, supervised) * s.vocab * 4 if t else 0.0
@@ -389,13 +392,22 @@ def plan_train(
     return plan
 
 
+def logit_positions(b: TrainSetup) -> int:
+    """Positions per micro-batch the heads run at: the union of the rows' supervised ones."""
+    return min(b.seq_len, b.batch * min(b.answer_tokens, b.seq_len))
+
+
 def step_flops(t: ModelShape | None, s: ModelShape, b: TrainSetup) -> dict[str, float]:
     """FLOPs of one micro-step per process, by phase (see the module docstring)."""
     tokens, images = b.batch * b.seq_len, b.batch
     extra = 1 if b.gradient_checkpointing else 0
 
+    head_rows = b.batch * logit_positions(b)
+
     def lm_forward(m: ModelShape) -> float:
-        return 2.0 * m.lm_matmul_params * tokens + 4.0 * b.seq_len * m.hidden * m.layers * tokens
+        head = m.vocab * m.hidden  # the output head runs on the supervised positions only
+        body = 2.0 * (m.lm_matmul_params - head) * tokens + 2.0 * head * head_rows
+        return body + 4.0 * b.seq_len * m.hidden * m.layers * tokens
 
     def vision_forward(m: ModelShape) -> float:
         attention = 4.0 * m.vision_tokens * m.vision_hidden * m.vision_layers

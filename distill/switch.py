@@ -30,8 +30,8 @@ ADAPTERS = ("none", "linear")
 
 @dataclass
 class TeacherOutput:
-    logits: torch.Tensor  # (B, L, V), computed without grad
-    switch_logits: torch.Tensor | None  # (B_img, L, V) for the rows with an image, or None
+    logits: torch.Tensor  # (B, L or P, V), computed without grad
+    switch_logits: torch.Tensor | None  # (B_img, L or P, V) for the rows with an image, or None
 
 
 class TeacherRoutes(nn.Module):
@@ -79,6 +79,7 @@ class TeacherRoutes(nn.Module):
         pixel_values: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
         student_features: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> TeacherOutput:
         """Run the teacher route and, when ``student_features`` are given, the switch route.
 
@@ -88,6 +89,9 @@ class TeacherRoutes(nn.Module):
             pixel_values: (B_img, 3, H, W) images of the rows with an image, in row order.
             has_image: (B,) bool, which rows have an image (all rows when None).
             student_features: (B_img, N, D_vision) student vision features (already adapted).
+            keep: (P,) the positions to compute logits at (both routes); None: every position.
+                The head then runs on P rows instead of L, and the switch route's backward
+                starts from (B_img, P, V) logit gradients.
         """
         vlm = VLM(self.teacher, processor=None)
         input_ids = vlm.own_ids(input_ids, self.input_image_token_id)
@@ -97,14 +101,14 @@ class TeacherRoutes(nn.Module):
             if pixel_values is not None:
                 visual = vlm.project(vlm.vision_features(pixel_values))
                 merged = vlm.merge(embeds, visual, input_ids)
-            logits = vlm.language_logits(merged, attention_mask)
+            logits = vlm.language_logits(merged, attention_mask, keep=keep)
         switch = None
         if student_features is not None and pixel_values is not None:
             rows = has_image if has_image is not None else slice(None)
             ids, mask = input_ids[rows], attention_mask[rows]
             visual = vlm.project(student_features.to(embeds.dtype))
             with _checkpointed_layers(vlm.language_model, self.checkpoint_switch):
-                switch = vlm.language_logits(vlm.merge(embeds[rows], visual, ids), mask)
+                switch = vlm.language_logits(vlm.merge(embeds[rows], visual, ids), mask, keep=keep)
         return TeacherOutput(logits=logits, switch_logits=switch)
 
 

@@ -31,7 +31,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from edgekd.distill.objective import Objective
+from edgekd.distill.objective import Objective, supervised_positions
 from edgekd.distill.switch import FeatureCapture, TeacherRoutes
 from edgekd.errors import EdgeKDError
 from edgekd.io import honour_umask, writing
@@ -111,21 +111,11 @@ class DistillTrainer(Trainer):
 
     # ---- the loss step --------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ids, attn = inputs["input_ids"], inputs["attention_mask"]
-        pixels, has_image = inputs.get("pixel_values"), inputs.get("has_image")
-        out = model(input_ids=ids, attention_mask=attn, pixel_values=pixels)
-        features = self.capture.pop() if self.capture is not None else None
-        teacher_logits = switch_logits = None
-        if self.teacher is not None:
-            t = self.teacher(ids, attn, pixels, has_image, features)
-            teacher_logits, switch_logits = t.logits, t.switch_logits
-        loss, stats = self.objective(
-            out.logits, inputs["labels"], teacher_logits, switch_logits, has_image
-        )
+        loss, stats, out = distill_step(model, self.teacher, self.capture, self.objective, inputs)
         self._stop_if_not_finite(loss)
         for key, value in stats.items():
             self._stats[key].append(value)
-        self._tokens = self._tokens + attn.sum()  # a device tensor: read at log time
+        self._tokens = self._tokens + inputs["attention_mask"].sum()  # read at log time
         return (loss, out) if return_outputs else loss
 
     def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
@@ -248,6 +238,40 @@ class ImageInEveryBatch(torch.utils.data.Sampler):
                 run.append(images.popleft() if take_image or not texts else texts.popleft())
             out.extend(sorted(run, key=rank.__getitem__))  # the shuffled order within a run
         return iter(out)
+
+
+def distill_step(model, teacher, capture, objective: Objective, inputs, every_position=False):
+    """One micro-batch: the student's forward, the teacher's routes, the objective.
+
+    Logits are computed only where a loss reads them, the positions whose next token is
+    supervised (:func:`supervised_positions`), in the student and in both teacher routes: the
+    language-model heads run on those rows alone and the switch route's backward starts from
+    their gradients. The loss and its gradients are those of full logits
+    (``every_position=True``, kept to prove it).
+
+    Returns:
+        (loss, stats, student output).
+    """
+    ids, attn = inputs["input_ids"], inputs["attention_mask"]
+    pixels, has_image = inputs.get("pixel_values"), inputs.get("has_image")
+    keep = None if every_position else supervised_positions(inputs["labels"])
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        pixel_values=pixels,
+        logits_to_keep=0 if keep is None else keep,  # 0: every position
+    )
+    features = capture.pop() if capture is not None else None
+    if not objective.uses_switch:
+        features = None  # no switch route (a capture may still see the projector's input)
+    teacher_logits = switch_logits = None
+    if teacher is not None:
+        t = teacher(ids, attn, pixels, has_image, features, keep=keep)
+        teacher_logits, switch_logits = t.logits, t.switch_logits
+    loss, stats = objective(
+        out.logits, inputs["labels"], teacher_logits, switch_logits, has_image, positions=keep
+    )
+    return loss, stats, out
 
 
 def drop_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:

@@ -283,8 +283,12 @@ class VLM:
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the language model and its head on embeddings: (B, L, D) -> (B, L, V) logits."""
+        """Run the language model and its head on embeddings: (B, L, D) -> (B, L, V) logits.
+
+        ``keep`` (P,): the sequence positions to compute logits at, (B, P, V); None: all.
+        """
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -292,7 +296,8 @@ class VLM:
             use_cache=False,
             return_dict=True,
         )
-        return self.lm_head(out.last_hidden_state)
+        hidden = out.last_hidden_state
+        return self.lm_head(hidden if keep is None else hidden[:, keep])
 
     def forward_stages(
         self,
@@ -385,4 +390,3 @@ def _text_vocabulary_problems(teacher: VLM, student: VLM) -> list[str]:
             + ")"
         )
     return problems
-
