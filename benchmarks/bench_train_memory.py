@@ -76,7 +76,8 @@ def tiny_worker(fields: dict, out: str) -> None:
 
 
 def tiny(args) -> dict:
-    sys.path.insert(0, str(HERE.parents[1] / "tests" / "distill"))
+    for folder in ("tests", "tests/distill"):  # the test helpers, and the samples they build
+        sys.path.insert(0, str(HERE.parents[1] / folder))
     from distill_helpers import write_dataset
 
     from edgekd.data import LlavaDataset
@@ -126,7 +127,7 @@ def tiny(args) -> dict:
 
 # ---- paper: the real shapes, one process ---------------------------------------------------
 def paper(args) -> dict:
-    from edgekd.distill.objective import Objective
+    from edgekd.distill.objective import Objective, supervised_positions
     from edgekd.distill.switch import FeatureCapture, TeacherRoutes
     from edgekd.models import build_vlm, train_tokenizer
 
@@ -150,14 +151,16 @@ def paper(args) -> dict:
         optimizer = torch.optim.AdamW(params, lr=2e-5)
         capture = FeatureCapture(s_model)
         routes = TeacherRoutes(teacher.model, checkpoint_switch=True)
-        objective = Objective("switch-kd", top_n=256, k_min=2, k_max=64)
+        objective = Objective("switch-kd", top_n=256, k_min=3, k_max=64)
         batch = _paper_batch(student, args.seq_len, args.answer_tokens, dtype)
+        keep = supervised_positions(batch["labels"])  # as the trainer's distill_step does
         for step in range(args.steps):
             phases = {
                 "student forward": lambda: s_model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"],
+                    logits_to_keep=keep,
                 ),
             }
             t0 = time.perf_counter()
@@ -166,10 +169,12 @@ def paper(args) -> dict:
             t1 = time.perf_counter()
             with mem.phase("teacher forward (both routes)"):
                 t_out = routes(batch["input_ids"], batch["attention_mask"],
-                               batch["pixel_values"], None, capture.pop())  # fmt: skip
+                               batch["pixel_values"], None, capture.pop(), keep=keep)  # fmt: skip
             t2 = time.perf_counter()
             with mem.phase("loss"):
-                loss, _ = objective(out.logits, batch["labels"], t_out.logits, t_out.switch_logits)
+                loss, _ = objective(
+                    out.logits, batch["labels"], t_out.logits, t_out.switch_logits, positions=keep
+                )
             t3 = time.perf_counter()
             with mem.phase("backward"):
                 loss.backward()
