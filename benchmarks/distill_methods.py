@@ -305,6 +305,7 @@ def paired(a: dict, b: dict) -> dict:
         "ci95": [mean - half, mean + half],
         "significant": n > 1 and (mean - half > 0 or mean + half < 0),
         "wins": sum(d > 0 for d in diffs),
+        "ties": sum(d == 0 for d in diffs),
         "diffs": diffs,
     }
 
@@ -411,7 +412,8 @@ def reading(task: dict) -> list[str]:
             )
             lines.append(
                 f"- *{row}* is {verdict} *{test['row']}* "
-                f"({100 * test['mean']:+.1f} points, {test['wins']}/{test['n']} seeds higher)."
+                f"({100 * test['mean']:+.1f} points; higher on {test['wins']} of {test['n']} "
+                f"seeds, tied on {test.get('ties', 0)})."
             )
     return lines
 
@@ -429,7 +431,9 @@ def markdown(report: dict) -> str:
         "every row trains the vision tower, so only the objective differs. Unless a row says "
         "*random tower*, the student's vision tower starts as a copy of the teacher's trained "
         "tower (`--vision-tower-init teacher`), as both start from one pretrained SigLIP in the "
-        f"paper. Seeds {', '.join(map(str, cfg['seeds']))}. Accuracy: greedy exact match on "
+        "paper; here that tower was trained by the teacher's sft on the same task, so every "
+        "such row, sft included, starts with task-trained vision features. "
+        f"Seeds {', '.join(map(str, cfg['seeds']))}. Accuracy: greedy exact match on "
         f"the first {cfg['eval_limit']} test questions (the same for every run), in percent, "
         "mean ± std over seeds. Loss defaults: T = 3 with the T² scale, k in [3, 16] in a "
         "window of 64, end-of-turn and other special tokens left out of the distillation terms "
@@ -438,7 +442,9 @@ def markdown(report: dict) -> str:
         "**Statistics.** *vs sft* and *vs kd* are paired differences over seeds (same seed, "
         "same initialisation, same test questions), mean and two-sided 95% Student-t interval "
         f"over {len(cfg['seeds'])} seeds; *vs its base row* compares an ablation with the row "
-        "it changes one thing of. **\\*** marks an interval that excludes 0. With "
+        "it changes one thing of. **\\*** marks an interval that excludes 0, with no "
+        "correction for the many comparisons made (at 95% about one in twenty true ties is "
+        "marked by chance). With "
         "five seeds a difference must be large against its seed-to-seed spread to show; "
         "an unmarked row is *not shown different*, not shown equal.",
     ]

@@ -13,17 +13,20 @@ KL(p_t || p_s) at T = 1 for both of its logit terms (an ablation of DBiLD).
 **Why T^2.** A loss on z / T has gradients of order 1 / T^2 in z (Hinton et al., 2015): one
 1 / T from the chain rule, one from the softened distributions' differences. Measured on the demo's
 trained teacher and student logits, the per-token gradient of DBiLD at T = 3 is 0.09-0.24x CE's,
-so with w_ce = w_align = 1 a dbild run is sft with a small add-on; times T^2 it is 1.8-2x CE,
-the same order, as KD at T = 1 is (0.9x). The KL baselines run at T = 1, where s = 1 either way.
-In the 5-seed study (docs/results.md) dbild without the scale is not shown different from dbild
-with it; the default keeps the balance the gradients call for.
+so with w_ce = w_align = 1 a dbild run is sft with a small add-on; times T^2 (9) it is 0.8-2.2x
+CE (1.8-2x on the trained pair), the same order, as KD at T = 1 is (0.9x). The KL baselines
+run at T = 1, where s = 1 either way. In the 5-seed study (docs/results.md) dbild without the
+scale is not shown different from dbild with it; the default keeps the balance the gradients
+call for.
 
 **Positions.** Logits at t predict the token at t + 1; only answer tokens (label != -100) are
 supervised. CE covers all of them. The distillation terms leave out the positions whose target
 is in ``exclude_ids`` (by default the tokenizer's special tokens, such as the end-of-turn
 token): there the teacher is certain, and the pairwise terms would only fit the order of
 irrelevant runner-up tokens. In the study, distilling them cost dbild 19 points on easy-vqa
-(significant over 5 seeds). L_VSD covers the rows that have an image.
+(95% interval over 5 seeds [-37.9, -0.8]: borderline, one task, no correction for the study's
+many comparisons). The same default applies to every distillation method, kd and rkl
+included. L_VSD covers the rows that have an image.
 """
 
 from __future__ import annotations

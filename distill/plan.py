@@ -39,7 +39,7 @@ saved-tensor hooks on transformers' SDPA layers, which these match exactly):
   backward reaches the student's tower through them), checkpointed like the student's.
 
 Logits: the trainer computes them only at the positions whose next token is supervised in some
-row of the micro-batch, at most ``P = min(L, B * answer_tokens)`` of the ``L``: student, teacher
+row of the micro-batch, at most ``P = min(L - 1, B * answer_tokens)`` of the ``L``: student, teacher
 and switch logits ``(B, P, V)`` with the dense gradients of the student and switch logits that
 the backward creates, plus the cross-entropy's fp32 copy and log-softmax of the supervised rows
 (``answer_tokens`` per sequence). The distillation terms work in chunks (a few ``(chunk, V)``
@@ -394,7 +394,7 @@ def plan_train(
 
 def logit_positions(b: TrainSetup) -> int:
     """Positions per micro-batch the heads run at: the union of the rows' supervised ones."""
-    return min(b.seq_len, b.batch * min(b.answer_tokens, b.seq_len))
+    return min(b.seq_len - 1, b.batch * min(b.answer_tokens, b.seq_len - 1))
 
 
 def step_flops(t: ModelShape | None, s: ModelShape, b: TrainSetup) -> dict[str, float]:

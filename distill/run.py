@@ -169,7 +169,8 @@ def check_sources(recipe) -> None:
     from edgekd.data import DATASETS
     from edgekd.models.checkpoint import resolve_checkpoint
 
-    for spec in (recipe.teacher if recipe.method != "sft" else None, recipe.student):
+    reads_teacher = recipe.method != "sft" or recipe.training.vision_tower_init == "teacher"
+    for spec in (recipe.teacher if reads_teacher else None, recipe.student):
         if spec and not spec.startswith("tiny:"):
             resolve_checkpoint(spec)
     data = recipe.data.dataset

@@ -89,8 +89,11 @@ def test_recipe_defaults_and_refusals():
         recipe.loss.k_min == 3 and recipe.loss.t2_scale and not recipe.loss.distill_special_tokens
     )
     assert recipe.training.vision_tower_init == "student"
-    with pytest.raises(ProfileError, match="loss.k_min: must be >= 3, got 2"):
+    with pytest.raises(ProfileError, match="loss.k_min: must be >= 3, got 2: at k = 2"):
         load_recipe("easyvqa-cpu", overrides={"loss.k_min": 2})
+    # methods that never read k keep a recipe's old k_min
+    kd = {"method": "kd", "loss.w_vsd": 0.0, "loss.k_min": 2}
+    assert load_recipe("easyvqa-cpu", overrides=kd).loss.k_min == 2
     with pytest.raises(ProfileError, match="loss.logit_loss: switch-kd only"):
         overrides = {"method": "kd", "loss.w_vsd": 0.0, "loss.logit_loss": "kd"}
         load_recipe("easyvqa-cpu", overrides=overrides)
@@ -243,3 +246,24 @@ def test_progress_line_shows_the_clamp_shares():
 
     line = format_log({"loss": 1.0, "k_t": 5.0, "k_at_min": 0.25, "k_at_max": 0.5})
     assert "k=min 25%" in line and "k=max 50%" in line
+
+
+def test_a_shared_tower_teacher_is_checked_before_the_output_is_touched(
+    job_factory, tmp_path, monkeypatch
+):
+    from edgekd.distill import run as run_module
+    from edgekd.distill.run import run
+    from edgekd.errors import EdgeKDError
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the models were loaded before the teacher's path was checked")
+
+    monkeypatch.setattr(run_module, "load_models", too_late)
+    job = job_factory(
+        "sft",
+        teacher=str(tmp_path / "no-such-teacher"),
+        overrides={"training.vision_tower_init": "teacher"},
+    )
+    with pytest.raises(EdgeKDError, match="no-such-teacher"):
+        run(job)
+    assert not job.output.exists()
