@@ -300,7 +300,8 @@ def load_models(recipe, job: DistillJob, device: str):
         )
     student = _load_student(recipe, job, teacher, device)
     if teacher is not None:
-        check_compatible(teacher, student)
+        if recipe.method != "sft":  # sft reads the teacher's tower, not its text side
+            check_compatible(teacher, student)
         check_same_preprocessing(teacher, student)
     if shared_tower:
         share_vision_tower(teacher, student)
