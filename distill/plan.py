@@ -210,7 +210,6 @@ def model_shape(model: str | VLM) -> ModelShape:
         for m in vlm.model.modules()
         if type(m).__name__ in set(getattr(vlm.model, "_no_split_modules", None) or ())
     ]
-    patches = (vision.image_size // vision.patch_size) ** 2
     return ModelShape(
         name=name,
         params=sum(p.numel() for p in vlm.model.parameters()),
@@ -228,7 +227,7 @@ def model_shape(model: str | VLM) -> ModelShape:
         vision_hidden=int(vision.hidden_size),
         vision_intermediate=int(vision.intermediate_size),
         vision_heads=int(vision.num_attention_heads),
-        vision_tokens=patches + (1 if _has_class_token(vlm.vision_tower) else 0),
+        vision_tokens=vlm.vision_tokens(),
         vision_act_values=ACTIVATION_VALUES.get(str(vision.hidden_act), 2),
         image_size=int(vision.image_size),
         image_tokens=vlm.num_image_tokens(),
@@ -250,10 +249,6 @@ def vision_layer_values(m: ModelShape) -> int:
 # (SigLIP's gelu_pytorch_tanh, gelu) keeps its output for fc2; CLIP's quick_gelu,
 # x * sigmoid(1.702 x), keeps the sigmoid too. Unknown activations count as two.
 ACTIVATION_VALUES = {"gelu_pytorch_tanh": 1, "gelu": 1, "quick_gelu": 2}
-
-
-def _has_class_token(tower) -> bool:
-    return any(hasattr(m, "class_embedding") for m in tower.modules())
 
 
 def _stack(layers: int, tokens: int, full: int, hidden: int, checkpointed: bool) -> int:

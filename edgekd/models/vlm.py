@@ -170,10 +170,19 @@ class VLM:
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
 
-    def num_image_tokens(self) -> int:
-        """Visual tokens one image becomes, as the processor expands ``<image>``."""
+    def vision_tokens(self) -> int:
+        """Tokens one image has inside the vision tower: its patches, plus CLIP's class token."""
         vc = self.config.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2
+        patches = (vc.image_size // vc.patch_size) ** 2
+        return patches + any(hasattr(m, "class_embedding") for m in self.vision_tower.modules())
+
+    def num_image_tokens(self) -> int:
+        """Visual tokens one image becomes, as the processor expands ``<image>``.
+
+        The ``default`` feature selection drops the tower's first token: CLIP's class token
+        (LLaVA-1.5: 577 -> 576), or a SigLIP tower's first patch (TinyLLaVA: 729 -> 728).
+        """
+        n = self.vision_tokens()
         return n - 1 if self.config.vision_feature_select_strategy == "default" else n
 
     def feature_layers(self) -> list[int]:

@@ -200,3 +200,22 @@ def test_presets_have_the_papers_shapes(tokenizer, name, lm_params, n_visual):
 def test_unknown_size_lists_valid(tokenizer):
     with pytest.raises(ModelError, match="valid: tiny, small, base"):
         build_vlm("huge", tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_a_clip_tower_counts_its_class_token(strategy):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "distill"))
+    from distill_helpers import clip_llama_vlm
+
+    vlm, vision, _ = clip_llama_vlm()
+    vlm.config.vision_feature_select_strategy = strategy
+    vlm.model.config.vision_feature_select_strategy = strategy
+    patches = (vision.image_size // vision.patch_size) ** 2
+    assert vlm.vision_tokens() == patches + 1  # the class token
+    with torch.no_grad():
+        feats = vlm.vision_features(torch.zeros(1, 3, vision.image_size, vision.image_size))
+    # as LLaVA-1.5: 577 tokens in the tower, 576 after "default" drops the class token
+    assert feats.shape[1] == vlm.num_image_tokens() == patches + (strategy == "full")
