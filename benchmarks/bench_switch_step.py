@@ -123,10 +123,13 @@ def main() -> None:
         skd.distill(z_v, t_logits, m).loss.backward()
 
     def step(objective: Objective, every_position: bool):
+        cap = capture if objective.uses_switch else None  # as the trainer builds it
+
         def run():
             student.model.zero_grad(set_to_none=True)
-            loss, _, _ = distill_step(student.model, routes, capture, objective, b, every_position)
+            loss, _, _ = distill_step(student.model, routes, cap, objective, b, every_position)
             loss.backward()
+            capture.pop()  # the hook saw this step's features; none are carried over
 
         return run
 

@@ -249,6 +249,9 @@ def distill_step(model, teacher, capture, objective: Objective, inputs, every_po
     their gradients. The loss and its gradients are those of full logits
     (``every_position=True``, kept to prove it).
 
+    ``capture`` is the student's :class:`FeatureCapture` when the objective uses the switch,
+    else None.
+
     Returns:
         (loss, stats, student output).
     """
@@ -261,9 +264,7 @@ def distill_step(model, teacher, capture, objective: Objective, inputs, every_po
         pixel_values=pixels,
         logits_to_keep=0 if keep is None else keep,  # 0: every position
     )
-    features = capture.pop() if capture is not None else None
-    if not objective.uses_switch:
-        features = None  # no switch route (a capture may still see the projector's input)
+    features = capture.pop() if capture is not None else None  # None: no switch route
     teacher_logits = switch_logits = None
     if teacher is not None:
         t = teacher(ids, attn, pixels, has_image, features, keep=keep)
