@@ -31,6 +31,7 @@ included. L_VSD covers the rows that have an image.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import get_args
 
@@ -182,8 +183,13 @@ class Objective:
         """(B, L) bool: the target is one of ``exclude_ids`` (left out of distillation)."""
         if not self.exclude_ids:
             return torch.zeros_like(targets, dtype=torch.bool)
-        ids = torch.tensor(sorted(self.exclude_ids), device=targets.device)
-        return torch.isin(targets, ids)
+        return torch.isin(targets, _id_tensor(self.exclude_ids, targets.device))
+
+
+@functools.lru_cache(maxsize=8)
+def _id_tensor(ids: frozenset[int], device: torch.device) -> torch.Tensor:
+    """The ids as a tensor on ``device``, made once per set (not again at every step)."""
+    return torch.tensor(sorted(ids), device=device)
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
