@@ -44,7 +44,7 @@ ONNX_VISION, ONNX_EMBED, ONNX_DECODER = (
     "embed_tokens.onnx",
     "decoder_model_merged.onnx",
 )
-ONNX_SHARED_DATA, GENAI_CONFIG = "shared_embedding.data", "genai_config.json"
+ONNX_SHARED_DATA, ONNX_CONFIG = "shared_embedding.data", "edgekd_onnx.json"
 GGUF_MODEL, GGUF_MMPROJ = "model.gguf", "mmproj.gguf"
 TRT_ENGINES_JSON, TRT_ONNX_DIR = "engines.json", "onnx"
 TRT_ENGINES = {"vision": "vision.engine", "embed": "embed.engine", "decoder": "decoder.engine"}
@@ -133,15 +133,19 @@ def preprocessing(vlm) -> dict[str, Any]:
     from edgekd.evaluate import stop_token_ids
 
     ip = vlm.processor.image_processor
-    size = ip.size
-    height, width = (
-        (size["height"], size["width"])
-        if "height" in size
-        else (size["shortest_edge"], size["shortest_edge"])
-    )
+    size, shortest = ip.size, None
+    if "height" in size:
+        height, width = size["height"], size["width"]
+    elif getattr(ip, "do_center_crop", False) and getattr(ip, "crop_size", None):
+        # CLIP: the shortest edge resized to this, then a centre crop of crop_size
+        shortest, crop = int(size["shortest_edge"]), ip.crop_size
+        height, width = crop["height"], crop["width"]
+    else:
+        height = width = size["shortest_edge"]
     template = getattr(vlm.processor, "chat_template", None) or vlm.tokenizer.chat_template
     return {
         "image_size": [int(height), int(width)],
+        "resize_shortest_edge": shortest,
         "image_mean": [float(x) for x in ip.image_mean],
         "image_std": [float(x) for x in ip.image_std],
         "rescale_factor": float(getattr(ip, "rescale_factor", 1 / 255)),
@@ -265,7 +269,7 @@ def verify(artifact: str | Path, expect: str | None = None) -> Artifact:
 
 
 def listed(root: str | Path, name: str, loaded: Artifact | None) -> Path:
-    """A file a runtime config (``genai_config.json``, ``engines.json``) names: listed in the
+    """A file a runtime config (``edgekd_onnx.json``, ``engines.json``) names: listed in the
     manifest when there is one, and inside the artifact directory either way."""
     root = Path(root)
     parts = PurePosixPath(name).parts
@@ -378,6 +382,11 @@ def _preprocessing_problems(pre: dict, dims: dict) -> list[str]:
     problems = []
     if len(pre["image_size"]) != 2 or not all(count(x, 1) for x in pre["image_size"]):
         problems.append("preprocessing.image_size must be [height, width], positive integers")
+    shortest = pre.get("resize_shortest_edge")
+    if shortest is not None and not (count(shortest, 1) and shortest >= min(pre["image_size"])):
+        problems.append(
+            "preprocessing.resize_shortest_edge must be null or an integer >= the crop size"
+        )
     for key in ("image_mean", "image_std"):
         if not pre[key] or not all(number(x) for x in pre[key]):
             problems.append(f"preprocessing.{key} must be a list of finite numbers")

@@ -1,9 +1,11 @@
 """GGUF export for llama.cpp: ``model.gguf`` (language model) + ``mmproj.gguf`` (vision).
 
-``model.gguf`` holds the text decoder in llama.cpp's ``qwen2`` (or ``llama``) architecture with a
-byte-level BPE vocabulary (``tokenizer.ggml.model = "gpt2"``), merges, special-token ids and the
-checkpoint's chat template. ``mmproj.gguf`` holds the SigLIP tower and the two-layer MLP
-projector in llama.cpp's legacy image-encoder format (``general.architecture = "clip"``,
+``model.gguf`` holds the text decoder in the llama.cpp architecture its family declares
+(:mod:`edgekd.export.family`: ``qwen2``, ``llama`` for Llama and Mistral-style configs,
+``gemma``) with a byte-level BPE vocabulary (``tokenizer.ggml.model = "gpt2"``), merges,
+special-token ids and the checkpoint's chat template. ``mmproj.gguf`` holds the vision tower
+(SigLIP, or CLIP with ``v.class_embd`` and ``v.pre_ln``) and the two-layer MLP projector in
+llama.cpp's legacy image-encoder format (``general.architecture = "clip"``,
 ``clip.projector_type = "mlp"``), which llama-cpp-python's multimodal handler loads.
 
 Facts this module relies on, read from the llama.cpp sources vendored in llama-cpp-python 0.3.36
@@ -13,8 +15,14 @@ Facts this module relies on, read from the llama.cpp sources vendored in llama-c
   each ``L`` in ``clip.vision.feature_layer`` (non-negative, HF ``hidden_states[L]``); without
   that key it stops at ``block_count - 1``. ``v.post_ln`` is applied if present, so it is never
   written: HF's ``hidden_states`` are taken before SigLIP's ``post_layernorm``.
-* With no ``v.class_embd`` every patch token is kept (``patch_offset = 0``): a ``default``
-  select strategy (drop the first token, as TinyLLaVA does) cannot be expressed.
+* clip.cpp skips a real CLIP class token itself (``v.class_embd``), but with no class
+  embedding it keeps every patch (``patch_offset = 0``): it cannot drop a SigLIP tower's first
+  patch, as the ``default`` strategy (TinyLLaVA's ``patch``) does. The projector is token-wise
+  and the drop comes after the encoder, so clip's rows minus the first are the model's visual
+  tokens exactly: the mmproj is written as for ``full``, the drop is recorded in the manifest
+  (``vision.drop_first_tokens``) and the mmproj (``edgekd.vision.drop_first_tokens``), and
+  edgekd's llama.cpp backend drops the row and feeds the rest as embeddings. Stock llama.cpp
+  tools feed every row (one extra visual token); the exporter measures what that costs.
 * The MLP projector applies ``ggml_gelu`` (tanh approximation, an fp16 lookup table on CPU)
   between ``mm.0`` and ``mm.2``; HF's ``gelu`` is the erf form, so image embeddings carry a
   small, measured approximation error.
@@ -37,17 +45,15 @@ from typing import Any
 from edgekd.artifact import GGUF_MMPROJ as MMPROJ_FILE
 from edgekd.artifact import GGUF_MODEL as MODEL_FILE
 from edgekd.export.base import ExportConfig, ExportError, Registered
+from edgekd.export.family import family_problems, gguf_drop_rows, text_arch
 from edgekd.export.gguf_write import (
     PRECISIONS,
-    PROJECTOR_ACTS,
-    TEXT_ARCHS,
-    VISION_ACTS,
-    VISION_ARCHS,
     check_written,
     feature_layers,
     import_gguf,
     import_llama_cpp,
     pre_tokenizer_name,
+    projector_scale,
     quant_report,
     quantize,
     vocabulary,
@@ -78,35 +84,7 @@ def config_problems(vlm, precision: str, options: dict[str, Any]) -> list[str]:
     if options.get("vision_precision", "f16") not in ("f16", "f32"):
         problems.append(f"option vision_precision '{options['vision_precision']}'; valid: f16, f32")
     problems += _number_problems(options, {"atol": float, "n_threads": int})
-    tc, vc = cfg.text_config, cfg.vision_config
-    if tc.model_type not in TEXT_ARCHS:
-        problems.append(
-            f"text architecture '{tc.model_type}' is not supported by the gguf exporter; "
-            f"valid: {', '.join(TEXT_ARCHS)}"
-        )
-    rope = getattr(tc, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_type '{rope.get('rope_type')}' is not exported; only 'default'")
-    if getattr(tc, "use_sliding_window", False):
-        problems.append("sliding-window attention is not exported")
-    if vc.model_type not in VISION_ARCHS:
-        problems.append(
-            f"vision tower '{vc.model_type}' is not supported; valid: {', '.join(VISION_ARCHS)}"
-        )
-    if vc.hidden_act not in VISION_ACTS:
-        problems.append(f"vision activation '{vc.hidden_act}'; valid: {', '.join(VISION_ACTS)}")
-    if cfg.projector_hidden_act not in PROJECTOR_ACTS:
-        problems.append(
-            f"projector activation '{cfg.projector_hidden_act}'; clip's mlp projector applies "
-            f"GELU; valid: {', '.join(PROJECTOR_ACTS)}"
-        )
-    if cfg.vision_feature_select_strategy != "full":
-        problems.append(
-            f"vision_feature_select_strategy '{cfg.vision_feature_select_strategy}' drops the "
-            "first vision token, which llama.cpp's legacy mmproj format cannot express for a "
-            "SigLIP tower without a class embedding (clip.cpp keeps every patch token); export "
-            "a model trained with strategy 'full'"
-        )
+    problems += family_problems(cfg, "gguf")
     try:
         feature_layers(vlm)
     except ExportError as e:
@@ -197,7 +175,7 @@ class GgufExporter(Registered):
             "language_model": {
                 "files": [MODEL_FILE],
                 "precision": p,
-                "architecture": TEXT_ARCHS[vlm.config.text_config.model_type].gguf_arch,
+                "architecture": text_arch(vlm.config).gguf_arch,
                 "pre_tokenizer": pre_tokenizer_name(vlm.tokenizer),
                 "vocab": {"tokenizer": vocab["n_tokenizer"], "gguf": len(vocab["tokens"])},
                 "n_tensors": len(lm_table),
@@ -210,6 +188,11 @@ class GgufExporter(Registered):
                 "format": "clip (legacy mmproj)",
                 "projector_type": "mlp",
                 "feature_layers": feature_layers(vlm),
+                "tower": vlm.config.vision_config.model_type,
+                "select_strategy": vlm.config.vision_feature_select_strategy,
+                # rows of clip's output the backend drops (mmproj key GGUF_DROP_KEY)
+                "drop_first_tokens": gguf_drop_rows(vlm.config),
+                "projector_scale": projector_scale(vlm),
                 "blocks_written": n_blocks,
                 "image_resample": int(getattr(vlm.processor.image_processor, "resample", 3)),
                 "n_tensors": len(v_table),
@@ -220,7 +203,16 @@ class GgufExporter(Registered):
         }
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
-        from edgekd.export.gguf_validate import tolerance, validate
+        from edgekd.export.gguf_validate import stock_feed, tolerance, validate
 
         tol = tolerance(TOLERANCES[config.precision], self.vision_precision(config), config.options)
-        return validate(vlm, config, Path(out), tol)
+        report = validate(vlm, config, Path(out), tol)
+        if gguf_drop_rows(vlm.config):
+            report["stock_llama_cpp"] = stock_feed(vlm, config, Path(out))
+            log.info(
+                "stock llama.cpp tools (every clip row fed): %.0f%% of %d answers identical "
+                "to PyTorch's",
+                100 * report["stock_llama_cpp"]["answers_identical"],
+                report["stock_llama_cpp"]["samples"],
+            )
+        return report

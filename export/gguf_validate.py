@@ -42,7 +42,9 @@ SAMPLE_TEXTS = [
 TEXT_PROMPT = "What shape is in the image?"
 
 
-def open_backend(vlm, out: Path, *, n_threads=None, logits_all=False) -> LlamaCppBackend:
+def open_backend(
+    vlm, out: Path, *, n_threads=None, logits_all=False, drop_first_tokens=None
+) -> LlamaCppBackend:
     """The artifact in ``out`` before its manifest exists, described by ``vlm``."""
     return LlamaCppBackend(
         out,
@@ -52,6 +54,7 @@ def open_backend(vlm, out: Path, *, n_threads=None, logits_all=False) -> LlamaCp
         preprocessing=artifact.preprocessing(vlm),
         resample=int(getattr(vlm.processor.image_processor, "resample", 3)),
         verify=False,
+        drop_first_tokens=drop_first_tokens,
         error=ExportError,
     )
 
@@ -180,3 +183,77 @@ def tolerance(base: Tolerance, vision_precision: str, options: dict[str, Any]) -
 
 # mmproj visual tokens vs PyTorch: clip's GELUs are approximations (see edgekd.export.gguf)
 IMAGE_COSINE_MIN = {"f32": 0.999, "f16": 0.995}
+
+
+# ---- what stock llama.cpp tools get from a first-token-dropping artifact ---------------------
+def stock_feed(vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
+    """Answers when every clip row is fed, as llama-server and llama-mtmd-cli do, against
+    PyTorch's: on ``config.eval_data`` when given (accuracy and answer agreement), else on the
+    parity prompts (greedy token agreement). A measurement recorded in the manifest, not a gate.
+
+    The stock tools feed the rows through libmtmd's helper at consecutive positions, which is
+    what edgekd's backend does with ``drop_first_tokens=0`` (for a ``full`` artifact the served
+    answer equals the backend's: tests/export/test_gguf_family.py).
+    """
+    from edgekd.evaluate import greedy_reference
+    from edgekd.export import parity
+
+    backend = open_backend(vlm, out, n_threads=config.options.get("n_threads"), drop_first_tokens=0)
+    try:
+        extra = backend.session.mmproj_drop
+        result: dict[str, Any] = {
+            "what": "every clip row fed (stock llama.cpp tools), against PyTorch",
+            "visual_tokens_fed": vlm.num_image_tokens() + extra,
+            "visual_tokens_model": vlm.num_image_tokens(),
+        }
+        if config.eval_data is not None:
+            return {**result, **_stock_eval(vlm, backend, config)}
+        cases = [c for c in parity.cases(vlm, config) if c.pixel_values is not None]
+        exact, agreement = 0, []
+        for c in cases:
+            ref = greedy_reference(vlm, c.input_ids, c.pixel_values, config.max_new_tokens)
+            got = list(
+                backend.generate_ids(c.input_ids, c.pixel_values, config.max_new_tokens).token_ids
+            )
+            exact += got == ref
+            agreement.append(parity.token_agreement(ref, got))
+        return {
+            **result,
+            "on": "parity prompts",
+            "samples": len(cases),
+            "answers_identical": exact / max(len(cases), 1),
+            "token_agreement": float(np.mean(agreement)) if agreement else None,
+        }
+    finally:
+        backend.close()
+
+
+def _stock_eval(vlm, backend: LlamaCppBackend, config: ExportConfig) -> dict[str, Any]:
+    from edgekd.data import LlavaDataset, load_llava_json
+    from edgekd.evaluate import generate_answers, normalize_answer, prompts_and_references, score
+    from edgekd.models.dims import TextDims
+
+    data = Path(config.eval_data)
+    samples = load_llava_json(data)[: config.eval_limit]
+    context = TextDims.from_config(vlm.config.text_config).context
+    dataset = LlavaDataset(samples, data.parent, vlm.processor, context)
+    reference = generate_answers(vlm, dataset, max_new_tokens=config.max_new_tokens)
+    rows = prompts_and_references(dataset)
+    for row in rows:
+        pixels = dataset.load_pixels(row["index"])
+        row["prediction"] = backend.generate_ids(
+            np.asarray([row["input_ids"]], np.int64),
+            None if pixels is None else pixels[None].float().numpy(),
+            config.max_new_tokens,
+        ).text
+    same = [
+        normalize_answer(a["prediction"]) == normalize_answer(b["prediction"])
+        for a, b in zip(reference, rows, strict=True)
+    ]
+    return {
+        "on": str(data.name),
+        "samples": len(rows),
+        "answers_identical": float(np.mean(same)) if same else None,
+        "pytorch_normalized_match": score(reference)["normalized_match"],
+        "stock_normalized_match": score(rows)["normalized_match"],
+    }

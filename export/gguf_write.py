@@ -1,8 +1,9 @@
 """GGUF files for llama.cpp, written with the ``gguf`` package: names, metadata, tensors, read-back.
 
-The HF -> GGUF tensor names are declared as tables (``_LM_TENSORS``, ``_VISION_TENSORS``,
-``_PROJECTOR_TENSORS``); an HF tensor missing from them is an :class:`ExportError`, never a
-silently incomplete file. See :mod:`edgekd.export.gguf` for the llama.cpp facts relied on.
+The HF -> GGUF tensor names are declared as tables (``_LM_TENSORS``, ``_VISION_BLOCKS`` plus each
+tower's own in :data:`edgekd.export.family.VISION_ARCHS`, ``_PROJECTOR_TENSORS``); an HF tensor
+missing from them is an :class:`ExportError`, never a silently incomplete file. See
+:mod:`edgekd.export.gguf` and :mod:`edgekd.export.family` for the llama.cpp facts relied on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from typing import Any
 import numpy as np
 
 from edgekd.export.base import ExportError
+from edgekd.export.family import (
+    GGUF_DROP_KEY,
+    GGUF_SCALE_KEY,
+    gguf_drop_rows,
+    text_arch,
+    vision_arch,
+)
 from edgekd.models.dims import TextDims
 
 K_QUANT_ROW = 256  # llama.cpp's QK_K
@@ -49,16 +57,15 @@ _LM_TENSORS = {
     "layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
     "layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
     "layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.self_attn.o_proj.bias": "blk.{i}.attn_output.bias",
     "layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
     "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
     "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
 _LM_HEAD = {"weight": "output.weight"}  # omitted when tied: llama.cpp then reuses token_embd
-_VISION_TENSORS = {
-    "embeddings.patch_embedding.weight": "v.patch_embd.weight",
-    "embeddings.patch_embedding.bias": "v.patch_embd.bias",
-    "embeddings.position_embedding.weight": "v.position_embd.weight",
+# the encoder blocks every tower shares; each tower's own tensors are in family.VISION_ARCHS
+_VISION_BLOCKS = {
     "encoder.layers.{i}.layer_norm1.{p}": "v.blk.{i}.ln1.{p}",
     "encoder.layers.{i}.self_attn.q_proj.{p}": "v.blk.{i}.attn_q.{p}",
     "encoder.layers.{i}.self_attn.k_proj.{p}": "v.blk.{i}.attn_k.{p}",
@@ -67,26 +74,10 @@ _VISION_TENSORS = {
     "encoder.layers.{i}.layer_norm2.{p}": "v.blk.{i}.ln2.{p}",
     "encoder.layers.{i}.mlp.fc1.{p}": "v.blk.{i}.ffn_up.{p}",
     "encoder.layers.{i}.mlp.fc2.{p}": "v.blk.{i}.ffn_down.{p}",
-    # features are read before these: not written (clip.cpp would apply v.post_ln)
-    "post_layernorm.{p}": None,
-    "head.{rest}": None,
 }
 _PROJECTOR_TENSORS = {"linear_1.{p}": "mm.0.{p}", "linear_2.{p}": "mm.2.{p}"}
 
 
-@dataclass(frozen=True)
-class TextArch:
-    """How one HF text architecture becomes a llama.cpp architecture."""
-
-    gguf_arch: str
-    permute_qk: bool  # llama.cpp's llama rope rotates adjacent pairs; HF rotates halves
-
-
-TEXT_ARCHS = {"qwen2": TextArch("qwen2", False), "llama": TextArch("llama", True)}
-VISION_ARCHS = ("siglip_vision_model",)
-# HF activation -> clip.use_gelu (True: ggml_gelu, tanh form; False: gelu_quick)
-VISION_ACTS = {"gelu_pytorch_tanh": True, "gelu": True, "quick_gelu": False}
-PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh")  # clip's mlp projector is ggml_gelu
 # llama.cpp pre-tokenizer per HF pre-tokenizer (tokenizer.json), checked by the round-trip test
 _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -204,12 +195,14 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 def lm_tensors(vlm, dtype: str) -> dict[str, np.ndarray]:
     """Language-model tensors under their GGUF names (the tied head is not duplicated)."""
     tc = vlm.config.text_config
-    arch = TEXT_ARCHS[tc.model_type]
+    arch = text_arch(vlm.config)
     out: dict[str, np.ndarray] = {}
     for name, t in vlm.language_model.state_dict().items():
         gname, _ = map_name(name, _LM_TENSORS)
+        if arch.norm_offset and gname.endswith("norm.weight"):
+            t = t.float() + arch.norm_offset  # HF computes x * (offset + w); llama.cpp x * w
         a = _array(t, dtype)
-        if arch.permute_qk and re.search(r"attn_[qk]\.", gname):
+        if arch.rope_interleaved and re.search(r"attn_[qk]\.", gname):
             dims = TextDims.from_config(tc)
             heads = dims.heads if ".attn_q." in gname else dims.kv_heads
             a = _permute_rope(a, heads)
@@ -224,10 +217,11 @@ def vision_tensors(vlm, dtype: str) -> tuple[dict[str, np.ndarray], int]:
     """mmproj tensors and the number of vision blocks written (up to the deepest feature layer)."""
     n_blocks = max(feature_layers(vlm))
     vc = vlm.config.vision_config
+    table = {**vision_arch(vlm.config).gguf_tensors, **_VISION_BLOCKS}
     out: dict[str, np.ndarray] = {}
     for name, t in vlm.vision_tower.state_dict().items():
-        # SiglipVisionModel nests everything under vision_model.; the bare transformer does not
-        gname, layer = map_name(name.removeprefix("vision_model."), _VISION_TENSORS)
+        # a tower may nest everything under vision_model.; the bare transformer does not
+        gname, layer = map_name(name.removeprefix("vision_model."), table)
         if gname is None or (layer is not None and layer >= n_blocks):
             continue  # after the feature layer: never computed by the PyTorch model either
         if vc.intermediate_size == vc.hidden_size and ".ffn_" in gname:
@@ -236,12 +230,28 @@ def vision_tensors(vlm, dtype: str) -> tuple[dict[str, np.ndarray], int]:
             gname = gname.replace("ffn_up", "ffn_tmp").replace("ffn_down", "ffn_up")
             gname = gname.replace("ffn_tmp", "ffn_down")
         out[gname] = _array(t, dtype)
+    scale = projector_scale(vlm)
     for name, t in vlm.projector.state_dict().items():
+        if name.startswith("linear_2."):
+            t = t.float() * scale
         out[map_name(name, _PROJECTOR_TENSORS)[0]] = _array(t, dtype)
     if not vlm.config.multimodal_projector_bias:  # clip's mlp graph always adds mm.{0,2}.bias
         for i, lin in (("0", vlm.projector.linear_1), ("2", vlm.projector.linear_2)):
             out[f"mm.{i}.bias"] = np.zeros(lin.out_features, dtype=np.float32)
     return out, n_blocks
+
+
+def projector_scale(vlm) -> float:
+    """Factor folded into the projector's last layer (``mm.2``) so that llama.cpp's decoder
+    receives the visual rows PyTorch's does.
+
+    1 unless the llama.cpp graph scales every input row by ``sqrt(hidden)`` (Gemma) while
+    transformers scales only token embeddings: then ``1 / sqrt(hidden)``, which the decoder's
+    scaling undoes. Stock llama.cpp tools then read the same mmproj right too.
+    """
+    if not text_arch(vlm.config).input_scale:
+        return 1.0
+    return float(vlm.config.text_config.hidden_size) ** -0.5
 
 
 def vocabulary(vlm) -> dict[str, Any]:
@@ -292,7 +302,7 @@ def write_lm(vlm, path: Path, dtype: str) -> dict[str, np.ndarray]:
     """Write the language model (``dtype`` f32 or f16) with its tokenizer; returns its tensors."""
     gguf = import_gguf()
     tc = vlm.config.text_config
-    arch = TEXT_ARCHS[tc.model_type].gguf_arch
+    arch = text_arch(vlm.config).gguf_arch
     tensors = lm_tensors(vlm, dtype)
     vocab = vocabulary(vlm)
     head_dim = TextDims.from_config(tc).head_dim
@@ -341,7 +351,7 @@ def write_mmproj(vlm, path: Path, dtype: str) -> tuple[dict[str, np.ndarray], in
     K = gguf.Keys
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_name("edgekd mmproj")
-    w.add_description("SigLIP vision tower + mlp projector (legacy clip format)")
+    w.add_description(f"{vc.model_type} + mlp projector (legacy clip format)")
     w.add_file_type(GGML_TYPE_F16 if dtype == "f16" else GGML_TYPE_F32)
     w.add_bool(K.Clip.HAS_VISION_ENCODER, True)
     w.add_bool("clip.has_text_encoder", False)  # read by older loaders
@@ -363,7 +373,12 @@ def write_mmproj(vlm, path: Path, dtype: str) -> tuple[dict[str, np.ndarray], in
         gguf.GGUFValueType.ARRAY,
         gguf.GGUFValueType.INT32,
     )
-    w.add_bool(K.ClipVision.USE_GELU, VISION_ACTS[vc.hidden_act])
+    w.add_bool(K.ClipVision.USE_GELU, vision_arch(vlm.config).activations[vc.hidden_act])
+    drop = gguf_drop_rows(vlm.config)
+    if drop:  # clip.cpp ignores it; edgekd's backend drops these rows after encoding
+        w.add_uint32(GGUF_DROP_KEY, drop)
+    if projector_scale(vlm) != 1.0:  # folded into mm.2; the backend undoes it for parity
+        w.add_float32(GGUF_SCALE_KEY, projector_scale(vlm))
     for name, a in tensors.items():
         w.add_tensor(name, a)
     _finish(w)

@@ -6,13 +6,19 @@ encodes images. Decoding is driven token by token here rather than through
 ``create_chat_completion`` so that the three stages can be timed apart and the token ids are
 exact:
 
-* ``vision_ms``: ``mtmd_encode_chunk`` (SigLIP + projector on one image);
-* ``prefill_ms``: the prompt's text tokens (``Llama.eval``), the image embeddings written into
-  the KV cache (``mtmd_helper_decode_image_chunk``) and the first greedy token;
+* ``vision_ms``: ``mtmd_encode_chunk`` (vision tower + projector on one image);
+* ``prefill_ms``: the prompt's text tokens (``Llama.eval``), the visual rows written into the
+  KV cache as embeddings (a ``llama_batch`` with ``embd`` set, ``n_batch`` rows per decode) and
+  the first greedy token;
 * ``decode_ms``: every later token, one ``Llama.eval`` each (argmax over the logits).
 
-Images are resized to the checkpoint's square input size with PIL first (as the transformers
-processor does), so libmtmd only normalises them with the mean/std stored in the mmproj.
+The visual rows are fed by edgekd rather than by libmtmd's helper so that an mmproj can say
+what clip.cpp cannot: ``edgekd.vision.drop_first_tokens`` (a SigLIP tower with the ``default``
+selection: clip keeps the first patch, the model drops it) and ``edgekd.vision.projector_scale``
+(a factor folded into the projector, undone in :meth:`LlamaCppSession.encode_image`).
+
+Images are resized as the checkpoint's processor does (a square resize, or the shortest edge
+then a centre crop) with PIL first, so libmtmd only normalises them with the mmproj's mean/std.
 """
 
 from __future__ import annotations
@@ -47,8 +53,14 @@ def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the lla
     return llama_cpp
 
 
-def to_rgb_array(image, size: tuple[int, int], resample: int = 3) -> np.ndarray:
-    """A PIL image, path or (H, W, 3) uint8 array as (H, W, 3) uint8 at ``size`` (height, width)."""
+def to_rgb_array(
+    image, size: tuple[int, int], resample: int = 3, shortest_edge: int | None = None
+) -> np.ndarray:
+    """A PIL image, path or (H, W, 3) uint8 array as (H, W, 3) uint8 at ``size`` (height, width).
+
+    With ``shortest_edge`` the image is first resized so that its shorter side has that length
+    (aspect kept, as CLIP's processor rounds it), then centre-cropped to ``size``.
+    """
     from PIL import Image
 
     if isinstance(image, (str, Path)):
@@ -61,9 +73,36 @@ def to_rgb_array(image, size: tuple[int, int], resample: int = 3) -> np.ndarray:
             )
         image = Image.fromarray(image)
     image = image.convert("RGB")
+    if shortest_edge is not None and image.size != (size[1], size[0]):
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        other = int(shortest_edge * long / short)  # transformers' get_resize_output_image_size
+        new = (shortest_edge, other) if w <= h else (other, shortest_edge)
+        if new != image.size:
+            image = image.resize(new, resample=resample)
+        left, top = (new[0] - size[1]) // 2, (new[1] - size[0]) // 2  # as transformers crops
+        image = image.crop((left, top, left + size[1], top + size[0]))
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), resample=resample)
     return np.asarray(image, dtype=np.uint8)
+
+
+DROP_KEY = "edgekd.vision.drop_first_tokens"  # see edgekd.export.family
+SCALE_KEY = "edgekd.vision.projector_scale"
+
+
+def mmproj_facts(path: str | Path) -> dict[str, float]:
+    """edgekd's keys in an mmproj (rows to drop, the folded projector scale), defaults if absent."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    facts = {"drop_first_tokens": 0, "projector_scale": 1.0}
+    keys = ((DROP_KEY, "drop_first_tokens", int), (SCALE_KEY, "projector_scale", float))
+    for key, name, kind in keys:
+        field = reader.get_field(key)
+        if field is not None:
+            facts[name] = kind(field.parts[field.data[0]][0])
+    return facts
 
 
 _SILENT = []  # keeps the no-op ctypes callback alive while llama.cpp holds it
@@ -97,6 +136,11 @@ class LlamaCppSession:
         n_gpu_layers: Layers offloaded to a GPU build of llama.cpp.
         logits_all: Keep every position's logits (``Llama.scores``), for parity checks.
         resample: PIL resampling filter for the resize (3: bicubic, SigLIP's).
+        resize_shortest_edge: Resize the shortest edge to this, then centre-crop to
+            ``image_size`` (CLIP's preprocessing); ``None``: a square resize.
+        drop_first_tokens: Rows of clip's output dropped before they are fed; ``None``: what
+            the mmproj says (``edgekd.vision.drop_first_tokens``); 0 feeds every row, as stock
+            llama.cpp tools do.
         error: Exception raised on failures (``ExportError`` when an exporter validates).
 
     Uses two private llama-cpp-python members (0.3.x): ``MTMDChatHandler._init_mtmd_context``
@@ -118,16 +162,27 @@ class LlamaCppSession:
         n_gpu_layers: int = 0,
         logits_all: bool = False,
         resample: int = 3,
+        resize_shortest_edge: int | None = None,
+        drop_first_tokens: int | None = None,
         error: type[Exception] = BackendError,
     ) -> None:
         llama_cpp = import_llama_cpp(error)
         self._lc, self._mtmd, self._error = llama_cpp, llama_cpp.mtmd_cpp, error
         self.chat_template, self.image_token = chat_template, image_token
         self.image_size, self.resample = tuple(image_size), resample
+        self.resize_shortest_edge = resize_shortest_edge
         self.stop_ids = set(int(i) for i in stop_ids)
         self.logits_all = logits_all
         self.handler = None
+        self.drop_first_tokens = self.mmproj_drop = 0
+        self.projector_scale = 1.0
         if mmproj_path is not None:
+            facts = mmproj_facts(mmproj_path)
+            self.projector_scale = facts["projector_scale"]
+            self.mmproj_drop = facts["drop_first_tokens"]
+            self.drop_first_tokens = (
+                facts["drop_first_tokens"] if drop_first_tokens is None else drop_first_tokens
+            )
             self.handler = llama_cpp.llama_chat_format.MTMDChatHandler(
                 clip_model_path=str(mmproj_path), verbose=False, use_gpu=n_gpu_layers > 0
             )
@@ -178,7 +233,7 @@ class LlamaCppSession:
         if self.handler is None:
             raise self._error("this session has no mmproj; it cannot take images")
         m = self._mtmd
-        rgb = np.ascontiguousarray(to_rgb_array(image, self.image_size, self.resample))
+        rgb = np.ascontiguousarray(self.rgb(image))
         data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
         bitmap = m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], data)
         chunks = m.mtmd_input_chunks_init()
@@ -204,52 +259,63 @@ class LlamaCppSession:
         m.mtmd_input_chunks_free(chunks)
         raise self._error("libmtmd produced no image chunk")
 
-    def _encode(self, chunk) -> tuple[Any, int, float]:
+    def rgb(self, image) -> np.ndarray:
+        """The (H, W, 3) uint8 image libmtmd gets: resized (and cropped) as the processor does."""
+        return to_rgb_array(image, self.image_size, self.resample, self.resize_shortest_edge)
+
+    def image_rows(self, chunk) -> int:
+        """Visual tokens an image chunk becomes in the prompt (clip's rows minus the dropped)."""
+        return self._mtmd.mtmd_input_chunk_get_n_tokens(chunk) - self.drop_first_tokens
+
+    def _encode(self, chunk) -> tuple[np.ndarray, float]:
+        """clip's projected rows of one image chunk, the dropped ones removed, and the ms."""
         m = self._mtmd
         t0 = time.perf_counter()
         rc = m.mtmd_encode_chunk(self.handler.mtmd_ctx, chunk)
-        ms = (time.perf_counter() - t0) * 1e3
         if rc != 0:
             raise self._error(f"the mmproj failed to encode the image (code {rc})")
-        return (
-            m.mtmd_get_output_embd(self.handler.mtmd_ctx),
-            m.mtmd_input_chunk_get_n_tokens(chunk),
-            ms,
-        )
+        n = m.mtmd_input_chunk_get_n_tokens(chunk)
+        ptr = m.mtmd_get_output_embd(self.handler.mtmd_ctx)
+        rows = np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd)
+        rows = np.ascontiguousarray(rows[self.drop_first_tokens :], dtype=np.float32)
+        return rows, (time.perf_counter() - t0) * 1e3
 
     def encode_image(self, image) -> tuple[np.ndarray, float]:
-        """Projected visual tokens (N, D_text) of one image, and the encoding time in ms."""
+        """The model's projected visual tokens (N, D_text) of one image, and the encoding ms
+        (the folded projector scale undone, so they compare with PyTorch's)."""
         chunks, chunk = self._image_chunks(image)
         try:
-            ptr, n, ms = self._encode(chunk)
-            return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, -1).copy(), ms
+            rows, ms = self._encode(chunk)
+            return rows / self.projector_scale, ms
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
 
-    def _decode_image(self, chunk, embd) -> None:
-        """Write an encoded image chunk's embeddings into the KV cache at the current position."""
-        m, lc = self._mtmd, self._lc
-        n = m.mtmd_input_chunk_get_n_tokens(chunk)
-        if self.llm.n_tokens + n > self.llm.n_ctx():
-            raise self._error(
-                f"prompt of {self.llm.n_tokens + n} tokens exceeds n_ctx {self.llm.n_ctx()}"
-            )
-        new_n_past = lc.llama_pos(0)
-        rc = m.mtmd_helper_decode_image_chunk(
-            self.handler.mtmd_ctx,
-            self.llm._ctx.ctx,
-            chunk,
-            embd,
-            lc.llama_pos(self.llm.n_tokens),
-            lc.llama_seq_id(0),
-            self.llm.n_batch,
-            ctypes.byref(new_n_past),
-            ctypes.cast(None, m.mtmd_helper_post_decode_callback),  # no callback
-            None,
-        )
-        if rc != 0:
-            raise self._error(f"decoding the image embeddings failed (code {rc})")
-        self.llm.n_tokens = new_n_past.value
+    def _decode_rows(self, rows: np.ndarray) -> None:
+        """Write visual rows (N, n_embd) into the KV cache as embeddings at the current
+        position: ``llama_batch`` with ``embd`` set, ``n_batch`` rows per ``llama_decode``."""
+        lc, llm = self._lc, self.llm
+        n = len(rows)
+        if llm.n_tokens + n > llm.n_ctx():
+            raise self._error(f"prompt of {llm.n_tokens + n} tokens exceeds n_ctx {llm.n_ctx()}")
+        step = min(n, llm.n_batch)
+        batch = lc.llama_batch_init(step, self.n_embd, 1)
+        try:
+            for start in range(0, n, step):
+                part = rows[start : start + step]
+                k = len(part)
+                ctypes.memmove(batch.embd, part.ctypes.data, part.nbytes)
+                for j in range(k):
+                    batch.pos[j] = llm.n_tokens + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = False  # a prompt ends with text tokens
+                batch.n_tokens = k
+                rc = lc.llama_decode(llm._ctx.ctx, batch)
+                if rc != 0:
+                    raise self._error(f"decoding the image embeddings failed (code {rc})")
+                llm.n_tokens += k
+        finally:
+            lc.llama_batch_free(batch)
 
     # ---- generation -----------------------------------------------------------------------
     def render(self, prompt: str, with_image: bool) -> str:
@@ -284,10 +350,10 @@ class LlamaCppSession:
     def prefill(self, pieces: list, image=None) -> None:
         """Reset, then feed ``pieces`` (token-id lists and ``"image"``, encoded here)."""
         with self._image_chunk(pieces, image) as chunk:
-            embd = self._encode(chunk)[0] if chunk is not None else None
-            self._feed(pieces, chunk, embd)
+            rows = self._encode(chunk)[0] if chunk is not None else None
+            self._feed(pieces, rows)
 
-    def _feed(self, pieces: list, chunk, embd) -> None:
+    def _feed(self, pieces: list, rows: np.ndarray | None) -> None:
         llm = self.llm
         llm.reset()
         llm._ctx.kv_cache_clear()
@@ -295,7 +361,7 @@ class LlamaCppSession:
             raise self._error("the prompt must end with text tokens (the chat template's turn end)")
         for piece in pieces:
             if isinstance(piece, str):
-                self._decode_image(chunk, embd)
+                self._decode_rows(rows)
             elif piece:
                 if llm.n_tokens + len(piece) > llm.n_ctx():
                     raise self._error(f"prompt exceeds n_ctx {llm.n_ctx()}")
@@ -313,16 +379,16 @@ class LlamaCppSession:
             return self._greedy(pieces, chunk, max_new_tokens, ignore_eos)
 
     def _greedy(self, pieces: list, chunk, max_new_tokens: int, ignore_eos: bool) -> Generation:
-        n_image = 0 if chunk is None else self._mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+        n_image = 0 if chunk is None else self.image_rows(chunk)
         state: dict[str, Any] = {}
         llm = self.llm
 
         def encode_image():
             if chunk is not None:
-                state["embd"] = self._encode(chunk)[0]
+                state["rows"] = self._encode(chunk)[0]
 
         def prefill(_) -> int:
-            self._feed(pieces, chunk, state.get("embd"))
+            self._feed(pieces, state.get("rows"))
             return int(np.argmax(self.last_logits()))
 
         def step(token: int, _position: int) -> int:
@@ -389,6 +455,8 @@ class LlamaCppBackend:
             exists): what the manifest will record (:func:`edgekd.artifact.preprocessing`).
         resample: PIL resampling filter of the checkpoint's processor (3: bicubic).
         verify: Check the manifest first.
+        drop_first_tokens: Override the mmproj's rows to drop (0: feed every row of clip's
+            output, as stock llama.cpp tools do; for measuring them).
 
     Raises:
         ArtifactError: the manifest is missing or of another target, or a file is missing,
@@ -409,6 +477,7 @@ class LlamaCppBackend:
         preprocessing: dict[str, Any] | None = None,
         resample: int | None = None,
         verify: bool = True,
+        drop_first_tokens: int | None = None,
         error: type[Exception] = BackendError,
     ) -> None:
         self.root = Path(artifact_dir)
@@ -432,6 +501,8 @@ class LlamaCppBackend:
             n_gpu_layers=n_gpu_layers,
             logits_all=logits_all,
             resample=3 if resample is None else resample,
+            resize_shortest_edge=self.pre.get("resize_shortest_edge"),
+            drop_first_tokens=drop_first_tokens,
             error=error,
         )
         self.context_length = self.session.llm.n_ctx()
@@ -445,10 +516,11 @@ class LlamaCppBackend:
         image = open_image(image)
         pieces = self.session.prompt_pieces(prompt, image)
         n_image = int(self.pre["image_tokens_per_image"])
+        n_image += self.session.mmproj_drop - self.session.drop_first_tokens  # a drop override
         ids = [t for p in pieces for t in ([self.image_token_id] * n_image if p == "image" else p)]
         pixels = None
         if image is not None:
-            rgb = to_rgb_array(image, self.session.image_size, self.session.resample)
+            rgb = self.session.rgb(image)
             scale = float(self.pre.get("rescale_factor", 1 / 255))
             mean = np.asarray(self.pre["image_mean"], np.float32)[:, None, None]
             std = np.asarray(self.pre["image_std"], np.float32)[:, None, None]

@@ -3,6 +3,9 @@
 * Tiny models (``tiny``, ``small``, ``base``) are SigLIP vision + Qwen2 text, small enough to train
   on two CPU cores in minutes. They share one vision-tower shape, as Switch-KD's teacher and
   student share SigLIP-so400m, so a student's vision features fit a teacher's projector.
+  ``build_vlm(size, tower=..., decoder=...)`` builds the same shape with another member of the
+  family: a CLIP tower (class token, pre-layernorm, quick GELU, CLIP preprocessing: LLaVA-1.5's
+  layout) and a Llama, Mistral or Gemma decoder (:data:`TOWERS`, :data:`DECODERS`).
 * Presets (``qwen2-0.5b-siglip-so400m``, ``qwen2.5-3b-siglip-so400m``) have the exact shapes of
   the paper's student and teacher (TinyLLaVA, SigLIP-so400m-patch14-384, mlp2x_gelu, features
   from layer -2 without the first token) with random weights, for latency and memory planning.
@@ -49,9 +52,15 @@ class TextShape:
 class VLMShape:
     vision: VisionShape
     text: TextShape
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | list[int] = -2
     select_strategy: str = "full"  # "default" drops the first vision token, as TinyLLaVA does
+    tower: str = "siglip"  # a key of TOWERS
+    decoder: str = "qwen2"  # a key of DECODERS
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+TOWERS = ("siglip", "clip")
+DECODERS = ("qwen2", "llama", "mistral", "gemma")
 
 
 _TINY_VISION = VisionShape(64, 128, 2, 4, image_size=64, patch_size=16)  # 16 visual tokens
@@ -100,15 +109,28 @@ def get_shape(name: str) -> VLMShape:
     return SHAPES[name]
 
 
-def build_processor(tokenizer, shape: VLMShape):
-    """A LlavaProcessor: SigLIP preprocessing (resize, scale to [-1, 1]), tokenizer, template."""
-    from transformers import LlavaProcessor
+def build_image_processor(shape: VLMShape):
+    """The tower's own preprocessing: SigLIP resizes to a square and scales to [-1, 1]; CLIP
+    resizes the shortest edge, centre-crops and normalises with CLIP's mean and std."""
+    size = shape.vision.image_size
+    if shape.tower == "clip":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    size = shape.vision.image_size
-    image_processor = SiglipImageProcessorPil(
+    return SiglipImageProcessorPil(
         size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
+
+
+def build_processor(tokenizer, shape: VLMShape):
+    """A LlavaProcessor: the tower's preprocessing, the tokenizer and its chat template."""
+    from transformers import LlavaProcessor
+
+    image_processor = build_image_processor(shape)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -116,20 +138,16 @@ def build_processor(tokenizer, shape: VLMShape):
         vision_feature_select_strategy=shape.select_strategy,
         chat_template=tokenizer.chat_template or CHATML_TEMPLATE,
         image_token=IMAGE_TOKEN,
-        # SigLIP has no CLS token: the tower yields exactly one token per patch.
-        num_additional_image_tokens=0,
+        # SigLIP has no class token: one token per patch; CLIP adds its class token
+        num_additional_image_tokens=int(shape.tower == "clip"),
     )
 
 
-def build_config(shape: VLMShape, tokenizer):
-    """A LlavaConfig (SiglipVisionConfig + Qwen2Config) for ``shape``."""
-    from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
+def _vision_config(shape: VLMShape):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    v, t = shape.vision, shape.text
-    vocab = t.vocab_size or len(tokenizer)
-    if vocab < len(tokenizer):
-        raise ModelError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)})")
-    vision = SiglipVisionConfig(
+    v = shape.vision
+    sizes = dict(
         hidden_size=v.hidden_size,
         intermediate_size=v.intermediate_size,
         num_hidden_layers=v.num_hidden_layers,
@@ -137,7 +155,28 @@ def build_config(shape: VLMShape, tokenizer):
         image_size=v.image_size,
         patch_size=v.patch_size,
     )
-    text = Qwen2Config(
+    if shape.tower == "clip":
+        return CLIPVisionConfig(**sizes, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return SiglipVisionConfig(**sizes)
+
+
+def _text_config(shape: VLMShape, tokenizer, vocab: int):
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    t = shape.text
+    kinds = {
+        "qwen2": Qwen2Config,
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "gemma": GemmaConfig,
+    }
+    extra: dict[str, Any] = {}
+    if shape.decoder == "mistral":
+        extra["sliding_window"] = None  # Mistral-style, without sliding-window attention
+    if shape.decoder == "gemma":
+        extra["head_dim"] = t.hidden_size // t.num_attention_heads
+        extra["hidden_activation"] = "gelu_pytorch_tanh"
+    return kinds[shape.decoder](
         hidden_size=t.hidden_size,
         intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers,
@@ -151,11 +190,27 @@ def build_config(shape: VLMShape, tokenizer):
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    n_visual = (v.image_size // v.patch_size) ** 2 - (shape.select_strategy == "default")
+
+
+def build_config(shape: VLMShape, tokenizer):
+    """A LlavaConfig (the shape's vision tower and text decoder configs) for ``shape``."""
+    from transformers import LlavaConfig
+
+    if shape.tower not in TOWERS:
+        raise ModelError(f"unknown vision tower '{shape.tower}'; valid: {', '.join(TOWERS)}")
+    if shape.decoder not in DECODERS:
+        raise ModelError(f"unknown text decoder '{shape.decoder}'; valid: {', '.join(DECODERS)}")
+    v, t = shape.vision, shape.text
+    vocab = t.vocab_size or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise ModelError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)})")
+    tokens = (v.image_size // v.patch_size) ** 2 + (shape.tower == "clip")
+    n_visual = tokens - (shape.select_strategy == "default")
     return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=_vision_config(shape),
+        text_config=_text_config(shape, tokenizer, vocab),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=n_visual,
         projector_hidden_act="gelu",
@@ -172,6 +227,10 @@ def build_vlm(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    tower: str | None = None,
+    decoder: str | None = None,
+    select_strategy: str | None = None,
+    vision_feature_layer: int | list[int] | None = None,
     **text_overrides: Any,
 ) -> VLM:
     """Build a randomly initialised VLM of a named size or preset.
@@ -183,6 +242,8 @@ def build_vlm(
         seed: Seeds the weight initialisation: same size + seed gives the same weights.
         dtype: Parameter dtype.
         device: ``"meta"`` builds the structure without memory (for counting parameters).
+        tower, decoder, select_strategy, vision_feature_layer: Replace the shape's family
+            member (:data:`TOWERS`, :data:`DECODERS`) or feature selection.
         **text_overrides: Replace fields of the text shape (e.g. ``num_hidden_layers=1``).
     """
     from transformers import LlavaForConditionalGeneration
@@ -190,6 +251,13 @@ def build_vlm(
     shape = get_shape(size)
     if text_overrides:
         shape = replace(shape, text=replace(shape.text, **text_overrides))
+    family = dict(
+        tower=tower,
+        decoder=decoder,
+        select_strategy=select_strategy,
+        vision_feature_layer=vision_feature_layer,
+    )
+    shape = replace(shape, **{k: v for k, v in family.items() if v is not None})
     tokenizer = tokenizer if tokenizer is not None else train_tokenizer()
     config = build_config(shape, tokenizer)
     torch.manual_seed(seed)

@@ -108,41 +108,31 @@ def test_atol_must_be_a_positive_number(tiny_vlm, tmp_path, value):
 
 
 def test_unsupported_architecture_refused_in_one_line_without_files(tiny_vlm, tmp_path):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Phi3Config
 
     from edgekd.export import export
     from edgekd.models import VLM
 
-    text = MistralConfig(
+    text = Phi3Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tiny_vlm.tokenizer),
+        num_key_value_heads=2, vocab_size=len(tiny_vlm.tokenizer), pad_token_id=0,
     )  # fmt: skip
     cfg = LlavaConfig(
         vision_config=tiny_vlm.config.vision_config.to_dict(), text_config=text,
         image_token_index=tiny_vlm.image_token_id, vision_feature_select_strategy="full",
     )  # fmt: skip
     VLM(LlavaForConditionalGeneration(cfg).eval(), tiny_vlm.processor).save_pretrained(
-        tmp_path / "mistral"
+        tmp_path / "phi3"
     )
     out = tmp_path / "artifact"
-    config = ExportConfig(checkpoint=str(tmp_path / "mistral"), target="gguf", precision="f32",
+    config = ExportConfig(checkpoint=str(tmp_path / "phi3"), target="gguf", precision="f32",
                           output=out)  # fmt: skip
     with pytest.raises(ExportError) as err:
         export(config)
     message = str(err.value)
-    assert "\n" not in message and "'mistral' is not supported" in message
-    assert "valid: qwen2, llama" in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mistral"]  # nothing written
-
-
-def test_drop_first_token_strategy_refused_with_the_reason(tokenizer, tmp_path):
-    from edgekd.models import build_vlm
-
-    vlm = build_vlm("tiny", tokenizer=tokenizer, seed=0)
-    vlm.config.vision_feature_select_strategy = "default"
-    config = ExportConfig(checkpoint="x", target="gguf", precision="f32", output=tmp_path)
-    with pytest.raises(ExportError, match="drops the first vision token.*legacy mmproj"):
-        GgufExporter().check(vlm, config)
+    assert "\n" not in message and "text decoder 'phi3' is not supported" in message
+    assert "supported: qwen2, llama, mistral, gemma" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phi3"]  # nothing written
 
 
 def test_missing_llama_cpp_names_the_extra(tiny_vlm, tmp_path, monkeypatch):

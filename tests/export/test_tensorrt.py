@@ -939,3 +939,21 @@ def test_engines_build_from_an_opset_18_onnx_export(tmp_path):
     onnx = _onnx_config(config, tmp_path / "onnx")
     assert (onnx.target, onnx.precision, onnx.options) == ("onnx", "fp32", {"opset": 18})
     assert OPTIONS["opset"] == 23  # onnxruntime's default differs: TensorRT pins its own
+
+
+@pytest.mark.parametrize("tower,decoder", [("clip", "llama"), ("siglip", "gemma")])
+def test_check_takes_the_family_the_onnx_step_takes(
+    tokenizer, tmp_path, monkeypatch, tower, decoder
+):
+    """The engines are built from the onnx target's graphs, so its family declarations apply:
+    a CLIP or Gemma member raises only the (missing) environment, a Phi-3 decoder is named."""
+    from edgekd.models import build_vlm
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    vlm = build_vlm("tiny", tokenizer=tokenizer, tower=tower, decoder=decoder)
+    with pytest.raises(ExportError) as err:
+        TensorRTExporter().check(vlm, _config(tmp_path))
+    assert str(err.value).startswith(INSTALL_HINT) and "not supported" not in str(err.value)
+    vlm.config.text_config.model_type = "phi3"
+    with pytest.raises(ExportError, match="the onnx step: text decoder 'phi3' is not supported"):
+        TensorRTExporter().check(vlm, _config(tmp_path))
