@@ -128,7 +128,7 @@ register(
     Target(
         name="onnx",
         precisions=("fp32", "fp16", "int8", "int4"),
-        files=(a.ONNX_VISION, a.ONNX_EMBED, a.ONNX_DECODER, a.GENAI_CONFIG),
+        files=(a.ONNX_VISION, a.ONNX_EMBED, a.ONNX_DECODER, a.ONNX_CONFIG),
         extra="onnx",
         exporter="edgekd.export.onnx:OnnxExporter",
         backend="edgekd.runtime.onnxruntime:open_backend",

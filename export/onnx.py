@@ -1,7 +1,6 @@
-"""ONNX export of LLaVA-family VLMs: three graphs that onnxruntime (and onnxruntime-genai) drive.
+"""ONNX export of LLaVA-family VLMs: three graphs that onnxruntime drives.
 
-Artifact layout (the one nanoLLaVA-style exports and onnxruntime-genai's ``genai_config.json``
-use)::
+Artifact layout (the graph names and I/O names nanoLLaVA-style exports use)::
 
     vision_encoder.onnx          pixel_values (B, 3, H, W) -> image_features (B, N, D_text)
     embed_tokens.onnx            input_ids (B, L) -> inputs_embeds (B, L, D_text)
@@ -11,7 +10,7 @@ use)::
                                     present.{i}.key/value (B, kv_heads, P + L, head_dim)
     shared_embedding.data        int8/int4 with tied embeddings: the int8 table + scales, stored
                                  once, external data of both embed_tokens and the decoder
-    genai_config.json            I/O names, shapes and ids for other runtimes
+    edgekd_onnx.json             edgekd's description of the graphs: I/O names, sizes, ids
     tokenizer + processor files  so runtimes need no checkpoint
 
 The decoder is one graph for prefill and decode (``P`` may be 0). The vision encoder is the
@@ -22,8 +21,15 @@ or unsupported architecture") and pins ``transformers<4.58``, while edgekd runs 
 5.x, whose checkpoints load into 4.57 with a silently re-initialised vision tower. torch.onnx
 exports vision + projector and the decoder with its KV cache, and onnxruntime reproduces
 ``generate`` token for token (measured, and checked by every export's parity step).
-Per-architecture facts (I/O names, dynamic axes, tolerances, what each precision stores) are
-declared as data below, optimum-style.
+Which decoders and towers are taken is declared in :mod:`edgekd.export.family` (shared with the
+GGUF writer); the graph facts (I/O names, dynamic axes, tolerances, what each precision stores)
+are declared as data below, optimum-style.
+
+Which runtimes open the artifact: onnxruntime (CPU, CUDA, TensorRT execution providers) through
+edgekd's backend, or any program that feeds the three graphs as ``edgekd_onnx.json`` describes.
+onnxruntime-genai does not: its vision-language model types are a fixed list without LLaVA,
+and its parser refuses any key it does not know, so the description is edgekd's own format
+rather than a ``genai_config.json`` that would not load.
 
 Precisions: fp32; fp16 (weights and compute, fp32 graph I/O, norms and softmax fp32); int8
 (dynamic, per-channel weights) and int4 (MatMulNBits, ``int4_block_size``, default 32) for the
@@ -117,9 +123,6 @@ DECODER = GraphSpec(
 )
 GRAPHS = (VISION, EMBED, DECODER)
 
-# Text model_type -> onnxruntime-genai model type; vision towers whose hidden states we take.
-TEXT_ARCHS = {"qwen2": "qwen2"}
-VISION_ARCHS = ("siglip_vision_model",)
 # Trace sizes: distinct and >= 2, so torch.export neither specialises nor equates the axes.
 TRACE = {"batch_size": 2, "sequence_length": 3, "past_sequence_length": 5}
 
@@ -201,19 +204,9 @@ class OnnxExporter(Registered):
 
     def check(self, vlm, config: ExportConfig) -> None:
         """Refuse unsupported architectures, options and missing packages, all at once."""
-        problems = []
-        text_type = vlm.config.text_config.model_type
-        vision_type = vlm.config.vision_config.model_type
-        if text_type not in TEXT_ARCHS:
-            problems.append(
-                f"text model '{text_type}' is not supported by the onnx exporter "
-                f"(supported: {', '.join(TEXT_ARCHS)})"
-            )
-        if vision_type not in VISION_ARCHS:
-            problems.append(
-                f"vision tower '{vision_type}' is not supported by the onnx exporter "
-                f"(supported: {', '.join(VISION_ARCHS)})"
-            )
+        from edgekd.export.family import family_problems
+
+        problems = family_problems(vlm.config, "onnx")
         problems += _option_problems(config.options)
         for module, extra in (("onnx", "onnx"), ("onnxruntime", "onnx"), ("onnxscript", "onnx")):
             try:
@@ -251,7 +244,7 @@ class OnnxExporter(Registered):
             files[spec.component] = g.save(model, out / spec.file)
             del model
         vlm.processor.save_pretrained(out)
-        _write_genai_config(vlm, out, n_layers)
+        _write_onnx_config(vlm, out, n_layers)
         return _components(config.precision, options, files, out, facts, shared=bool(refs))
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
@@ -556,18 +549,18 @@ def _components(
     tokenizer_files = sorted(
         p.name
         for p in out.iterdir()
-        if p.suffix in (".json", ".jinja") and p.name != artifact.GENAI_CONFIG
+        if p.suffix in (".json", ".jinja") and p.name != artifact.ONNX_CONFIG
     )
     components["tokenizer"] = {"files": tokenizer_files, "precision": "n/a"}
-    components["genai_config"] = {"files": [artifact.GENAI_CONFIG], "precision": "n/a"}
+    components["onnx_config"] = {"files": [artifact.ONNX_CONFIG], "precision": "n/a"}
     return components
 
 
-# ---- genai_config.json ---------------------------------------------------------------------
+# ---- edgekd_onnx.json ----------------------------------------------------------------------
 
 
-def _write_genai_config(vlm, out: Path, n_layers: int) -> None:
-    """An onnxruntime-genai style description of the graphs and ids (also read by edgekd)."""
+def _write_onnx_config(vlm, out: Path, n_layers: int) -> None:
+    """edgekd's description of the graphs and ids, read by its onnxruntime backend."""
     from edgekd.io import atomic_write_json
 
     dims = TextDims.from_config(vlm.config.text_config)
@@ -587,7 +580,9 @@ def _write_genai_config(vlm, out: Path, n_layers: int) -> None:
     }
     config = {
         "model": {
-            "type": TEXT_ARCHS[vlm.config.text_config.model_type],
+            "format": "edgekd-onnx/1",
+            "text_model_type": vlm.config.text_config.model_type,
+            "vision_model_type": vlm.config.vision_config.model_type,
             "bos_token_id": vlm.tokenizer.bos_token_id,
             "eos_token_id": pre["eos_token_ids"],
             "pad_token_id": pre["pad_token_id"],
@@ -631,5 +626,4 @@ def _write_genai_config(vlm, out: Path, n_layers: int) -> None:
             "past_present_share_buffer": False,
         },
     }
-    atomic_write_json(out / artifact.GENAI_CONFIG, config)
-
+    atomic_write_json(out / artifact.ONNX_CONFIG, config)

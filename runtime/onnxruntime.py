@@ -82,10 +82,10 @@ def open_backend(path, *, device: str, threads: int | None, ort_provider: str = 
     return OnnxRuntimeBackend(path, providers=providers, threads=threads)
 
 
-def read_genai_config(root: Path) -> dict[str, Any]:
-    """The ``model`` block of an artifact's ``genai_config.json``, with every key the backend
+def read_onnx_config(root: Path) -> dict[str, Any]:
+    """The ``model`` block of an artifact's ``edgekd_onnx.json``, with every key the backend
     reads checked (one ArtifactError line naming what is wrong)."""
-    path = root / artifact.GENAI_CONFIG
+    path = root / artifact.ONNX_CONFIG
     try:
         model = json.loads(path.read_text())["model"]
         decoder, inputs = model["decoder"], model["decoder"]["inputs"]
@@ -95,7 +95,7 @@ def read_genai_config(root: Path) -> dict[str, Any]:
         patterns = [inputs["past_key_names"], inputs["past_value_names"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = f"no key {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
-        raise artifact.ArtifactError(f"{path}: not an edgekd genai config ({why})") from None
+        raise artifact.ArtifactError(f"{path}: not an edgekd ONNX config ({why})") from None
     problems = [f"file name {n!r}" for n in names if not isinstance(n, str)]
     problems += [f"size {v!r}" for v in sizes if not isinstance(v, int) or v < 0]
     problems += [f"input name {p!r}" for p in patterns if not isinstance(p, str) or "%d" not in p]
@@ -172,7 +172,7 @@ class OnnxRuntimeBackend:
         self.artifact = artifact.verify(self.root) if verify else None
         if self.artifact is not None and self.artifact.target != "onnx":
             raise BackendError(f"'{self.root}' is a {self.artifact.target} artifact, not onnx")
-        self.config = read_genai_config(self.root)
+        self.config = read_onnx_config(self.root)
         self.providers = resolve_providers(providers)
         options = _session_options(threads, graph_optimization_level)
         self.vision = self._session(self.config["vision"]["filename"], options)
@@ -190,7 +190,7 @@ class OnnxRuntimeBackend:
         if wanted != have:
             extra = sorted(have - wanted)[:3] or sorted(wanted - have)[:3]
             raise artifact.ArtifactError(
-                f"{self.root}: {artifact.GENAI_CONFIG} does not describe the decoder graph's "
+                f"{self.root}: {artifact.ONNX_CONFIG} does not describe the decoder graph's "
                 f"inputs (e.g. {', '.join(extra)}); re-export"
             )
         self.processor = load_processor(self.root)  # PIL preprocessing, as in training

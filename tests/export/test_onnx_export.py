@@ -52,7 +52,7 @@ def test_manifest_lists_every_file_with_sha256_and_size(onnx_artifact):
     for name, info in manifest["files"].items():
         assert info == {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
     expected = {spec.file for spec in onnx_export.GRAPHS} | {
-        "genai_config.json",
+        "edgekd_onnx.json",
         "tokenizer.json",
         "processor_config.json",
     }
@@ -77,9 +77,9 @@ def test_decoder_is_one_graph_for_prefill_and_decode(onnx_artifact, tiny_vlm):
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
 
 
-def test_genai_config_describes_the_graphs(onnx_artifact, tiny_vlm):
+def test_onnx_config_describes_the_graphs(onnx_artifact, tiny_vlm):
     root = onnx_artifact("fp32")
-    config = json.loads((root / "genai_config.json").read_text())["model"]
+    config = json.loads((root / "edgekd_onnx.json").read_text())["model"]
     manifest = json.loads((root / "manifest.json").read_text())
     decoder = config["decoder"]
     assert decoder["num_hidden_layers"] == 2 and decoder["num_key_value_heads"] == 2
