@@ -609,6 +609,43 @@ def convert_tinyllava(
     )
 
 
+@convert_app.command("llava15")
+def convert_llava15(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="Original LLaVA-1.5 checkpoint (LlavaLlamaForCausalLM): a local directory or "
+            "a hub id (liuhaotian/llava-v1.5-7b)."
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(help="Output directory (transformers Llava).")],
+    vision_tower: Annotated[
+        str | None,
+        typer.Option(
+            help="CLIP checkpoint (directory or hub id) for a source without the tower's "
+            "weights; default: the source's mm_vision_tower."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="dtype of the written weights: float32, float16, bfloat16, auto.")
+    ] = "float32",
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert an original LLaVA-1.5 checkpoint to a transformers LlavaForConditionalGeneration."""
+    import json
+
+    from edgekd.models.llava15 import MANIFEST
+    from edgekd.models.llava15 import convert_llava15 as convert
+
+    path = convert(src, out, vision_tower=vision_tower, overwrite=overwrite, dtype=dtype)
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    console.print(
+        f"[green]✓[/green] converted {src} -> {path} ({manifest['dtype']}, "
+        f"{manifest['image_token']['token']} id {manifest['image_token']['id']}, "
+        f"vision tower {manifest['vision_tower']})"
+    )
+
+
 # ---- models ---------------------------------------------------------------------------------
 @models_app.command("create")
 def models_create(

@@ -320,7 +320,14 @@ def check_llava_config(config: dict[str, Any], src: str) -> None:
         config: The checkpoint's raw ``config.json`` as a dict.
         src: Where it came from, for the message.
     """
+    from edgekd.models.llava15 import is_llava15
+
     model_type = config.get("model_type")
+    if is_llava15(config):  # model_type "llava" too, but LLaVA's own layout
+        raise ModelError(
+            f"'{src}' is an original LLaVA checkpoint (LlavaLlamaForCausalLM); convert it "
+            f"first: edgekd convert llava15 {src} OUT"
+        )
     if model_type in SUPPORTED_MODEL_TYPES:
         return
     if model_type == "tinyllava" or "TinyLlava" in str(config.get("architectures", "")):

@@ -102,7 +102,7 @@ __all__ = [
 
 SUPPORTED_CONNECTORS = ("mlp2x_gelu",)
 SUPPORTED_VISION = ("siglip_vision_model",)
-SUPPORTED_TEXT = ("qwen2",)
+SUPPORTED_TEXT = ("qwen2", "llama", "gemma")  # the LLMs whose TinyLLaVA templates edgekd renders
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # TinyLLaVA -> transformers Llava
 MANIFEST = "edgekd_convert.json"
 
@@ -202,6 +202,7 @@ def _convert(source: Source, dtype: str):
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     state, counts = map_state_dict(ckpt.tensors)
+    scale_visual_rows(state, ckpt.text_config)
     tied = resolve_tied_head(state, ckpt.text_config)
     source_vocab = state[EMBED_KEY].shape[0]
     grow_vocab(state, max(len(tokenizer), image_token_id + 1), tied)
@@ -211,7 +212,10 @@ def _convert(source: Source, dtype: str):
         target_dtype = _source_dtype(ckpt.tensors)
     model = model.to(target_dtype).eval()
     aspect = ckpt.config.get("image_aspect_ratio")
-    processor = build_processor(ckpt.path, ckpt.vision_config, tokenizer, strategy, aspect)
+    text_type = ckpt.text_config["model_type"]
+    processor = build_processor(
+        ckpt.path, ckpt.vision_config, tokenizer, strategy, aspect, text_type
+    )
 
     manifest = _manifest(ckpt, source, model, processor, counts, tied, token_added, source_vocab)
     return VLM(model, processor), manifest
@@ -353,20 +357,28 @@ def _text_model_problem(text_config: dict) -> str | None:
             "(language_model.lm_head.bias) that LlavaForConditionalGeneration's bias-free lm_head "
             "cannot hold (its TinyLLaVA template, phi, equals qwen2_base: that is no obstacle)"
         )
-    if kind == "gemma":
-        scale = float(text_config.get("hidden_size", 3072)) ** 0.5  # GemmaConfig's default
-        return (
-            "language model 'gemma' is not supported: it needs TinyLLaVA's gemma template (BOS "
-            "first, answers end in <eos>) and an embedding fix: transformers 4.x (TinyLLaVA's) "
-            f"scales all input embeddings, image features included, by sqrt(hidden_size) = "
-            f"{scale:.2f}, transformers 5 only the token embeddings, so the projector's last "
-            "layer would have to absorb that factor"
-        )
     return (
         f"language model '{kind}' is not supported (supported: {', '.join(SUPPORTED_TEXT)}): "
-        "a TinyLLaVA checkpoint does not record its prompt template, and edgekd reproduces "
-        "qwen2_base, which is only right for Qwen2-family models"
+        "a TinyLLaVA checkpoint does not record its prompt template, and edgekd renders the "
+        "templates of those language models only"
     )
+
+
+def scale_visual_rows(state: dict[str, torch.Tensor], text_config: dict) -> None:
+    """Gemma: fold sqrt(hidden_size) into the projector's last layer.
+
+    transformers 4.x's ``GemmaModel`` (TinyLLaVA's) multiplies every input embedding, the
+    visual tokens included, by sqrt(hidden_size); transformers 5 scales only the token
+    embeddings (``GemmaTextScaledWordEmbedding``). Scaling ``linear_2`` (weight and bias) gives
+    the converted model the source's visual rows.
+    """
+    if text_config.get("model_type") != "gemma":
+        return
+    scale = float(text_config.get("hidden_size", 3072)) ** 0.5  # GemmaConfig's default width
+    for key in ("weight", "bias"):
+        name = f"model.multi_modal_projector.linear_2.{key}"
+        if name in state:
+            state[name] = state[name].float() * scale  # not rounded back to the source dtype
 
 
 def map_state_dict(
@@ -523,7 +535,9 @@ def _manifest(
         "image_seq_length": config.image_seq_length,
         "image_aspect_ratio": ckpt.config.get("image_aspect_ratio") or "square",
         "image_processor": type(processor.image_processor).__name__,
-        "chat_template": "qwen2_base",
+        "chat_template": {"qwen2": "qwen2_base"}.get(
+            ckpt.text_config["model_type"], ckpt.text_config["model_type"]
+        ),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
 

@@ -46,8 +46,20 @@ QWEN2_BASE_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions."
 )
-# TinyLLaVA's qwen2_base prompt. Content is a string or a list of {"type": "image"|"text"} items.
-QWEN2_BASE_TEMPLATE = (
+# The answer's end per TinyLLaVA template (tinyllava/data/template/): qwen2_base, llama, gemma.
+# LLaVA-1.5's vicuna_v1 prompt is the llama one (same system sentence, USER:/ASSISTANT:, </s>).
+TEMPLATE_EOS = {"qwen2": "<|endoftext|>", "llama": "</s>", "gemma": "<eos>"}
+
+
+def chat_template(eos: str, bos: str | None = None) -> str:
+    """TinyLLaVA's prompt (and LLaVA-1.5's vicuna_v1) ending answers with ``eos``, the text
+    opened with ``bos`` when the source tokenizer adds one (Llama's ``<s>``, Gemma's ``<bos>``).
+    Content is a string or a list of {"type": "image"|"text"} items."""
+    opening = "{{- '" + bos + "' -}}" if bos else ""
+    return opening + _TEMPLATE_BODY.replace("@EOS@", eos)
+
+
+_TEMPLATE_BODY = (
     '{%- set ns = namespace(system="' + QWEN2_BASE_SYSTEM + "\", images='') -%}"
     "{%- for message in messages if message['role'] == 'system' -%}"
     "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
@@ -73,11 +85,12 @@ QWEN2_BASE_TEMPLATE = (
     "{%- endif -%}"
     "{{- 'USER: ' + text + ' ' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{- 'ASSISTANT: ' + text + '<|endoftext|>' -}}"
+    "{{- 'ASSISTANT: ' + text + '@EOS@' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
+QWEN2_BASE_TEMPLATE = chat_template(TEMPLATE_EOS["qwen2"])  # TinyLLaVA's qwen2_base prompt
 
 
 def aspect_ratio_problem(value: Any) -> str | None:
@@ -122,8 +135,16 @@ def load_tokenizer(path: Path):
     return tokenizer, True
 
 
-def build_processor(path: Path, vision: dict, tokenizer, strategy: str, aspect_ratio: str | None):
-    """LlavaProcessor: TinyLLaVA's image preprocessing, the tokenizer and the qwen2_base template.
+def build_processor(
+    path: Path,
+    vision: dict,
+    tokenizer,
+    strategy: str,
+    aspect_ratio: str | None,
+    text_type: str = "qwen2",
+):
+    """LlavaProcessor: TinyLLaVA's image preprocessing, the tokenizer and the template of its
+    language model (:data:`TEMPLATE_EOS`).
 
     Args:
         path: The checkpoint directory (a ``preprocessor_config.json`` there is honoured).
@@ -131,19 +152,36 @@ def build_processor(path: Path, vision: dict, tokenizer, strategy: str, aspect_r
         tokenizer: From :func:`load_tokenizer`.
         strategy: Llava's ``vision_feature_select_strategy``.
         aspect_ratio: TinyLLaVA's ``image_aspect_ratio`` (``square``, ``pad`` or None).
+        text_type: The language model's ``model_type`` (picks the template's answer end).
     """
     from transformers import LlavaProcessor
 
-    tokenizer.chat_template = QWEN2_BASE_TEMPLATE
+    template = chat_template(TEMPLATE_EOS[text_type], bos_into_template(tokenizer))
+    tokenizer.chat_template = template
     return LlavaProcessor(
         image_processor=image_processor(path, vision, aspect_ratio),
         tokenizer=tokenizer,
         patch_size=vision.get("patch_size", 16),
         vision_feature_select_strategy=strategy,
-        chat_template=QWEN2_BASE_TEMPLATE,
+        chat_template=template,
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=0,  # SigLIP has no CLS token
     )
+
+
+def bos_into_template(tokenizer) -> str | None:
+    """The BOS the source tokenizer prepends (LLaVA and TinyLLaVA keep it once, at the start),
+    moved into the template: the tokenizer stops adding it, so a rendered prompt tokenized with
+    or without special tokens gets exactly one. None when it adds none (Qwen2)."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None or tokenizer("a")["input_ids"][:1] != [bos_id]:
+        return None
+    tokenizer.add_bos_token = False
+    if tokenizer("a")["input_ids"][:1] == [bos_id]:
+        raise ModelError(
+            "the tokenizer keeps adding its BOS token; it cannot be moved into the template"
+        )
+    return tokenizer.bos_token
 
 
 def image_processor(path: Path, vision: dict, aspect_ratio: str | None):

@@ -112,8 +112,9 @@ def load_source_tokenizer(path: Path):
 
 
 def _text_config(eos_id: int, rows: int, tie: bool, hidden: int, model_type: str) -> dict:
-    """A Qwen2 text_config as transformers 4.x nests it in TinyLLaVA's config.json."""
-    return {
+    """A text_config as transformers 4.x nests it in TinyLLaVA's config.json (Qwen2's keys;
+    Llama and Gemma ones without the sliding-window keys, Gemma with its legacy ``gelu``)."""
+    config = {
         "_name_or_path": "Qwen/Qwen2-0.5B",
         "architectures": ["Qwen2ForCausalLM"],
         "bos_token_id": eos_id,
@@ -133,6 +134,13 @@ def _text_config(eos_id: int, rows: int, tie: bool, hidden: int, model_type: str
         "use_sliding_window": False,
         "vocab_size": rows,
     }
+    if model_type in ("llama", "gemma"):
+        for key in ("max_window_layers", "sliding_window", "use_sliding_window"):
+            del config[key]
+        config["architectures"] = [f"{model_type.capitalize()}ForCausalLM"]
+    if model_type == "gemma":
+        config.update(head_dim=hidden // 4, hidden_act="gelu", hidden_activation=None)
+    return config
 
 
 def _vision_config(image_size: int) -> dict:
@@ -195,7 +203,12 @@ def write_tinyllava(
         corpus: The text the BPE vocabulary is learnt from (replicas of one family share it).
     """
     from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        CONFIG_MAPPING,
+        AutoModelForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     path.mkdir(parents=True)
     base = write_slow_tokenizer(path, family, corpus)
@@ -205,7 +218,8 @@ def write_tinyllava(
     text = _text_config(eos_id, rows, tie, hidden, text_model_type)
     vision = _vision_config(image_size)
     torch.manual_seed(seed)
-    lm = Qwen2ForCausalLM(Qwen2Config(**_strip(text)))
+    known = {k: v for k, v in _strip(text).items() if k != "hidden_activation"}
+    lm = AutoModelForCausalLM.from_config(CONFIG_MAPPING[text_model_type](**known))
     tower = SiglipVisionModel(SiglipVisionConfig(**_strip(vision)))
     connector = torch.nn.Sequential(
         torch.nn.Linear(32, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden)
@@ -297,6 +311,7 @@ def write_tinyllava(
         "aspect": aspect,
         "base": base,
         "image_size": vision["image_size"],
+        "text_model_type": text_model_type,
     }
 
 
@@ -358,8 +373,12 @@ def tinyllava_logits(parts: dict, ids: list[int], pixel_values: torch.Tensor) ->
     features = parts["connector"](hidden)[0]
     ids_t = torch.tensor(ids)
     at = int((ids_t == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-    embed = parts["lm"].get_input_embeddings()
-    embeds = torch.cat([embed(ids_t[:at]), features, embed(ids_t[at + 1 :])])
+    table = parts["lm"].get_input_embeddings().weight  # the raw rows (5.x's Gemma module scales)
+    embeds = torch.cat([table[ids_t[:at]], features, table[ids_t[at + 1 :]]])
+    if parts["text_model_type"] == "gemma":
+        # transformers 4.x's GemmaModel.forward (TinyLLaVA's): every input row, the visual
+        # ones included, times sqrt(hidden_size) in the rows' dtype; 5.x's forward scales none
+        embeds = embeds * torch.tensor(embeds.shape[-1] ** 0.5, dtype=embeds.dtype)
     return parts["lm"](inputs_embeds=embeds[None]).logits
 
 
