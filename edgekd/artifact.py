@@ -45,6 +45,7 @@ ONNX_VISION, ONNX_EMBED, ONNX_DECODER = (
     "decoder_model_merged.onnx",
 )
 ONNX_SHARED_DATA, ONNX_CONFIG = "shared_embedding.data", "edgekd_onnx.json"
+RENAMED = {ONNX_CONFIG: "genai_config.json"}  # file -> its name in older artifacts
 GGUF_MODEL, GGUF_MMPROJ = "model.gguf", "mmproj.gguf"
 TRT_ENGINES_JSON, TRT_ONNX_DIR = "engines.json", "onnx"
 TRT_ENGINES = {"vision": "vision.engine", "embed": "embed.engine", "decoder": "decoder.engine"}
@@ -146,6 +147,9 @@ def preprocessing(vlm) -> dict[str, Any]:
     return {
         "image_size": [int(height), int(width)],
         "resize_shortest_edge": shortest,
+        # LLaVA's pad (TinyLLaVA/LLaVA-1.5 "pad"): to a centred square of the mean colour first
+        "pad_to_square": bool(getattr(ip, "do_pad", False))
+        and type(ip).__name__.startswith("Llava"),
         "image_mean": [float(x) for x in ip.image_mean],
         "image_std": [float(x) for x in ip.image_std],
         "rescale_factor": float(getattr(ip, "rescale_factor", 1 / 255)),
@@ -383,7 +387,7 @@ def _preprocessing_problems(pre: dict, dims: dict) -> list[str]:
     if len(pre["image_size"]) != 2 or not all(count(x, 1) for x in pre["image_size"]):
         problems.append("preprocessing.image_size must be [height, width], positive integers")
     shortest = pre.get("resize_shortest_edge")
-    if shortest is not None and not (count(shortest, 1) and shortest >= min(pre["image_size"])):
+    if shortest is not None and not (count(shortest, 1) and shortest >= max(pre["image_size"])):
         problems.append(
             "preprocessing.resize_shortest_edge must be null or an integer >= the crop size"
         )
@@ -435,11 +439,12 @@ def _file_problems(files: dict, target) -> list[str]:
             problems.append(f"file name '{name}' leaves the artifact directory")
         elif not isinstance(info, dict) or not _valid_entry(info):
             problems.append(f"files['{name}'] needs a 64-hex 'sha256' and an integer 'bytes'")
-    problems += [
-        f"a {target.name} artifact holds '{f}', which files does not list"
-        for f in target.files
-        if f not in files
-    ]
+    for f in target.files:
+        if f in files:
+            continue
+        old = RENAMED.get(f)
+        hint = f" (written by an older edgekd as '{old}': re-export it)" if old in files else ""
+        problems.append(f"a {target.name} artifact holds '{f}', which files does not list{hint}")
     return problems
 
 

@@ -147,9 +147,7 @@ def _check_inputs(out: Path, shown: str | os.PathLike, inputs: Iterable[Input]) 
                 "input); write to another directory"
             )
         if src.is_dir() and real.is_relative_to(src) and not isinstance(item, DataRoot):
-            raise OutputError(
-                f"output '{shown}' lies inside the input '{item}'; write outside it"
-            )
+            raise OutputError(f"output '{shown}' lies inside the input '{item}'; write outside it")
 
 
 # ---- the lock -----------------------------------------------------------------------------

@@ -180,6 +180,10 @@ def family_problems(config, target: str) -> list[str]:
 
 
 def _text_problems(tc, arch: TextArch, target: str) -> list[str]:
+    """What llama.cpp's graph for ``arch`` cannot compute (the ONNX trace runs transformers'
+    own code, so it takes any configuration of a declared decoder)."""
+    if target != "gguf":
+        return []
     problems = []
     rope = getattr(tc, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
@@ -192,8 +196,16 @@ def _text_problems(tc, arch: TextArch, target: str) -> list[str]:
             )
     if getattr(tc, "mlp_bias", False):
         problems.append("MLP biases (mlp_bias=true) are not exported")
-    if target != "gguf":
-        return problems
+    if getattr(tc, "attention_bias", False) and tc.model_type != "qwen2":
+        heads, hidden = tc.num_attention_heads, tc.hidden_size
+        head_dim = getattr(tc, "head_dim", None) or hidden // heads
+        if "attention_bias" not in arch.biases:
+            problems.append(f"attention biases are not part of llama.cpp's {arch.gguf_arch} graph")
+        elif heads * head_dim != hidden:
+            problems.append(
+                "attention biases with heads x head_dim != hidden_size: llama.cpp sizes the "
+                "query bias by hidden_size"
+            )
     act = getattr(tc, "hidden_act", "silu")
     if act not in arch.activations:
         problems.append(

@@ -208,11 +208,12 @@ class GgufExporter(Registered):
         tol = tolerance(TOLERANCES[config.precision], self.vision_precision(config), config.options)
         report = validate(vlm, config, Path(out), tol)
         if gguf_drop_rows(vlm.config):
-            report["stock_llama_cpp"] = stock_feed(vlm, config, Path(out))
-            log.info(
-                "stock llama.cpp tools (every clip row fed): %.0f%% of %d answers identical "
-                "to PyTorch's",
-                100 * report["stock_llama_cpp"]["answers_identical"],
-                report["stock_llama_cpp"]["samples"],
-            )
+            stock = report["stock_llama_cpp"] = stock_feed(vlm, config, Path(out))
+            if stock["answers_identical"] is not None:
+                log.info(
+                    "stock llama.cpp tools (every clip row fed): %.0f%% of %d answers "
+                    "identical to PyTorch's",
+                    100 * stock["answers_identical"],
+                    stock["samples"],
+                )
         return report

@@ -159,8 +159,8 @@ def validate(vlm, config: ExportConfig, out: Path, tol: Tolerance) -> dict[str, 
     """The gguf checks and the shared ones; raise ParityError with the numbers if any fails."""
     from edgekd.export import parity
 
-    backend = open_backend(vlm, out, n_threads=config.options.get("n_threads"), logits_all=True)
     cases = parity.cases(vlm, config)
+    backend = open_backend(vlm, out, n_threads=config.options.get("n_threads"), logits_all=True)
     checks = {
         "tokenizer": lambda: check_tokenizer(vlm, backend),
         "prompt_ids": lambda: check_prompt_ids(vlm, backend, cases),
@@ -188,47 +188,48 @@ IMAGE_COSINE_MIN = {"f32": 0.999, "f16": 0.995}
 # ---- what stock llama.cpp tools get from a first-token-dropping artifact ---------------------
 def stock_feed(vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
     """Answers when every clip row is fed, as llama-server and llama-mtmd-cli do, against
-    PyTorch's: on ``config.eval_data`` when given (accuracy and answer agreement), else on the
-    parity prompts (greedy token agreement). A measurement recorded in the manifest, not a gate.
+    PyTorch's: on ``config.eval_data`` when given (accuracy and answer agreement, edgekd's
+    exact path beside it), else on the parity prompts (greedy token agreement). A measurement
+    recorded in the manifest, not a gate.
 
     The stock tools feed the rows through libmtmd's helper at consecutive positions, which is
     what edgekd's backend does with ``drop_first_tokens=0`` (for a ``full`` artifact the served
-    answer equals the backend's: tests/export/test_gguf_family.py).
+    answer equals the backend's: tests/runtime/test_llamacpp_server.py).
     """
     from edgekd.evaluate import greedy_reference
     from edgekd.export import parity
 
-    backend = open_backend(vlm, out, n_threads=config.options.get("n_threads"), drop_first_tokens=0)
+    threads = config.options.get("n_threads")
+    stock = open_backend(vlm, out, n_threads=threads, drop_first_tokens=0)
     try:
-        extra = backend.session.mmproj_drop
         result: dict[str, Any] = {
             "what": "every clip row fed (stock llama.cpp tools), against PyTorch",
-            "visual_tokens_fed": vlm.num_image_tokens() + extra,
+            "visual_tokens_fed": vlm.num_image_tokens() + stock.session.mmproj_drop,
             "visual_tokens_model": vlm.num_image_tokens(),
         }
         if config.eval_data is not None:
-            return {**result, **_stock_eval(vlm, backend, config)}
+            return {**result, **_stock_eval(vlm, stock, config)}
         cases = [c for c in parity.cases(vlm, config) if c.pixel_values is not None]
-        exact, agreement = 0, []
+        same, agreement = 0, []
         for c in cases:
             ref = greedy_reference(vlm, c.input_ids, c.pixel_values, config.max_new_tokens)
-            got = list(
-                backend.generate_ids(c.input_ids, c.pixel_values, config.max_new_tokens).token_ids
-            )
-            exact += got == ref
-            agreement.append(parity.token_agreement(ref, got))
+            gen = stock.generate_ids(c.input_ids, c.pixel_values, config.max_new_tokens)
+            same += list(gen.token_ids) == ref
+            agreement.append(parity.token_agreement(ref, list(gen.token_ids)))
         return {
             **result,
             "on": "parity prompts",
             "samples": len(cases),
-            "answers_identical": exact / max(len(cases), 1),
+            "answers_identical": same / max(len(cases), 1),
             "token_agreement": float(np.mean(agreement)) if agreement else None,
         }
     finally:
-        backend.close()
+        stock.close()
 
 
 def _stock_eval(vlm, backend: LlamaCppBackend, config: ExportConfig) -> dict[str, Any]:
+    """Accuracy of PyTorch, the stock feed and edgekd's exact path on the eval set, and how
+    often each artifact path gives PyTorch's answer (one backend, its drop set per path)."""
     from edgekd.data import LlavaDataset, load_llava_json
     from edgekd.evaluate import generate_answers, normalize_answer, prompts_and_references, score
     from edgekd.models.dims import TextDims
@@ -238,22 +239,32 @@ def _stock_eval(vlm, backend: LlamaCppBackend, config: ExportConfig) -> dict[str
     context = TextDims.from_config(vlm.config.text_config).context
     dataset = LlavaDataset(samples, data.parent, vlm.processor, context)
     reference = generate_answers(vlm, dataset, max_new_tokens=config.max_new_tokens)
-    rows = prompts_and_references(dataset)
-    for row in rows:
-        pixels = dataset.load_pixels(row["index"])
-        row["prediction"] = backend.generate_ids(
-            np.asarray([row["input_ids"]], np.int64),
-            None if pixels is None else pixels[None].float().numpy(),
-            config.max_new_tokens,
-        ).text
-    same = [
-        normalize_answer(a["prediction"]) == normalize_answer(b["prediction"])
-        for a, b in zip(reference, rows, strict=True)
-    ]
+    session = backend.session
+    paths = {"stock": 0, "exact": session.mmproj_drop}
+    rows = {name: prompts_and_references(dataset) for name in paths}
+    for name, drop in paths.items():
+        session.drop_first_tokens = drop
+        for row in rows[name]:
+            pixels = dataset.load_pixels(row["index"])
+            row["prediction"] = backend.generate_ids(
+                np.asarray([row["input_ids"]], np.int64),
+                None if pixels is None else pixels[None].float().numpy(),
+                config.max_new_tokens,
+            ).text
+
+    def identical(name: str) -> float | None:
+        same = [
+            normalize_answer(a["prediction"]) == normalize_answer(b["prediction"])
+            for a, b in zip(reference, rows[name], strict=True)
+        ]
+        return float(np.mean(same)) if same else None
+
     return {
         "on": str(data.name),
-        "samples": len(rows),
-        "answers_identical": float(np.mean(same)) if same else None,
+        "samples": len(reference),
+        "answers_identical": identical("stock"),
+        "exact_answers_identical": identical("exact"),
         "pytorch_normalized_match": score(reference)["normalized_match"],
-        "stock_normalized_match": score(rows)["normalized_match"],
+        "stock_normalized_match": score(rows["stock"])["normalized_match"],
+        "exact_normalized_match": score(rows["exact"])["normalized_match"],
     }

@@ -550,4 +550,3 @@ def _write_engines_json(out: Path, trt, profile: str, vlm, engines: dict[str, An
             "preprocessing": artifact.preprocessing(vlm),
         },
     )
-

@@ -54,11 +54,16 @@ def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the lla
 
 
 def to_rgb_array(
-    image, size: tuple[int, int], resample: int = 3, shortest_edge: int | None = None
+    image,
+    size: tuple[int, int],
+    resample: int = 3,
+    shortest_edge: int | None = None,
+    pad_color: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """A PIL image, path or (H, W, 3) uint8 array as (H, W, 3) uint8 at ``size`` (height, width).
 
-    With ``shortest_edge`` the image is first resized so that its shorter side has that length
+    With ``pad_color`` the image is first padded to a centred square of that colour (LLaVA's
+    ``pad``). With ``shortest_edge`` it is resized so that its shorter side has that length
     (aspect kept, as CLIP's processor rounds it), then centre-cropped to ``size``.
     """
     from PIL import Image
@@ -73,6 +78,11 @@ def to_rgb_array(
             )
         image = Image.fromarray(image)
     image = image.convert("RGB")
+    if pad_color is not None and image.size[0] != image.size[1]:
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), tuple(pad_color))
+        square.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
+        image = square
     if shortest_edge is not None and image.size != (size[1], size[0]):
         w, h = image.size
         short, long = (w, h) if w <= h else (h, w)
@@ -85,6 +95,13 @@ def to_rgb_array(
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), resample=resample)
     return np.asarray(image, dtype=np.uint8)
+
+
+def pad_color(pre: dict[str, Any]) -> tuple[int, int, int] | None:
+    """LLaVA's pad colour (the mean, in bytes) when the preprocessing pads to a square."""
+    if not pre.get("pad_to_square"):
+        return None
+    return tuple(int(x * 255) for x in pre["image_mean"])
 
 
 DROP_KEY = "edgekd.vision.drop_first_tokens"  # see edgekd.export.family
@@ -138,6 +155,7 @@ class LlamaCppSession:
         resample: PIL resampling filter for the resize (3: bicubic, SigLIP's).
         resize_shortest_edge: Resize the shortest edge to this, then centre-crop to
             ``image_size`` (CLIP's preprocessing); ``None``: a square resize.
+        pad_color: Pad to a centred square of this colour first (LLaVA's ``pad``).
         drop_first_tokens: Rows of clip's output dropped before they are fed; ``None``: what
             the mmproj says (``edgekd.vision.drop_first_tokens``); 0 feeds every row, as stock
             llama.cpp tools do.
@@ -163,6 +181,7 @@ class LlamaCppSession:
         logits_all: bool = False,
         resample: int = 3,
         resize_shortest_edge: int | None = None,
+        pad_color: tuple[int, int, int] | None = None,
         drop_first_tokens: int | None = None,
         error: type[Exception] = BackendError,
     ) -> None:
@@ -170,7 +189,7 @@ class LlamaCppSession:
         self._lc, self._mtmd, self._error = llama_cpp, llama_cpp.mtmd_cpp, error
         self.chat_template, self.image_token = chat_template, image_token
         self.image_size, self.resample = tuple(image_size), resample
-        self.resize_shortest_edge = resize_shortest_edge
+        self.resize_shortest_edge, self.pad_color = resize_shortest_edge, pad_color
         self.stop_ids = set(int(i) for i in stop_ids)
         self.logits_all = logits_all
         self.handler = None
@@ -261,7 +280,9 @@ class LlamaCppSession:
 
     def rgb(self, image) -> np.ndarray:
         """The (H, W, 3) uint8 image libmtmd gets: resized (and cropped) as the processor does."""
-        return to_rgb_array(image, self.image_size, self.resample, self.resize_shortest_edge)
+        return to_rgb_array(
+            image, self.image_size, self.resample, self.resize_shortest_edge, self.pad_color
+        )
 
     def image_rows(self, chunk) -> int:
         """Visual tokens an image chunk becomes in the prompt (clip's rows minus the dropped)."""
@@ -277,7 +298,7 @@ class LlamaCppSession:
         n = m.mtmd_input_chunk_get_n_tokens(chunk)
         ptr = m.mtmd_get_output_embd(self.handler.mtmd_ctx)
         rows = np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd)
-        rows = np.ascontiguousarray(rows[self.drop_first_tokens :], dtype=np.float32)
+        rows = np.array(rows[self.drop_first_tokens :], dtype=np.float32, copy=True)  # own copy
         return rows, (time.perf_counter() - t0) * 1e3
 
     def encode_image(self, image) -> tuple[np.ndarray, float]:
@@ -295,6 +316,8 @@ class LlamaCppSession:
         position: ``llama_batch`` with ``embd`` set, ``n_batch`` rows per ``llama_decode``."""
         lc, llm = self._lc, self.llm
         n = len(rows)
+        if n == 0:
+            raise self._error("the mmproj gave no visual rows after the dropped ones")
         if llm.n_tokens + n > llm.n_ctx():
             raise self._error(f"prompt of {llm.n_tokens + n} tokens exceeds n_ctx {llm.n_ctx()}")
         step = min(n, llm.n_batch)
@@ -502,6 +525,7 @@ class LlamaCppBackend:
             logits_all=logits_all,
             resample=3 if resample is None else resample,
             resize_shortest_edge=self.pre.get("resize_shortest_edge"),
+            pad_color=pad_color(self.pre),
             drop_first_tokens=drop_first_tokens,
             error=error,
         )

@@ -218,9 +218,7 @@ def load_config(src: str, trust_remote_code: bool = False):
         raise
     except (OSError, ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:
         cause = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ else e
-        raise ModelError(
-            f"cannot read a model config from '{src}': {first_line(cause)}"
-        ) from None
+        raise ModelError(f"cannot read a model config from '{src}': {first_line(cause)}") from None
 
 
 def load_processor(src: str, trust_remote_code: bool = False):
@@ -339,4 +337,3 @@ def check_llava_config(config: dict[str, Any], src: str) -> None:
         f"'{src}' is not a LLaVA-family VLM (model_type '{model_type}'); edgekd takes "
         "LlavaForConditionalGeneration checkpoints"
     )
-

@@ -76,6 +76,8 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
 )
 # A CLIP checkpoint's tower (CLIPModel or CLIPVisionModel); its text side is not used.
 _CLIP_UNUSED = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+# buffers older transformers saved that the current classes recompute (never weights)
+_STALE_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")
 _LLAVA_KEYS = ("mm_", "image_aspect_ratio", "freeze_mm", "tune_mm", "use_mm", "unfreeze_mm")
 
 
@@ -118,7 +120,7 @@ def convert_llava15(
         source = resolve_source(src, what="LLaVA checkpoint")
         path = source.path
         config = read_json(path / "config.json", what="a LLaVA checkpoint")
-        if not is_llava15(config):
+        if not is_llava15(config):  # LLaVA's own layout, whatever its language model
             raise ModelError(
                 f"'{path}' is not an original LLaVA checkpoint: config.json has architectures "
                 f"{config.get('architectures')}, expected ['{ARCHITECTURE}']"
@@ -134,7 +136,7 @@ def convert_llava15(
             tower_source, tower_state = load_tower(vision_tower or config["mm_vision_tower"])
             state.update(tower_state)
             counts["tower from " + tower_source] = len(tower_state)
-        vision_config = _vision_config(tower_source, path, vision_tower)
+        vision_config = _vision_config(tower_source, path, vision_tower, config)
         tokenizer, added = load_tokenizer(path)
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         tied = bool(config.get("tie_word_embeddings", False)) and HEAD_KEY not in state
@@ -193,6 +195,13 @@ def check_supported(path: Path, config: dict[str, Any]) -> str:
         problems.append("mm_use_im_start_end / mm_use_im_patch_token tokens are not supported")
     if "mm_vision_tower" not in config:
         problems.append("config.json has no mm_vision_tower")
+    if ARCHITECTURE not in (config.get("architectures") or []):
+        problems.append(
+            f"architectures {config.get('architectures')}: only {ARCHITECTURE} (a Llama "
+            "language model) is converted"
+        )
+    if config.get("rope_scaling"):
+        problems.append(f"rope_scaling {config['rope_scaling']} is not converted")
     if problems:
         raise ModelError(f"cannot convert '{path}': " + "; ".join(problems))
     return SELECT_STRATEGY[select]
@@ -202,6 +211,8 @@ def map_state_dict(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, in
     """Rename LLaVA keys to Llava keys by :data:`KEY_MAP`; a key no rule takes is an error."""
     state, counts, unmatched = {}, {f"{s}* -> {t}*": 0 for s, t in KEY_MAP}, []
     for name, tensor in tensors.items():
+        if name.endswith(_STALE_BUFFERS):
+            continue
         rule = next(((s, t) for s, t in KEY_MAP if name.startswith(s)), None)
         if rule is None:
             unmatched.append(name)
@@ -224,7 +235,7 @@ def load_tower(ref: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
         raise ModelError(f"no weights in the vision tower '{source.path}'")
     state = {}
     for name, tensor in found[0].items():
-        if name.startswith(_CLIP_UNUSED):
+        if name.startswith(_CLIP_UNUSED) or name.endswith(_STALE_BUFFERS):
             continue
         state["model.vision_tower." + name.removeprefix("vision_model.")] = tensor
     if not state:
@@ -232,23 +243,24 @@ def load_tower(ref: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
     return source.hub_id or str(source.path), state
 
 
-def _vision_config(tower_source: str | None, path: Path, vision_tower) -> dict[str, Any]:
+def _vision_config(tower_source, path: Path, vision_tower, config: dict) -> dict[str, Any]:
     """The CLIP vision config: of the tower checkpoint (a CLIPConfig's ``vision_config`` or a
-    CLIPVisionConfig), or the source's ``vision_tower/config.json`` when it carries the tower."""
-    candidates = []
-    if tower_source is not None:
-        candidates.append(resolve_source(tower_source, what="CLIP vision tower").path)
-    if vision_tower is not None:
-        candidates.append(resolve_source(vision_tower, what="CLIP vision tower").path)
-    candidates.append(path / "vision_tower")
-    for folder in candidates:
+    CLIPVisionConfig), else the source's ``vision_tower/config.json``, else ``mm_vision_tower``'s
+    config (a checkpoint holding the tower's weights but not its config)."""
+
+    def folders():  # lazily: mm_vision_tower (maybe a hub id) only when nothing else has it
+        for ref in (tower_source, vision_tower):
+            if ref is not None:
+                yield resolve_source(ref, what="CLIP vision tower").path
+        yield path / "vision_tower"
+        if tower_source is None and vision_tower is None:
+            yield resolve_source(config["mm_vision_tower"], what="CLIP vision tower").path
+
+    for folder in folders():
         if (folder / "config.json").is_file():
             data = read_json(folder / "config.json", what="a CLIP config")
             vision = data.get("vision_config", data)
-            if vision.get("model_type", "clip_vision_model") not in (
-                "clip_vision_model",
-                "clip",
-            ):
+            if vision.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
                 raise ModelError(f"'{folder}' is not a CLIP vision tower")
             return {**vision, "_source": str(folder)}
     raise ModelError(
@@ -262,7 +274,7 @@ def build_config(
     """A LlavaConfig: the top-level Llama keys, the CLIP tower, LLaVA's feature selection."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    text_keys = set(LlamaConfig().to_dict())
+    text_keys = set(LlamaConfig().to_dict()) | {"rope_theta"}  # legacy key, folded by LlamaConfig
     text = {
         k: v
         for k, v in config.items()

@@ -107,6 +107,10 @@ def test_quantized_members_keep_their_accuracy(checkpoint, tmp_path):
     assert q4["parity"]["passed"] and q4["parity"]["checks"]["accuracy"]["pass"]
     stock = q4["parity"]["stock_llama_cpp"]
     assert stock["on"] == "eval.json" and stock["samples"] == 7
+    assert (
+        stock["exact_normalized_match"]
+        == q4["parity"]["checks"]["accuracy"]["artifact_normalized_match"]
+    )
 
 
 def test_gemma_is_written_as_llama_cpp_computes_it(checkpoint, tmp_path):
@@ -198,3 +202,29 @@ def test_clip_preprocessing_matches_the_processor_on_a_wide_image(checkpoint):
     ours = (rgb.transpose(2, 0, 1).astype(np.float32) / 255 - mean) / std
     ref = vlm.processor.image_processor(images=image, return_tensors="np")["pixel_values"][0]
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_llava_pad_preprocessing_matches_the_processor(tokenizer):
+    """TinyLLaVA / LLaVA-1.5 ``pad``: the llama.cpp backend pads to a centred square of the
+    mean colour before resizing, as transformers' LLaVA image processor does."""
+    from transformers import LlavaImageProcessorPil
+
+    from edgekd import artifact
+    from edgekd.models import build_vlm
+    from edgekd.runtime.llamacpp import pad_color, to_rgb_array
+
+    vlm = build_vlm("tiny", tokenizer=tokenizer, select_strategy="default")
+    ip = LlavaImageProcessorPil(
+        do_pad=True, do_center_crop=False, size={"height": 64, "width": 64},
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3,
+    )  # fmt: skip
+    vlm.processor.image_processor = ip
+    pre = artifact.preprocessing(vlm)
+    assert pre["pad_to_square"] and pad_color(pre) == (127, 127, 127)
+    image = np.random.default_rng(2).integers(0, 256, (30, 70, 3), np.uint8)
+    rgb = to_rgb_array(image, (64, 64), 3, None, pad_color(pre))
+    ours = (rgb.transpose(2, 0, 1).astype(np.float32) / 255 - 0.5) / 0.5
+    ref = ip(images=image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    plain = artifact.preprocessing(build_vlm("tiny", tokenizer=tokenizer))
+    assert not plain["pad_to_square"] and pad_color(plain) is None

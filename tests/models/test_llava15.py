@@ -85,7 +85,10 @@ def write_llava15(path: Path, *, tower_inside: bool, select: str = "patch", aspe
         state.update({f"model.vision_tower.vision_tower.{k}": v for k, v in tower_state.items()})
         (path / "vision_tower").mkdir()
         (path / "vision_tower" / "config.json").write_text(json.dumps(vision.to_dict()))
-    else:  # as released: the tower is openai's CLIP checkpoint, with its text half
+    else:  # as released: the tower is openai's CLIP checkpoint, with its text half, and the
+        # buffers older transformers saved (recomputed now, skipped by the converter)
+        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(6)
+        tower_state["vision_model.embeddings.position_ids"] = torch.arange(17)[None].float()
         tower_dir.mkdir()
         clip_state = {
             **tower_state,
