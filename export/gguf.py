@@ -33,7 +33,10 @@ Facts this module relies on, read from the llama.cpp sources vendored in llama-c
   Q6_K -> Q8_0; the tied output/embedding matrix -> Q8_0) and we record which tensors did.
 * Our byte-level BPE (``ByteLevel(use_regex=True)``, GPT-2's split regex) is reproduced id for
   id by llama.cpp's ``gpt-2`` pre-tokenizer; ``default``, ``qwen2`` and ``llama-bpe`` are not
-  (tests/export/test_gguf_export.py checks all four).
+  (tests/export/test_gguf_export.py checks all four). SentencePiece-style vocabularies (BPE
+  over ``▁`` words with ``<0xXX>`` byte fallback) go to llama.cpp's SPM tokenizer
+  (``tokenizer.ggml.model = "llama"``), which merges by token score: scores are minus the rank
+  of the merge making each token (see :func:`edgekd.export.gguf_write.tokenizer_model`).
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ from edgekd.export.gguf_write import (
     feature_layers,
     import_gguf,
     import_llama_cpp,
-    pre_tokenizer_name,
     projector_scale,
     quant_report,
     quantize,
+    tokenizer_model,
     vocabulary,
     write_lm,
     write_mmproj,
@@ -112,7 +115,7 @@ def _number_problems(options: dict[str, Any], kinds: dict[str, type]) -> list[st
 
 def tokenizer_problems(tokenizer) -> list[str]:
     try:
-        pre_tokenizer_name(tokenizer)
+        tokenizer_model(tokenizer)
     except ExportError as e:
         return [str(e)]
     return []
@@ -176,7 +179,7 @@ class GgufExporter(Registered):
                 "files": [MODEL_FILE],
                 "precision": p,
                 "architecture": text_arch(vlm.config).gguf_arch,
-                "pre_tokenizer": pre_tokenizer_name(vlm.tokenizer),
+                "tokenizer": tokenizer_model(vlm.tokenizer),
                 "vocab": {"tokenizer": vocab["n_tokenizer"], "gguf": len(vocab["tokens"])},
                 "n_tensors": len(lm_table),
                 "bytes": model.stat().st_size,

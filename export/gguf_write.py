@@ -27,7 +27,10 @@ from edgekd.models.dims import TextDims
 
 K_QUANT_ROW = 256  # llama.cpp's QK_K
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = (
+    1, 2, 3, 4, 5, 6
+)  # fmt: skip
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @dataclass(frozen=True)
@@ -144,12 +147,45 @@ def _tokenizer_json(tokenizer) -> dict[str, Any]:
     return json.loads(backend.to_str())
 
 
+def tokenizer_model(tokenizer) -> dict[str, Any]:
+    """How llama.cpp reproduces this HF tokenizer (checked id for id by the exporter).
+
+    * byte-level BPE (GPT-2 style: Qwen2, Llama-3): ``{"model": "gpt2", "pre": ...}``, with
+      the merges and the pre-tokenizer that splits text the same way;
+    * SentencePiece-style BPE (``▁``-marked words, ``<0xXX>`` byte fallback: Llama-2, Vicuna,
+      TinyLlama, Mistral, Gemma): ``{"model": "llama", "add_space_prefix": ...}``, llama.cpp's
+      SPM tokenizer, which merges the pair whose result scores highest: each token scores
+      minus the rank of the merge that makes it, so merges apply in BPE's order.
+    """
+    tj = _tokenizer_json(tokenizer)
+    if tj["model"]["type"] == "BPE" and tj["model"].get("byte_fallback"):
+        return {"model": "llama", "add_space_prefix": _space_prefix(tj)}
+    return {"model": "gpt2", "pre": pre_tokenizer_name(tokenizer)}
+
+
+def _space_prefix(tj: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer marks the first word with ``▁`` (Llama) or not
+    (Gemma), from its Metaspace pre-tokenizer or its Prepend/Replace normalizer."""
+    pre, norm = tj.get("pre_tokenizer") or {}, tj.get("normalizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581":  # ▁
+        return pre.get("prepend_scheme", "always") != "never"
+    steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    replaces = [s for s in steps if s.get("type") == "Replace" and s.get("content") == "▁"]
+    if replaces and not pre:
+        return any(s.get("type") == "Prepend" and s.get("prepend") == "▁" for s in steps)
+    raise ExportError(
+        "the SentencePiece-style tokenizer marks words in a way llama.cpp's SPM tokenizer "
+        f"does not (pre-tokenizer {pre.get('type')!r}, normalizer {norm.get('type')!r})"
+    )
+
+
 def pre_tokenizer_name(tokenizer) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` that splits text as this HF tokenizer does."""
     tj = _tokenizer_json(tokenizer)
     if tj["model"]["type"] != "BPE" or tj["model"].get("byte_fallback"):
         raise ExportError(
-            "the tokenizer is not a byte-level BPE; GGUF export takes GPT-2-style BPE"
+            "the tokenizer is neither a byte-level BPE nor a SentencePiece-style BPE with byte "
+            "fallback; GGUF export takes those two"
         )
     pre = tj.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
@@ -255,7 +291,8 @@ def projector_scale(vlm) -> float:
 
 
 def vocabulary(vlm) -> dict[str, Any]:
-    """Tokens, token types and merges, padded with ``[PAD{i}]`` to the embedding size."""
+    """Tokens, token types and merges (byte-level BPE) or scores (SentencePiece-style, see
+    :func:`tokenizer_model`), padded with ``[PAD{i}]`` to the embedding size."""
     tok = vlm.tokenizer
     n_tok, n_embd_rows = len(tok), vlm.vocab_size
     if n_tok > n_embd_rows:
@@ -266,11 +303,16 @@ def vocabulary(vlm) -> dict[str, Any]:
     if missing:
         raise ExportError(f"token ids {missing[:5]} have no token; the vocabulary has gaps")
     added = {i: a for i, a in tok.added_tokens_decoder.items()}
+    spm = tokenizer_model(tok)["model"] == "llama"
     tokens, types = [], []
     for i in range(n_tok):
         tokens.append(by_id[i])
         if i in added:
             types.append(TOKEN_CONTROL if added[i].special else TOKEN_USER_DEFINED)
+        elif spm and _BYTE_TOKEN.fullmatch(by_id[i]):
+            types.append(TOKEN_BYTE)
+        elif spm and i == tok.unk_token_id:
+            types.append(TOKEN_UNKNOWN)
         else:
             types.append(TOKEN_NORMAL)
     for i in range(n_tok, n_embd_rows):
@@ -278,7 +320,13 @@ def vocabulary(vlm) -> dict[str, Any]:
         types.append(TOKEN_UNUSED)
     merges = _tokenizer_json(tok)["model"]["merges"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    return {"tokens": tokens, "types": types, "merges": merges, "n_tokenizer": n_tok}
+    out = {"tokens": tokens, "types": types, "merges": merges, "n_tokenizer": n_tok}
+    if spm:
+        rank = {}
+        for r, m in enumerate(merges):
+            rank.setdefault(m.replace(" ", ""), r)
+        out["scores"] = [-float(rank.get(t, 0)) for t in tokens]
+    return out
 
 
 def special_ids(vlm) -> dict[str, int]:
@@ -322,11 +370,18 @@ def write_lm(vlm, path: Path, dtype: str) -> dict[str, np.ndarray]:
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(float(tc.rms_norm_eps))
     w.add_vocab_size(len(vocab["tokens"]))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre_tokenizer_name(vlm.tokenizer))
+    kind = tokenizer_model(vlm.tokenizer)
+    w.add_tokenizer_model(kind["model"])
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
-    w.add_token_merges(vocab["merges"])
+    if kind["model"] == "gpt2":
+        w.add_tokenizer_pre(kind["pre"])
+        w.add_token_merges(vocab["merges"])
+    else:
+        w.add_token_scores(vocab["scores"])
+        w.add_add_space_prefix(kind["add_space_prefix"])
+        if vlm.tokenizer.unk_token_id is not None:
+            w.add_unk_token_id(vlm.tokenizer.unk_token_id)
     ids = special_ids(vlm)
     w.add_bos_token_id(ids["bos"])
     w.add_eos_token_id(ids["eos"])

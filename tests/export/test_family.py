@@ -93,6 +93,27 @@ def test_gguf_f16_exports_every_member_with_parity(checkpoint, tmp_path, tower, 
         assert "stock_llama_cpp" not in parity
 
 
+@pytest.mark.parametrize("decoder", ["llama", "gemma"])
+def test_gguf_takes_sentencepiece_vocabularies(tmp_path, decoder):
+    """Llama-2 / Vicuna / TinyLlama-style (``▁`` prefix) and Gemma-style (none) vocabularies
+    become llama.cpp's SPM tokenizer: id for id on the exporter's texts, greedy tokens exact."""
+    pytest.importorskip("llama_cpp")
+    from export_helpers import spm_tokenizer
+
+    from edgekd.models import build_vlm
+
+    tok = spm_tokenizer(space_prefix=decoder == "llama")
+    vlm = build_vlm("tiny", tokenizer=tok, decoder=decoder, select_strategy="default", seed=1)
+    vlm.processor.chat_template = tok.chat_template
+    vlm.save_pretrained(tmp_path / "ckpt")
+    manifest = _export(tmp_path / "ckpt", "gguf", "f16", tmp_path / "gguf")
+    checks = manifest["parity"]["checks"]
+    assert checks["tokenizer"]["identical"] == checks["tokenizer"]["texts"]
+    assert checks["greedy"]["prompts_exact"] == 2 and checks["prompt_ids"]["pass"]
+    kind = manifest["components"]["language_model"]["tokenizer"]
+    assert kind == {"model": "llama", "add_space_prefix": decoder == "llama"}
+
+
 def test_quantized_members_keep_their_accuracy(checkpoint, tmp_path):
     """int8 ONNX of a CLIP + Llama LLaVA-1.5 layout, q4_k_m GGUF of a dropping SigLIP + Gemma."""
     pytest.importorskip("llama_cpp")

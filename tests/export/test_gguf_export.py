@@ -264,7 +264,7 @@ def test_pre_tokenizer_choice_reproduces_transformers_ids(
 
 def test_tokenizer_round_trip_in_parity(f32_artifact):
     _, components, parity = f32_artifact
-    assert components["language_model"]["pre_tokenizer"] == "gpt-2"
+    assert components["language_model"]["tokenizer"] == {"model": "gpt2", "pre": "gpt-2"}
     assert parity["checks"]["tokenizer"]["pass"]
     assert parity["checks"]["tokenizer"]["mismatches"] == []
 
