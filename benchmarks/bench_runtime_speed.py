@@ -26,16 +26,14 @@ edgekd, and times every variant in one process with the same thread count (``--t
 ONNX artifacts go through :func:`edgekd.export.export` (with its parity checks; a parity miss
 is recorded with its numbers, see :func:`export_unproven`) at opset ``CPU_OPSET`` (attention as
 one ONNX ``Attention`` op over the kv heads; see :mod:`edgekd.export.onnx`), and again at the
-exporter's default opset 18 (``onnx-*-opset18``, for comparison). GGUF: the 0.5B preset drops
-the first visual token (``vision_feature_select_strategy: default``, as TinyLLaVA), which the
-mmproj format cannot express, so ``export`` refuses it. As ``bench_gguf_size.py`` does, only the
-language model is written (``gguf_write.write_lm``, f32 or f16, then ``llama_model_quantize``
-for Q8_0 / Q4_K_M) and checked here against PyTorch with the gguf exporter's own tokenizer and
-text-logit checks and tolerances (:data:`edgekd.export.gguf.TOLERANCES`); decode speed needs
-only the language model. Such a directory is not an edgekd artifact (a gguf artifact holds
-``model.gguf`` and ``mmproj.gguf``), so it has no ``manifest.json``: the benchmark keeps its
-own record beside the file (``bench_record.json``: hash, parity, quantization report), and
-reads it back when the file is reused.
+exporter's default opset 18 (``onnx-*-opset18``, for comparison). GGUF artifacts too go through
+``export`` (``model.gguf`` + ``mmproj.gguf``, with the gguf parity checks): the preset drops the
+first visual token (``vision_feature_select_strategy: default``, as TinyLLaVA), which edgekd's
+llama.cpp backend does after clip's encoder (the exact path, see :mod:`edgekd.export.family`).
+
+* image: one answer about an image through each artifact's whole path (vision, prefill with
+  the visual tokens, ``--image-tokens`` decoded), PyTorch eager fp32 beside it
+  (:func:`image_answers`).
 
 Heavy: a multi-gigabyte checkpoint and artifacts on disk and in memory, and a long first run
 (the exports); the measured sizes and times are in ``docs/performance.md``. ``--workdir``
@@ -87,14 +85,12 @@ FILLER = (
     "flowers, spices, cloth and tools while the first buyers walk slowly between the rows."
 )
 CONTEXTS = ("text", "image-length")
-STAGES = ("export", "decode", "vision")
+STAGES = ("export", "decode", "vision", "image")
 WARMUP_TOKENS = 8  # tokens of each variant's warm-up generation
-# beside a language-model-only GGUF (not an edgekd artifact, see the module docstring)
-RECORD = "bench_record.json"
-LM_ONLY = (
-    "language model only (no mmproj: the preset's vision selection 'default' cannot be "
-    "expressed in GGUF)"
-)
+IMAGE_VARIANTS = (
+    "pytorch-fp32", "onnx-fp32", "onnx-int8", "onnx-int4", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"
+)  # fmt: skip
+IMAGE_QUESTION = "What is in the image? Describe the shapes and their colours."
 
 
 # ---- artifacts ---------------------------------------------------------------------------------
@@ -109,14 +105,18 @@ def prepare(work: Path, threads: int, log) -> dict:
         info["parameters"] = create_checkpoint(PRESET, work / "ckpt", seed=0)
         info["checkpoint_s"] = time.perf_counter() - t0
         log(f"checkpoint {info['checkpoint_s']:.0f} s")
-    for name, (p, options) in ONNX_VARIANTS.items():
+    variants = {
+        **{n: ("onnx", p, o) for n, (p, o) in ONNX_VARIANTS.items()},
+        **{n: ("gguf", p, {}) for n, p in GGUF_VARIANTS.items()},
+    }
+    for name, (target, p, options) in variants.items():
         out = work / name
         if reusable(out, log):
             continue
         t0 = time.perf_counter()
         config = ExportConfig(
             str(work / "ckpt"),
-            "onnx",
+            target,
             p,
             out,
             overwrite=out.exists(),  # only a directory reusable() refused
@@ -132,15 +132,11 @@ def prepare(work: Path, threads: int, log) -> dict:
             row["parity_error"] = parity["error"]
         info["artifacts"][name] = row
         log(f"{name}: {row['export_s']:.0f} s, parity passed: {parity['passed']}")
-    if not all((work / name / RECORD).is_file() for name in GGUF_VARIANTS):
-        info["artifacts"].update(prepare_gguf(work, threads, log))
-    for name in [*ONNX_VARIANTS, *GGUF_VARIANTS]:
+    for name in variants:
         info["artifacts"].setdefault(name, {"reused": "built by an earlier run in --workdir"})
     info["parity"] = {}  # of every artifact measured, built now or kept from an earlier run
-    for name in ONNX_VARIANTS:
+    for name in variants:
         info["parity"][name] = parity_row(artifact.load(work / name))
-    for name in GGUF_VARIANTS:
-        info["parity"][name] = parity_row(lm_only_view(work / name, verify=False))
     return info
 
 
@@ -167,6 +163,10 @@ def parity_row(loaded: artifact.Artifact) -> dict:
         if check in checks:
             c = checks[check]
             row[check] = {k: c[k] for k in ("cosine_min", "max_abs") if k in c}
+    if "greedy" in checks:
+        row["greedy_prompts_exact"] = checks["greedy"]["prompts_exact"]
+    if "stock_llama_cpp" in parity:  # every clip row fed, as stock llama.cpp tools do
+        row["stock_llama_cpp"] = parity["stock_llama_cpp"]
     return row
 
 
@@ -200,162 +200,6 @@ def export_unproven(config, error) -> dict:
     return parity
 
 
-# ---- language-model-only GGUF ------------------------------------------------------------------
-def prepare_gguf(work: Path, threads: int, log) -> dict:
-    """Language-model-only GGUF files (see the module docstring), checked against PyTorch; each
-    directory appears with its model file and record, or not at all."""
-    from edgekd.io import atomic_dir
-    from edgekd.models import VLM
-
-    ckpt = work / "ckpt"
-    vlm = VLM.from_pretrained(ckpt)
-    source = {"checkpoint": str(ckpt), "sha256": artifact.checkpoint_hash(ckpt)}
-    rows, f32 = {}, work / "lm-f32.gguf"
-    try:
-        for name, p in GGUF_VARIANTS.items():
-            if (work / name / RECORD).is_file():
-                continue
-            t0 = time.perf_counter()
-            with atomic_dir(work / name, overwrite=True) as tmp:
-                table = write_gguf_lm(vlm, tmp / artifact.GGUF_MODEL, p, f32, threads)
-                seconds = time.perf_counter() - t0
-                parity = gguf_lm_parity(vlm, tmp / artifact.GGUF_MODEL, p, threads)
-                write_record(tmp, vlm, source, p, table, parity)
-            rows[name] = {"export_s": seconds, "parity_passed": parity["passed"]}
-            log(f"gguf {p}: {seconds:.0f} s, language-model parity passed: {parity['passed']}")
-    finally:
-        f32.unlink(missing_ok=True)
-    return rows
-
-
-def write_gguf_lm(vlm, model: Path, precision: str, f32: Path, threads: int) -> dict:
-    """``model`` at ``precision`` (quantized from the shared ``f32`` file, written once); its
-    tensor table, checked against the tensors written."""
-    from edgekd.export import gguf_write as g
-
-    if precision in ("f32", "f16"):
-        tensors = g.write_lm(vlm, model, precision)
-    else:
-        if not f32.exists():
-            g.write_lm(vlm, f32, "f32")
-        g.quantize(f32, model, precision, threads)
-        tensors = g.lm_tensors(vlm, "f32")
-    return g.check_written(model, tensors, "language-model")
-
-
-def write_record(out: Path, vlm, source: dict, precision: str, table: dict, parity: dict) -> None:
-    """``bench_record.json``: what a manifest would hold, for :func:`lm_only_view`."""
-    from edgekd.envinfo import snapshot
-    from edgekd.export import gguf_write as g
-    from edgekd.io import atomic_write_json, sha256_file
-    from edgekd.models.dims import TextDims
-
-    model = out / artifact.GGUF_MODEL
-    size = model.stat().st_size
-    component = {
-        "files": [artifact.GGUF_MODEL],
-        "precision": precision,
-        "bytes": size,
-        "scope": LM_ONLY,
-        **g.quant_report(table, precision),
-    }
-    record = {
-        "scope": LM_ONLY,
-        "precision": precision,
-        "source": source,
-        "files": {artifact.GGUF_MODEL: {"sha256": sha256_file(model), "bytes": size}},
-        "components": {"language_model": component},
-        "preprocessing": artifact.preprocessing(vlm),
-        "text_dims": TextDims.from_config(vlm.config.text_config).to_dict(),
-        "parity": parity,
-        "options": {},
-        "environment": snapshot(),
-    }
-    atomic_write_json(out / RECORD, record)
-
-
-def lm_only_view(out: Path, verify: bool = True) -> artifact.Artifact:
-    """A language-model-only GGUF directory as an in-memory :class:`~edgekd.artifact.Artifact`
-    built from its record, for readers of ``model.gguf`` alone (preprocessing, parity, the gguf
-    target's decode-weights reader). It is not loadable as an artifact: it has no mmproj.
-
-    Raises:
-        EdgeKDError: ``model.gguf`` differs from its record (with ``verify``).
-    """
-    from edgekd.io import sha256_file
-
-    record = json.loads((out / RECORD).read_text())
-    for name, info in record["files"].items():
-        f = out / name
-        if verify and (f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]):
-            raise EdgeKDError(f"{f} differs from its {RECORD}; delete {out} to rebuild it")
-    return artifact.Artifact.from_manifest(out, {**record, "target": "gguf"})
-
-
-def gguf_session(model: Path, pre: dict, threads: int, n_ctx: int, logits_all: bool = False):
-    """A text-only llama.cpp session on ``model`` (no mmproj) with the checkpoint's chat template
-    and stop ids (``pre``: :func:`edgekd.artifact.preprocessing`), ``n_ctx`` tokens long."""
-    from edgekd.runtime.llamacpp import LlamaCppSession
-
-    return LlamaCppSession(
-        model,
-        None,
-        chat_template=pre["chat_template"],
-        image_size=tuple(pre["image_size"]),
-        image_token=pre["image_token"],
-        stop_ids=pre["eos_token_ids"],
-        n_ctx=n_ctx,
-        n_threads=threads,
-        logits_all=logits_all,
-    )
-
-
-class TextOnlyGguf:
-    """A text-only session as the gguf exporter's checks take a backend: ``session``, and the
-    prompt logits of token ids (what ``LlamaCppBackend.prefill_logits`` gives without an image).
-    """
-
-    def __init__(self, session) -> None:
-        self.session = session
-
-    def prefill_logits(self, input_ids, pixel_values=None):
-        import numpy as np
-
-        self.session.prefill([[int(i) for i in np.asarray(input_ids).reshape(-1)]])
-        n = self.session.llm.n_tokens
-        return np.asarray(self.session.llm.scores[:n], np.float32)[None]
-
-
-def gguf_lm_parity(vlm, model: Path, precision: str, threads: int) -> dict:
-    """The gguf exporter's tokenizer and text-logit checks on a language-model file at the
-    precision's tolerance, as a parity report (``precision``, ``tolerance``, ``checks``,
-    ``passed``); a failure is recorded, not raised."""
-    from dataclasses import asdict
-
-    from edgekd.export.gguf import TOLERANCES
-    from edgekd.export.gguf_validate import TEXT_PROMPT, check_text_logits, check_tokenizer
-    from edgekd.runtime.prompt import encode_prompt
-
-    tol = TOLERANCES[precision]
-    ids, _ = encode_prompt(vlm.processor, None, TEXT_PROMPT)  # the longest prompt it evaluates
-    pre = artifact.preprocessing(vlm)
-    lm = TextOnlyGguf(gguf_session(model, pre, threads, n_ctx=ids.shape[1], logits_all=True))
-    try:
-        checks = {
-            "tokenizer": check_tokenizer(vlm, lm),
-            "text_logits": check_text_logits(vlm, lm, tol),
-        }
-    finally:
-        lm.session.close()
-    return {
-        "scope": "language model only",
-        "precision": precision,
-        "tolerance": asdict(tol),
-        "checks": checks,
-        "passed": all(c["pass"] for c in checks.values()),
-    }
-
-
 # ---- decode ------------------------------------------------------------------------------------
 def open_pytorch(work: Path, log):
     """The checkpoint on PyTorch eager fp32, its vision tower dropped (decode runs text only)."""
@@ -382,11 +226,11 @@ def open_decoders(work: Path, threads: int, n_ctx: int, log) -> dict:
         b.vision = None  # text-only decode
         backends[name] = b
         log(f"loaded {name} ({time.perf_counter() - t0:.0f} s)")
-    for name in GGUF_VARIANTS:
+    from edgekd.runtime.llamacpp import LlamaCppBackend
+
+    for name in GGUF_VARIANTS:  # the mmproj stays loaded (libmtmd); decode runs text only
         t0 = time.perf_counter()
-        view = lm_only_view(work / name)
-        model = view.path(artifact.GGUF_MODEL)
-        backends[name] = gguf_session(model, view.preprocessing, threads, n_ctx)
+        backends[name] = LlamaCppBackend(work / name, n_threads=threads, n_ctx=n_ctx)
         log(f"loaded {name} ({time.perf_counter() - t0:.0f} s)")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     log(f"peak RSS after loading: {rss:.1f} GB")
@@ -399,31 +243,16 @@ def variant_dir(work: Path, name: str) -> Path:
 
 def bytes_per_token(work: Path, name: str, context: int) -> dict:
     """What one decode step of variant ``name`` reads at ``context`` cached tokens
-    (:func:`edgekd.runtime.roofline.decode_bytes_per_token`). The GGUF language-model files
-    have no manifest: their weights come from the gguf target's own reader on their record."""
-    from edgekd import targets
+    (:func:`edgekd.runtime.roofline.decode_bytes_per_token`)."""
     from edgekd.runtime.roofline import decode_bytes_per_token
 
-    if name not in GGUF_VARIANTS:
-        return decode_bytes_per_token(variant_dir(work, name), context)
-    view = lm_only_view(work / name, verify=False)
-    read = targets.get(view.target).read_decode_weights(view)
-    per_token = view.text.kv_bytes_per_token(read.kv_element_bytes)
-    return {
-        "weights": int(read.weights),
-        "kv_cache": int(per_token * context),
-        "total": int(read.weights + per_token * context),
-        "kv_bytes_per_token": int(per_token),
-        "context": int(context),
-        "format": view.target,
-        "tied_embedding": read.tied_embedding,
-    }
+    return decode_bytes_per_token(variant_dir(work, name), context)
 
 
 def decode_prompts(tokenizer, visual_tokens: int) -> dict[str, str]:
     """``text``: one question; ``image-length``: the question after filler text as long as the
-    visual tokens of one image (so the KV cache is as long as with an image; the GGUF files
-    have no mmproj, so every variant gets text)."""
+    visual tokens of one image (so the KV cache is as long as with an image, and every variant
+    decodes the same tokens; the ``image`` stage answers about a real image)."""
     words = FILLER.split()
     filler: list[str] = []
     while len(tokenizer(" ".join(filler), add_special_tokens=False)["input_ids"]) < visual_tokens:
@@ -654,6 +483,79 @@ def int8_vision(work: Path, log) -> Path:
     return path
 
 
+# ---- an answer about an image ------------------------------------------------------------------
+def image_answers(work: Path, args, log) -> dict:
+    """Each :data:`IMAGE_VARIANTS` answers one image question through its whole path (vision,
+    prefill of the prompt with its visual tokens, ``--image-tokens`` decoded), interleaved
+    rounds after a warm-up; medians of each stage and the ratios to PyTorch eager fp32.
+
+    The GGUF artifacts take the exact path: clip's rows, the first dropped (the preset's
+    ``default`` selection), fed as embeddings (:mod:`edgekd.runtime.llamacpp`).
+    """
+    from edgekd.export.parity import synthetic_image
+    from edgekd.runtime import load_backend
+    from edgekd.runtime.torch import TorchBackend
+
+    backends = {}
+    for name in IMAGE_VARIANTS:
+        t0 = time.perf_counter()
+        if name == "pytorch-fp32":
+            backends[name] = TorchBackend(work / "ckpt", device="cpu", dtype="float32")
+        else:
+            backends[name] = load_backend(work / name, device="cpu", threads=args.threads)
+        log(f"loaded {name} ({time.perf_counter() - t0:.0f} s)")
+    h, w = artifact.load(work / "onnx-fp32").preprocessing["image_size"]
+    image = synthetic_image(0, (w, h))
+    for b in backends.values():  # warm-up
+        b.generate(image, IMAGE_QUESTION, max_new_tokens=WARMUP_TOKENS, ignore_eos=True)
+    names = list(backends)
+    samples: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            gen = backends[name].generate(
+                image, IMAGE_QUESTION, max_new_tokens=args.image_tokens, ignore_eos=True
+            )
+            samples[name].append(
+                {
+                    "vision_ms": gen.vision_ms,
+                    "prefill_ms": gen.prefill_ms,
+                    "ttft_ms": gen.ttft_ms,
+                    "decode_ms": gen.decode_ms,
+                    "decode_tok_s": gen.decode_tokens_per_s,
+                    "total_ms": gen.ttft_ms + gen.decode_ms,
+                    "prompt_tokens": gen.prompt_tokens,
+                    "tokens": len(gen.token_ids),
+                }
+            )
+        log(
+            f"image round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {samples[n][-1]['total_ms']:.0f} ms" for n in names)
+        )
+    for b in backends.values():
+        b.close()
+    keys = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s", "total_ms")
+    rows = {
+        n: {
+            **{k: statistics.median(x[k] for x in runs) for k in keys},
+            "prompt_tokens": runs[0]["prompt_tokens"],
+            "samples": runs,
+        }
+        for n, runs in samples.items()
+    }
+    base = rows["pytorch-fp32"]
+    for row in rows.values():
+        row["total_speedup_vs_pytorch_fp32"] = base["total_ms"] / row["total_ms"]
+        row["decode_ratio_vs_pytorch_fp32"] = row["decode_tok_s"] / base["decode_tok_s"]
+    return {
+        "question": IMAGE_QUESTION,
+        "image_size": [h, w],
+        "new_tokens": args.image_tokens,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "variants": rows,
+    }
+
+
 # ---- main --------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -665,6 +567,7 @@ def main() -> None:
     ap.add_argument("--contexts", nargs="+", choices=CONTEXTS, default=list(CONTEXTS))
     ap.add_argument("--rounds", type=int, default=5, help="decode rounds (variants rotated)")
     ap.add_argument("--vision-rounds", type=int, default=5)
+    ap.add_argument("--image-tokens", type=int, default=16, help="new tokens per image answer")
     ap.add_argument("--bandwidth-mb", type=int, default=1024)
     ap.add_argument(
         "--bandwidth-repeats", type=int, default=3, help="bandwidth passes around each generation"
@@ -701,6 +604,8 @@ def main() -> None:
             results["decode"] = {**results.get("decode", {}), **contexts}
         if "vision" in args.only:
             results["vision"] = {**vision(work, args, log), "environment": env()}
+        if "image" in args.only:
+            results["image"] = {**image_answers(work, args, log), "environment": env()}
     results["environment"] = env()  # of the latest run; each stage keeps its own
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -725,6 +630,15 @@ def report(results: dict) -> None:
             print(
                 f"{name:<20} {r['decode_tok_s']:7.2f} {r['ratio_vs_pytorch_fp32']:6.2f} "
                 f"{target or '':>7} {r['roofline_fraction']:8.2f} {met:>4}"
+            )
+    if "image" in results:
+        im = results["image"]
+        print(f"image answer, {im['new_tokens']} tokens, {im['threads']} threads")
+        for name, r in im["variants"].items():
+            print(
+                f"{name:<14} vision {r['vision_ms']:6.0f} ms  prefill {r['prefill_ms']:6.0f} ms "
+                f"({r['prompt_tokens']} tokens)  decode {r['decode_tok_s']:5.1f} tok/s  "
+                f"total {r['total_ms']:6.0f} ms ({r['total_speedup_vs_pytorch_fp32']:.2f}x)"
             )
     if "vision" in results:
         v = results["vision"]
