@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from edgekd.export import ExportConfig, ExportError, export
 from edgekd.export.family import GGUF_DROP_KEY, GGUF_SCALE_KEY, TEXT_ARCHS, family_problems
@@ -164,24 +163,16 @@ def test_clip_is_refused_for_gguf_because_llama_cpp_shifts_its_rows(checkpoint, 
     where the model has patches 1..N. When this fails, llama.cpp orders the class token first
     and the refusal in edgekd.export.family can be lifted."""
     pytest.importorskip("llama_cpp")
+    from export_helpers import mmproj_rows_and_reference
+
     from edgekd.export.gguf import GgufExporter
-    from edgekd.export.gguf_validate import open_backend
-    from edgekd.export.gguf_write import write_lm, write_mmproj
     from edgekd.export.parity import compare
 
     _, vlm = checkpoint("clip", "qwen2", "default")
     config = ExportConfig("x", "gguf", "f16", tmp_path / "refused")
     with pytest.raises(ExportError, match="class token after the patches.*--target onnx"):
         GgufExporter().check(vlm, config)
-    write_lm(vlm, tmp_path / "model.gguf", "f32")
-    write_mmproj(vlm, tmp_path / "mmproj.gguf", "f32")
-    backend = open_backend(vlm, tmp_path)
-    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
-    rows, _ = backend.session.encode_image(image)
-    backend.close()
-    pixels = vlm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        ref = vlm.project(vlm.vision_features(pixels))[0].numpy()
+    rows, ref = mmproj_rows_and_reference(vlm, tmp_path)
     assert rows.shape == ref.shape == (16, 64)
     assert compare(rows, ref)["cosine_min"] < 0.9  # not the model's rows in place
     assert compare(rows[:-1], ref[1:])["cosine_min"] > 0.99  # its next patch, position-shifted

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from export_helpers import write_eval_set
+from export_helpers import mmproj_rows_and_reference, write_eval_set
 
 from edgekd.export.base import ExportConfig, ExportError
 from edgekd.export.gguf import GgufExporter
@@ -341,8 +341,6 @@ def test_mmproj_embeddings_match_pytorch(tiny_vlm, tmp_path, layer, ffn):
     pytest.importorskip("llama_cpp")
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from edgekd.export.gguf_validate import open_backend
-    from edgekd.export.gguf_write import write_lm, write_mmproj
     from edgekd.export.parity import compare
     from edgekd.models import VLM
 
@@ -354,15 +352,7 @@ def test_mmproj_embeddings_match_pytorch(tiny_vlm, tmp_path, layer, ffn):
     )  # fmt: skip
     torch.manual_seed(0)
     vlm = VLM(LlavaForConditionalGeneration(cfg).eval(), tiny_vlm.processor)
-    write_lm(vlm, tmp_path / "model.gguf", "f32")
-    write_mmproj(vlm, tmp_path / "mmproj.gguf", "f32")
-    backend = open_backend(vlm, tmp_path)
-    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
-    embd, _ = backend.session.encode_image(image)
-    backend.close()
-    pixels = vlm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        ref = vlm.project(vlm.vision_features(pixels))[0].numpy()
+    embd, ref = mmproj_rows_and_reference(vlm, tmp_path)
     assert compare(embd, ref)["cosine_min"] > 0.9999
 
 
