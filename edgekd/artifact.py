@@ -47,6 +47,10 @@ ONNX_VISION, ONNX_EMBED, ONNX_DECODER = (
 ONNX_SHARED_DATA, ONNX_CONFIG = "shared_embedding.data", "edgekd_onnx.json"
 RENAMED = {ONNX_CONFIG: "genai_config.json"}  # file -> its name in older artifacts
 GGUF_MODEL, GGUF_MMPROJ = "model.gguf", "mmproj.gguf"
+# edgekd's mmproj keys (clip.cpp ignores them; edgekd's llama.cpp backend reads them):
+# rows of clip's output to drop, and a factor folded into the projector (edgekd.export.family)
+GGUF_DROP_KEY = "edgekd.vision.drop_first_tokens"
+GGUF_SCALE_KEY = "edgekd.vision.projector_scale"
 TRT_ENGINES_JSON, TRT_ONNX_DIR = "engines.json", "onnx"
 TRT_ENGINES = {"vision": "vision.engine", "embed": "embed.engine", "decoder": "decoder.engine"}
 CHECKPOINT = "torch"  # kind_of() for a PyTorch checkpoint (not an artifact)

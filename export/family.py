@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgekd import artifact
+
 
 @dataclass(frozen=True)
 class TextArch:
@@ -130,9 +132,8 @@ VISION_ARCHS: dict[str, VisionArch] = {
 }
 PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh")  # clip's mlp projector is ggml_gelu
 STRATEGIES = ("default", "full")
-# mmproj key (and manifest field) naming the rows edgekd's backend drops from clip's output
-GGUF_DROP_KEY = "edgekd.vision.drop_first_tokens"
-GGUF_SCALE_KEY = "edgekd.vision.projector_scale"  # a factor folded into mm.2 (Gemma)
+# mmproj keys: the rows edgekd's backend drops from clip's output, a factor folded into mm.2
+GGUF_DROP_KEY, GGUF_SCALE_KEY = artifact.GGUF_DROP_KEY, artifact.GGUF_SCALE_KEY
 
 
 def text_arch(config) -> TextArch:

@@ -104,17 +104,16 @@ def pad_color(pre: dict[str, Any]) -> tuple[int, int, int] | None:
     return tuple(int(x * 255) for x in pre["image_mean"])
 
 
-DROP_KEY = "edgekd.vision.drop_first_tokens"  # see edgekd.export.family
-SCALE_KEY = "edgekd.vision.projector_scale"
-
-
 def mmproj_facts(path: str | Path) -> dict[str, float]:
     """edgekd's keys in an mmproj (rows to drop, the folded projector scale), defaults if absent."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     facts = {"drop_first_tokens": 0, "projector_scale": 1.0}
-    keys = ((DROP_KEY, "drop_first_tokens", int), (SCALE_KEY, "projector_scale", float))
+    keys = (
+        (artifact.GGUF_DROP_KEY, "drop_first_tokens", int),
+        (artifact.GGUF_SCALE_KEY, "projector_scale", float),
+    )
     for key, name, kind in keys:
         field = reader.get_field(key)
         if field is not None:
