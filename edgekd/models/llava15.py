@@ -45,11 +45,11 @@ from edgekd.models.hub import resolve_source
 from edgekd.models.tinyllava import (
     EMBED_KEY,
     HEAD_KEY,
-    _load_weight_dir,
-    _some,
-    _source_dtype,
     grow_vocab,
     load_strict,
+    load_weight_dir,
+    map_state_dict,
+    source_dtype,
 )
 from edgekd.models.tinyllava_processor import (
     IMAGE_TOKEN,
@@ -126,11 +126,12 @@ def convert_llava15(
                 f"{config.get('architectures')}, expected ['{ARCHITECTURE}']"
             )
         strategy = check_supported(path, config)
-        found = _load_weight_dir(path)
+        found = load_weight_dir(path)
         if found is None:
             raise ModelError(f"no weights in '{path}' (model.safetensors or an index)")
         tensors, files = found
-        state, counts = map_state_dict(tensors)
+        state, taken = map_state_dict(tensors, KEY_MAP, skip=_STALE_BUFFERS)
+        counts = {f"{s}* -> {t}*": taken[s] for s, t in KEY_MAP}
         tower_source = None
         if not any(k.startswith("model.vision_tower.") for k in state):
             tower_source, tower_state = load_tower(vision_tower or config["mm_vision_tower"])
@@ -145,7 +146,7 @@ def convert_llava15(
         llava = build_config(config, vision_config, state, tied, image_token_id, strategy)
         model = load_strict(llava, state, tied)
         target = resolve_dtype(dtype)
-        model = model.to(_source_dtype(tensors) if target == "auto" else target).eval()
+        model = model.to(source_dtype(tensors) if target == "auto" else target).eval()
         processor = build_processor(tokenizer, vision_config, strategy, config)
         manifest = {
             "source": source.hub_id or str(path.resolve()),
@@ -207,30 +208,10 @@ def check_supported(path: Path, config: dict[str, Any]) -> str:
     return SELECT_STRATEGY[select]
 
 
-def map_state_dict(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, int]]:
-    """Rename LLaVA keys to Llava keys by :data:`KEY_MAP`; a key no rule takes is an error."""
-    state, counts, unmatched = {}, {f"{s}* -> {t}*": 0 for s, t in KEY_MAP}, []
-    for name, tensor in tensors.items():
-        if name.endswith(_STALE_BUFFERS):
-            continue
-        rule = next(((s, t) for s, t in KEY_MAP if name.startswith(s)), None)
-        if rule is None:
-            unmatched.append(name)
-            continue
-        state[rule[1] + name[len(rule[0]) :]] = tensor
-        counts[f"{rule[0]}* -> {rule[1]}*"] += 1
-    if unmatched:
-        raise ModelError(
-            f"{len(unmatched)} source tensors have no place in the Llava model: "
-            f"{_some(unmatched)}; known prefixes: {', '.join(s for s, _ in KEY_MAP)}"
-        )
-    return state, counts
-
-
 def load_tower(ref: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
     """The CLIP vision tower's tensors under Llava's names, from a checkpoint dir or hub id."""
     source = resolve_source(ref, what="CLIP vision tower")
-    found = _load_weight_dir(source.path)
+    found = load_weight_dir(source.path)
     if found is None:
         raise ModelError(f"no weights in the vision tower '{source.path}'")
     state = {}

@@ -209,7 +209,7 @@ def _convert(source: Source, dtype: str):
     config = build_llava_config(ckpt, state, tied, image_token_id, strategy)
     model = load_strict(config, state, tied)
     if target_dtype == "auto":
-        target_dtype = _source_dtype(ckpt.tensors)
+        target_dtype = source_dtype(ckpt.tensors)
     model = model.to(target_dtype).eval()
     aspect = ckpt.config.get("image_aspect_ratio")
     text_type = ckpt.text_config["model_type"]
@@ -256,13 +256,13 @@ def _sub_config(path: Path, config: dict, key: str, folder: str, name_key: str) 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
     """All tensors by source name, from one file, a sharded index, or the pre-train subfolders."""
-    found = _load_weight_dir(path)
+    found = load_weight_dir(path)
     if found is not None:
         tensors, files = found
         return tensors, ("sharded" if len(files) > 1 else "single"), files
     tensors, files = {}, []
     for folder, prefix in SUBFOLDERS.items():
-        part = _load_weight_dir(path / folder) if (path / folder).is_dir() else None
+        part = load_weight_dir(path / folder) if (path / folder).is_dir() else None
         if part is None:
             continue
         tensors.update({prefix + k: v for k, v in part[0].items()})
@@ -275,7 +275,9 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
     return tensors, "subfolders", files
 
 
-def _load_weight_dir(path: Path) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+def load_weight_dir(path: Path) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+    """Every tensor of a sharded index or a single weights file in ``path`` (safetensors, or a
+    ``.bin`` read with ``weights_only``) and the files read; None when ``path`` has neither."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index_name).is_file():
             index = read_json(path / index_name, what="a sharded checkpoint")
@@ -383,11 +385,17 @@ def scale_visual_rows(state: dict[str, torch.Tensor], text_config: dict) -> None
 
 def map_state_dict(
     tensors: dict[str, torch.Tensor],
+    key_map: tuple[tuple[str, str], ...] = KEY_MAP,
+    skip: tuple[str, ...] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Rename TinyLLaVA keys to Llava keys by :data:`KEY_MAP`; any key no rule takes is an error."""
-    state, counts, unmatched = {}, {s: 0 for s, _ in KEY_MAP}, []
+    """Rename source keys to Llava keys by ``key_map`` (first matching prefix); keys ending in
+    ``skip`` (buffers older transformers saved) are dropped; any other key no rule takes is
+    an error. Returns the state and how many keys each source prefix took."""
+    state, counts, unmatched = {}, {s: 0 for s, _ in key_map}, []
     for name, tensor in tensors.items():
-        rule = next(((s, t) for s, t in KEY_MAP if name.startswith(s)), None)
+        if skip and name.endswith(skip):
+            continue
+        rule = next(((s, t) for s, t in key_map if name.startswith(s)), None)
         if rule is None:
             unmatched.append(name)
             continue
@@ -396,7 +404,7 @@ def map_state_dict(
     if unmatched:
         raise ModelError(
             f"{len(unmatched)} source tensors have no place in the Llava model (unexpected): "
-            f"{_some(unmatched)}; known prefixes: {', '.join(s for s, _ in KEY_MAP)}"
+            f"{some(unmatched)}; known prefixes: {', '.join(s for s, _ in key_map)}"
         )
     return state, counts
 
@@ -473,19 +481,19 @@ def load_strict(config, state: dict[str, torch.Tensor], tied: bool):
     unexpected = sorted(set(state) - set(expected))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing (not in the checkpoint): {_some(missing)}")
+        problems.append(f"{len(missing)} missing (not in the checkpoint): {some(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (no place in Llava): {_some(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected (no place in Llava): {some(unexpected)}")
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (checkpoint vs config): {_some(shapes)}")
+        problems.append(f"{len(shapes)} shape mismatches (checkpoint vs config): {some(shapes)}")
     if problems:
         raise ModelError(
-            "the TinyLLaVA tensors do not fill the Llava model: " + "; ".join(problems)
+            "the source tensors do not fill the Llava model: " + "; ".join(problems)
         )
     if tied:
         state = {**state, HEAD_KEY: state[EMBED_KEY]}
@@ -514,7 +522,7 @@ def _manifest(
         "source_config_sha256": sha256_file(ckpt.path / "config.json"),
         "source_layout": ckpt.layout,
         "source_files": ckpt.files,
-        "source_dtype": str(_source_dtype(ckpt.tensors)).removeprefix("torch."),
+        "source_dtype": str(source_dtype(ckpt.tensors)).removeprefix("torch."),
         "source_transformers_version": ckpt.config.get("transformers_version"),
         "key_mapping": {f"{s}* -> {t}*": counts[s] for s, t in KEY_MAP},
         "tensors": len(ckpt.tensors),
@@ -542,10 +550,12 @@ def _manifest(
     }
 
 
-def _source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+def source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The most common floating dtype of the source tensors (float32 when there are none)."""
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def _some(names: list[str], n: int = 5) -> str:
+def some(names: list[str], n: int = 5) -> str:
+    """The first ``n`` names, and how many more, for an error line."""
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
