@@ -196,11 +196,9 @@ def stock_feed(vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
     what edgekd's backend does with ``drop_first_tokens=0`` (for a ``full`` artifact the served
     answer equals the backend's: tests/runtime/test_llamacpp_server.py).
     """
-    from edgekd.evaluate import greedy_reference
     from edgekd.export import parity
 
-    threads = config.options.get("n_threads")
-    stock = open_backend(vlm, out, n_threads=threads, drop_first_tokens=0)
+    stock = open_backend(vlm, out, n_threads=config.options.get("n_threads"), drop_first_tokens=0)
     try:
         result: dict[str, Any] = {
             "what": "every clip row fed (stock llama.cpp tools), against PyTorch",
@@ -210,17 +208,14 @@ def stock_feed(vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
         if config.eval_data is not None:
             return {**result, **_stock_eval(vlm, stock, config)}
         cases = [c for c in parity.cases(vlm, config) if c.pixel_values is not None]
-        same, agreement = 0, []
-        for c in cases:
-            ref = greedy_reference(vlm, c.input_ids, c.pixel_values, config.max_new_tokens)
-            gen = stock.generate_ids(c.input_ids, c.pixel_values, config.max_new_tokens)
-            same += list(gen.token_ids) == ref
-            agreement.append(parity.token_agreement(ref, list(gen.token_ids)))
+        runs = parity.greedy_samples(vlm, stock, cases, config.max_new_tokens)
+        agreement = [parity.token_agreement(r["pytorch"], r["artifact"]) for r in runs]
         return {
             **result,
             "on": "parity prompts",
-            "samples": len(cases),
-            "answers_identical": same / max(len(cases), 1),
+            "samples": len(runs),
+            "answers_identical": sum(r["pytorch"] == r["artifact"] for r in runs)
+            / max(len(runs), 1),
             "token_agreement": float(np.mean(agreement)) if agreement else None,
         }
     finally:
@@ -230,27 +225,16 @@ def stock_feed(vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
 def _stock_eval(vlm, backend: LlamaCppBackend, config: ExportConfig) -> dict[str, Any]:
     """Accuracy of PyTorch, the stock feed and edgekd's exact path on the eval set, and how
     often each artifact path gives PyTorch's answer (one backend, its drop set per path)."""
-    from edgekd.data import LlavaDataset, load_llava_json
-    from edgekd.evaluate import generate_answers, normalize_answer, prompts_and_references, score
-    from edgekd.models.dims import TextDims
+    from edgekd.evaluate import generate_answers, normalize_answer, score
+    from edgekd.export import parity
 
-    data = Path(config.eval_data)
-    samples = load_llava_json(data)[: config.eval_limit]
-    context = TextDims.from_config(vlm.config.text_config).context
-    dataset = LlavaDataset(samples, data.parent, vlm.processor, context)
+    dataset = parity.eval_dataset(vlm, config)
     reference = generate_answers(vlm, dataset, max_new_tokens=config.max_new_tokens)
     session = backend.session
-    paths = {"stock": 0, "exact": session.mmproj_drop}
-    rows = {name: prompts_and_references(dataset) for name in paths}
-    for name, drop in paths.items():
+    rows = {}
+    for name, drop in (("stock", 0), ("exact", session.mmproj_drop)):
         session.drop_first_tokens = drop
-        for row in rows[name]:
-            pixels = dataset.load_pixels(row["index"])
-            row["prediction"] = backend.generate_ids(
-                np.asarray([row["input_ids"]], np.int64),
-                None if pixels is None else pixels[None].float().numpy(),
-                config.max_new_tokens,
-            ).text
+        rows[name] = parity.artifact_answers(backend, dataset, config.max_new_tokens)
 
     def identical(name: str) -> float | None:
         same = [
@@ -260,7 +244,7 @@ def _stock_eval(vlm, backend: LlamaCppBackend, config: ExportConfig) -> dict[str
         return float(np.mean(same)) if same else None
 
     return {
-        "on": str(data.name),
+        "on": str(Path(config.eval_data).name),
         "samples": len(reference),
         "answers_identical": identical("stock"),
         "exact_answers_identical": identical("exact"),

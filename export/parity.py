@@ -226,16 +226,9 @@ def check_greedy(
     vlm, backend, parity_cases: Sequence[Case], max_new_tokens: int, tol: Tolerance
 ) -> dict[str, Any]:
     """Greedy tokens of every case against ``model.generate`` (stop token included)."""
-    from edgekd.evaluate import greedy_reference
-
-    exact, agreement, samples = 0, [], []
-    for c in parity_cases:
-        ref = greedy_reference(vlm, c.input_ids, c.pixel_values, max_new_tokens)
-        got = list(backend.generate_ids(c.input_ids, c.pixel_values, max_new_tokens).token_ids)
-        exact += got == ref
-        agreement.append(token_agreement(ref, got))
-        samples.append({"question": c.question, "pytorch": ref, "artifact": got})
-    mean = float(np.mean(agreement))
+    samples = greedy_samples(vlm, backend, parity_cases, max_new_tokens)
+    exact = sum(s["pytorch"] == s["artifact"] for s in samples)
+    mean = float(np.mean([token_agreement(s["pytorch"], s["artifact"]) for s in samples]))
     n = len(parity_cases)
     ok = (exact == n) if tol.token_exact else mean >= tol.token_agreement
     return {
@@ -250,27 +243,55 @@ def check_greedy(
     }
 
 
-def check_accuracy(vlm, backend, config: ExportConfig, tol: Tolerance) -> dict[str, Any]:
-    """Normalised-match accuracy of PyTorch and of the artifact on ``config.eval_data``."""
+def greedy_samples(vlm, backend, parity_cases: Sequence[Case], max_new_tokens: int) -> list:
+    """Per case: the question, ``model.generate``'s greedy tokens and the artifact's."""
+    from edgekd.evaluate import greedy_reference
+
+    return [
+        {
+            "question": c.question,
+            "pytorch": greedy_reference(vlm, c.input_ids, c.pixel_values, max_new_tokens),
+            "artifact": list(
+                backend.generate_ids(c.input_ids, c.pixel_values, max_new_tokens).token_ids
+            ),
+        }
+        for c in parity_cases
+    ]
+
+
+def eval_dataset(vlm, config: ExportConfig):
+    """``config.eval_data`` (its first ``eval_limit`` samples) as the model's dataset."""
     from edgekd.data import LlavaDataset, load_llava_json
-    from edgekd.evaluate import generate_answers, prompts_and_references, score
     from edgekd.models.dims import TextDims
 
     data = Path(config.eval_data)
     samples = load_llava_json(data)[: config.eval_limit]
     context = TextDims.from_config(vlm.config.text_config).context
-    dataset = LlavaDataset(samples, data.parent, vlm.processor, context)
-    reference = score(generate_answers(vlm, dataset, max_new_tokens=config.max_new_tokens))
+    return LlavaDataset(samples, data.parent, vlm.processor, context)
+
+
+def artifact_answers(backend, dataset, max_new_tokens: int) -> list[dict[str, Any]]:
+    """The artifact's greedy answer to every sample of ``dataset``, as scoring rows."""
+    from edgekd.evaluate import prompts_and_references
+
     rows = prompts_and_references(dataset)
     for row in rows:
         pixels = dataset.load_pixels(row["index"])
-        gen = backend.generate_ids(
+        row["prediction"] = backend.generate_ids(
             np.asarray([row["input_ids"]], np.int64),
             None if pixels is None else pixels[None].float().numpy(),
-            config.max_new_tokens,
-        )
-        row["prediction"] = gen.text
-    artifact = score(rows)
+            max_new_tokens,
+        ).text
+    return rows
+
+
+def check_accuracy(vlm, backend, config: ExportConfig, tol: Tolerance) -> dict[str, Any]:
+    """Normalised-match accuracy of PyTorch and of the artifact on ``config.eval_data``."""
+    from edgekd.evaluate import generate_answers, score
+
+    dataset = eval_dataset(vlm, config)
+    reference = score(generate_answers(vlm, dataset, max_new_tokens=config.max_new_tokens))
+    artifact = score(artifact_answers(backend, dataset, config.max_new_tokens))
     drop = reference["normalized_match"] - artifact["normalized_match"]
     return {
         "samples": artifact["n"],
