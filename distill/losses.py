@@ -308,8 +308,7 @@ def kneedle_k(sorted_desc_logits: Tensor, k_min: int, k_max: int) -> Tensor:
     """
     y = sorted_desc_logits.detach().float()
     n = y.shape[-1]
-    hi = min(k_max, n)
-    lo = min(k_min, hi)
+    lo, hi = kneedle_bounds(k_min, k_max, n)
     if n < 3:  # fewer than three points have no interior knee
         return torch.full(y.shape[:-1], hi, dtype=torch.long, device=y.device)
     top, bottom = y[..., :1], y[..., -1:]
@@ -550,8 +549,15 @@ def dbild(
         n_select=top_n,
         k_fn=lambda values: kneedle_k(values, k_min, k_max),
         temperature=temperature, reverse=True, chunk_size=chunk_size,
-        bounds=lambda n: (min(k_min, k_max, n), min(k_max, n)),  # kneedle_k's clamp
+        bounds=lambda n: kneedle_bounds(k_min, k_max, n),
     )  # fmt: skip
+
+
+def kneedle_bounds(k_min: int, k_max: int, n: int) -> tuple[int, int]:
+    """The clamp of :func:`kneedle_k` over ``n`` candidates: ``(min(k_min, hi), hi)``,
+    ``hi = min(k_max, n)``."""
+    hi = min(k_max, n)
+    return min(k_min, hi), hi
 
 
 LossFn = Callable[..., LossOutput]

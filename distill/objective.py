@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.distill.losses import LOSSES, LossOutput
-from edgekd.profiles.schema import LogitLoss, Method
+from edgekd.profiles.schema import LogitLoss, Method, logit_method
 
 METHODS: tuple[str, ...] = get_args(Method)  # sft, kd, rkl, bild, dbild, switch-kd
 LOGIT_LOSSES: tuple[str, ...] = get_args(LogitLoss)  # dbild, kd
@@ -75,12 +75,12 @@ class Objective:
     @property
     def logit_method(self) -> str:
         """The loss between logits: the method's own, or kd for switch-kd with logit_loss kd."""
-        return self.logit_loss if self.method == "switch-kd" else self.method
+        return logit_method(self.method, self.logit_loss)
 
     @property
     def scale(self) -> float:
         """s: T^2 for the temperature-softened losses when ``t2_scale``, else 1."""
-        softened = self.logit_method in ("bild", "dbild") and self.temperature != 1.0
+        softened = self.logit_method in ("bild", "dbild")
         return self.temperature**2 if self.t2_scale and softened else 1.0
 
     @property
@@ -167,7 +167,7 @@ class Objective:
             return loss, stats
         if teacher_logits is None:
             raise ValueError(f"method '{self.method}' needs teacher logits")
-        distilled = mask & ~self.excluded(targets)
+        distilled = self.distilled(mask, targets)
         align = self.distill(student_logits, teacher_logits, distilled)
         loss = loss + self.w_align * self.scale * align.loss
         stats["align"] = align.loss.detach()
@@ -179,11 +179,12 @@ class Objective:
             stats["vsd"] = vsd.loss.detach()
         return loss, stats
 
-    def excluded(self, targets: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool: the target is one of ``exclude_ids`` (left out of distillation)."""
+    def distilled(self, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: supervised positions whose target is not one of ``exclude_ids``
+        (``mask`` itself when nothing is excluded: no tensor made at each step)."""
         if not self.exclude_ids:
-            return torch.zeros_like(targets, dtype=torch.bool)
-        return torch.isin(targets, _id_tensor(self.exclude_ids, targets.device))
+            return mask
+        return mask & ~torch.isin(targets, _id_tensor(self.exclude_ids, targets.device))
 
 
 @functools.lru_cache(maxsize=8)

@@ -343,7 +343,7 @@ def plan_train(
         switch_act += images * t.image_tokens * (2 * s.vision_hidden + 2 * t.hidden)
     parts["switch-route activations"] = switch_act * by["teacher"]
 
-    head_rows = b.batch * logit_positions(b)
+    head_rows = logit_rows(b)
     logits_s = head_rows * s.vocab * act
     logits_t = head_rows * s.vocab * by["teacher"] if t else 0.0
     logits_v = head_rows * s.vocab * by["teacher"] if switch else 0.0
@@ -387,9 +387,11 @@ def plan_train(
     return plan
 
 
-def logit_positions(b: TrainSetup) -> int:
-    """Positions per micro-batch the heads run at: the union of the rows' supervised ones."""
-    return min(b.seq_len - 1, b.batch * min(b.answer_tokens, b.seq_len - 1))
+def logit_rows(b: TrainSetup) -> int:
+    """Rows the heads run on per micro-batch: every sequence at the union of the rows'
+    supervised positions."""
+    positions = min(b.seq_len - 1, b.batch * min(b.answer_tokens, b.seq_len - 1))
+    return b.batch * positions
 
 
 def step_flops(t: ModelShape | None, s: ModelShape, b: TrainSetup) -> dict[str, float]:
@@ -397,7 +399,7 @@ def step_flops(t: ModelShape | None, s: ModelShape, b: TrainSetup) -> dict[str, 
     tokens, images = b.batch * b.seq_len, b.batch
     extra = 1 if b.gradient_checkpointing else 0
 
-    head_rows = b.batch * logit_positions(b)
+    head_rows = logit_rows(b)
 
     def lm_forward(m: ModelShape) -> float:
         head = m.vocab * m.hidden  # the output head runs on the supervised positions only

@@ -169,8 +169,7 @@ def check_sources(recipe) -> None:
     from edgekd.data import DATASETS
     from edgekd.models.checkpoint import resolve_checkpoint
 
-    reads_teacher = recipe.method != "sft" or recipe.training.vision_tower_init == "teacher"
-    for spec in (recipe.teacher if reads_teacher else None, recipe.student):
+    for spec in (recipe.teacher if recipe.reads_teacher else None, recipe.student):
         if spec and not spec.startswith("tiny:"):
             resolve_checkpoint(spec)
     data = recipe.data.dataset
@@ -289,7 +288,7 @@ def load_models(recipe, job: DistillJob, device: str):
     dtype = "bfloat16" if recipe.training.bf16 and device == "cuda" else "float32"
     teacher = None
     shared_tower = recipe.training.vision_tower_init == "teacher"
-    if recipe.method != "sft" or shared_tower:
+    if recipe.reads_teacher:
         if recipe.teacher.startswith("tiny:"):
             raise ModelError(
                 f"teacher '{recipe.teacher}' would be an untrained model; train a "

@@ -18,6 +18,12 @@ Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 Method = Literal["sft", "kd", "rkl", "bild", "dbild", "switch-kd"]
 LogitLoss = Literal["dbild", "kd"]  # switch-kd's loss between logits (kd: an ablation)
+
+
+def logit_method(method: str, logit_loss: str) -> str:
+    """The loss between student and teacher logits: the method's own, or ``logit_loss`` for
+    switch-kd (whose default, dbild, is the paper's)."""
+    return logit_loss if method == "switch-kd" else method
 # Loss weights a method ignores: set to 0 when left out, an error when given > 0.
 UNUSED_WEIGHTS: dict[str, tuple[str, ...]] = {
     "sft": ("w_align", "w_vsd"),
@@ -405,6 +411,11 @@ class RecipeProfile(_Model):
             raise Problems(problems)
         return self
 
+    @property
+    def reads_teacher(self) -> bool:
+        """The run loads the teacher: to distil from it, or (sft) to copy its vision tower."""
+        return self.method != "sft" or self.training.vision_tower_init == "teacher"
+
     def _method_problems(self) -> list[tuple[str, str]]:
         """Resolve method-dependent defaults; report settings the method would silently ignore."""
         out = []
@@ -413,8 +424,7 @@ class RecipeProfile(_Model):
             out.append(("teacher", f"required for method '{method}'"))
         elif train.vision_tower_init == "teacher" and not self.teacher:
             out.append(("teacher", "required by training.vision_tower_init 'teacher'"))
-        uses_k = method == "dbild" or (method == "switch-kd" and loss.logit_loss == "dbild")
-        if uses_k and loss.k_min < 3:
+        if logit_method(method, loss.logit_loss) == "dbild" and loss.k_min < 3:
             out.append(
                 (
                     "loss.k_min",

@@ -46,17 +46,10 @@ FAST = {
 def clip_llama_vlm():
     """A tiny LLaVA of a family the presets do not use: CLIP tower (class token, quick_gelu)
     with a Llama decoder, random weights. Returns the VLM and its (vision, text) configs."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration as Llava
+    from edgekd.models import build_vlm
 
-    from edgekd.models import VLM
-
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100)  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=99)
-    return VLM(Llava(config), processor=None), vision, text
+    vlm = build_vlm("tiny", tower="clip", decoder="llama")
+    return vlm, vlm.config.vision_config, vlm.config.text_config
 
 
 def saved_for_backward(module, run) -> list:

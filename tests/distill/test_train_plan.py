@@ -155,5 +155,6 @@ def test_clip_and_llama_activation_counts_match_autograd():
         text, lambda c: {"inputs_embeds": torch.randn(1, tokens, c.hidden_size, requires_grad=True)}
     )
     assert got == tokens * decoder_layer_values(shape)
-    got = _per_layer(vision, lambda c: {"pixel_values": torch.randn(1, 3, 32, 32)})
+    size = vision.image_size
+    got = _per_layer(vision, lambda c: {"pixel_values": torch.randn(1, 3, size, size)})
     assert got == shape.vision_tokens * vision_layer_values(shape)

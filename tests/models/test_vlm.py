@@ -203,16 +203,10 @@ def test_unknown_size_lists_valid(tokenizer):
 
 
 @pytest.mark.parametrize("strategy", ["default", "full"])
-def test_a_clip_tower_counts_its_class_token(strategy):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "distill"))
-    from distill_helpers import clip_llama_vlm
-
-    vlm, vision, _ = clip_llama_vlm()
+def test_a_clip_tower_counts_its_class_token(tokenizer, strategy):
+    vlm = build_vlm("tiny", tokenizer=tokenizer, tower="clip", decoder="llama")
+    vision = vlm.config.vision_config
     vlm.config.vision_feature_select_strategy = strategy
-    vlm.model.config.vision_feature_select_strategy = strategy
     patches = (vision.image_size // vision.patch_size) ** 2
     assert vlm.vision_tokens() == patches + 1  # the class token
     with torch.no_grad():
