@@ -10,9 +10,9 @@ with ``llama_cpp.llama_model_quantize``, reads the tensor types back, and checks
   (``token_embd.weight``, which llama.cpp reuses as the output head) included.
 
 Heavy: a multi-gigabyte checkpoint and f32 GGUF on disk and in memory, minutes on 2 cores
-(measured in ``docs/performance.md``). The vision tower is not part of this measurement
-(the 0.5B preset drops the first visual token, which mmproj.gguf cannot express; see
-``edgekd.export.gguf``), so no edgekd artifact is written: only the language-model file.
+(measured in ``docs/performance.md``). The vision tower is not part of this measurement, so
+no edgekd artifact is written: only the language-model file (the 0.5B GGUF artifacts,
+mmproj included, are exported and timed whole in ``bench_runtime_speed.py``).
 
     python benchmarks/bench_gguf_size.py --out benchmarks/results/gguf_size.json
 """

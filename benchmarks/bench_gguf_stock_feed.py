@@ -44,6 +44,14 @@ def to_default_selection(src: Path, dst: Path) -> None:
     (dst / "processor_config.json").write_text(json.dumps(processor, indent=2))
 
 
+def trained_steps(work: Path) -> int:
+    """The steps the kept student was trained for (its run's config, not this run's flag)."""
+    import yaml
+
+    config = yaml.safe_load((work / "student" / "config.yaml").read_text())
+    return int(config["training"]["max_steps"])
+
+
 def train(args, start: Path) -> None:
     from rich.console import Console
 
@@ -110,7 +118,8 @@ def main() -> None:
     )  # fmt: skip
     parity = manifest["parity"]
     result = {
-        "model": f"{args.source} switched to 'default', sft {args.steps} steps on {args.train}",
+        "model": f"{args.source} switched to 'default', sft {trained_steps(args.work)} steps "
+        f"on {args.train}",
         "train_s": round(train_s, 1),  # 0 when a kept model was reused
         "export_s": round(time.perf_counter() - t0, 1),
         "pytorch": pytorch,

@@ -1,11 +1,11 @@
-"""Decode and vision-encode speed of edgekd's artifacts of the 0.5B student on CPU, side by side.
+"""Decode, vision and whole-answer speed of the 0.5B student's artifacts on CPU, side by side.
 
 Builds ``qwen2-0.5b-siglip-so400m`` with random weights (seed 0) as a checkpoint, exports it with
 edgekd, and times every variant in one process with the same thread count (``--threads``):
 
 * decode: PyTorch eager fp32 (:class:`~edgekd.runtime.torch.TorchBackend`), ONNX fp32 / int8 /
   int4 (:class:`~edgekd.runtime.onnxruntime.OnnxRuntimeBackend`) and GGUF f32 / f16 / Q8_0 /
-  Q4_K_M (:class:`~edgekd.runtime.llamacpp.LlamaCppSession`), each ``generate(None, prompt,
+  Q4_K_M (:class:`~edgekd.runtime.llamacpp.LlamaCppBackend`), each ``generate(None, prompt,
   max_new_tokens=N, ignore_eos=True)`` on the same text prompt, so every variant decodes the
   same N tokens at the same context, in two contexts: ``text`` (a one-line question) and
   ``image-length`` (filler text as long as one image's visual tokens before it, so the KV
@@ -22,6 +22,9 @@ edgekd, and times every variant in one process with the same thread count (``--t
   through edgekd's int8 pass (``onnx_graph.quantize_int8``, made here: the exporter keeps
   vision fp32), with the parity of the visual tokens against PyTorch
   (:func:`edgekd.export.parity.compare`).
+* image: one answer about an image through each artifact's whole path (vision, prefill with
+  the visual tokens, ``--image-tokens`` decoded), PyTorch eager fp32 beside it
+  (:func:`image_answers`).
 
 ONNX artifacts go through :func:`edgekd.export.export` (with its parity checks; a parity miss
 is recorded with its numbers, see :func:`export_unproven`) at opset ``CPU_OPSET`` (attention as
@@ -29,11 +32,7 @@ one ONNX ``Attention`` op over the kv heads; see :mod:`edgekd.export.onnx`), and
 exporter's default opset 18 (``onnx-*-opset18``, for comparison). GGUF artifacts too go through
 ``export`` (``model.gguf`` + ``mmproj.gguf``, with the gguf parity checks): the preset drops the
 first visual token (``vision_feature_select_strategy: default``, as TinyLLaVA), which edgekd's
-llama.cpp backend does after clip's encoder (the exact path, see :mod:`edgekd.export.family`).
-
-* image: one answer about an image through each artifact's whole path (vision, prefill with
-  the visual tokens, ``--image-tokens`` decoded), PyTorch eager fp32 beside it
-  (:func:`image_answers`).
+llama.cpp backend does after clip's encoder (the exact path, see :mod:`edgekd.export.gguf`).
 
 Heavy: a multi-gigabyte checkpoint and artifacts on disk and in memory, and a long first run
 (the exports); the measured sizes and times are in ``docs/performance.md``. ``--workdir``
@@ -91,6 +90,11 @@ IMAGE_VARIANTS = (
     "pytorch-fp32", "onnx-fp32", "onnx-int8", "onnx-int4", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"
 )  # fmt: skip
 IMAGE_QUESTION = "What is in the image? Describe the shapes and their colours."
+
+
+def rotated(names: list[str], r: int) -> list[str]:
+    """``names`` rotated by ``r``: each round starts with another variant (drift favours none)."""
+    return names[r % len(names) :] + names[: r % len(names)]
 
 
 # ---- artifacts ---------------------------------------------------------------------------------
@@ -213,8 +217,8 @@ def open_pytorch(work: Path, log):
 
 
 def open_decoders(work: Path, threads: int, n_ctx: int, log) -> dict:
-    """The ONNX and GGUF decode variants, loaded once (vision parts dropped: decode runs text
-    only); the GGUF sessions ``n_ctx`` tokens long."""
+    """The ONNX and GGUF decode variants, loaded once (the ONNX vision parts dropped, the GGUF
+    mmproj kept: decode runs text only); the GGUF contexts ``n_ctx`` tokens long."""
     import resource
 
     from edgekd.runtime import load_backend
@@ -239,14 +243,6 @@ def open_decoders(work: Path, threads: int, n_ctx: int, log) -> dict:
 
 def variant_dir(work: Path, name: str) -> Path:
     return work / "ckpt" if name.startswith("pytorch") else work / name
-
-
-def bytes_per_token(work: Path, name: str, context: int) -> dict:
-    """What one decode step of variant ``name`` reads at ``context`` cached tokens
-    (:func:`edgekd.runtime.roofline.decode_bytes_per_token`)."""
-    from edgekd.runtime.roofline import decode_bytes_per_token
-
-    return decode_bytes_per_token(variant_dir(work, name), context)
 
 
 def decode_prompts(tokenizer, visual_tokens: int) -> dict[str, str]:
@@ -283,7 +279,7 @@ def decode(work: Path, args, log) -> dict:
         samples: dict[str, list[dict]] = {n: [] for n in names}
         bandwidth: list[dict] = []
         for r in range(args.rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
+            for name in rotated(names, r):
                 # the bandwidth right before and after each generation: this machine's memory
                 # speed drifts, so each sample gets its own roofline, at the higher of the two
                 before = measure_bandwidth(args.threads, args.bandwidth_mb, args.bandwidth_repeats)
@@ -330,8 +326,7 @@ def decode(work: Path, args, log) -> dict:
             "met": all(r["met"] for r in rows.values() if "met" in r),
         }
     for b in backends.values():
-        if hasattr(b, "close"):
-            b.close()
+        b.close()
     return contexts
 
 
@@ -344,7 +339,7 @@ def summarise(work: Path, samples: dict[str, list[dict]], bw: dict, tokens: int)
     context run (stricter where memory speed drifted during the run). ``ratio_per_round``:
     each round's tok/s over PyTorch's in the same round.
     """
-    from edgekd.runtime.roofline import roofline_tok_s
+    from edgekd.runtime.roofline import decode_bytes_per_token, roofline_tok_s
 
     rows: dict = {}
     base_runs = samples["pytorch-fp32"]
@@ -353,7 +348,7 @@ def summarise(work: Path, samples: dict[str, list[dict]], bw: dict, tokens: int)
         tok_s = [s["decode_tok_s"] for s in runs]
         prompt_tokens = runs[0]["prompt_tokens"]
         context = prompt_tokens + tokens // 2  # mean cache length over the decode
-        need = bytes_per_token(work, name, context)
+        need = decode_bytes_per_token(variant_dir(work, name), context)
         median = statistics.median(tok_s)
         row = {
             "decode_tok_s": median,
@@ -430,7 +425,7 @@ def vision(work: Path, args, log) -> dict:
     times: dict[str, list[float]] = {n: [] for n in runners}
     names = list(runners)
     for r in range(args.vision_rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotated(names, r):
             t0 = time.perf_counter()
             runners[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
@@ -511,7 +506,7 @@ def image_answers(work: Path, args, log) -> dict:
     names = list(backends)
     samples: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotated(names, r):
             gen = backends[name].generate(
                 image, IMAGE_QUESTION, max_new_tokens=args.image_tokens, ignore_eos=True
             )
@@ -565,7 +560,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode run")
     ap.add_argument("--contexts", nargs="+", choices=CONTEXTS, default=list(CONTEXTS))
-    ap.add_argument("--rounds", type=int, default=5, help="decode rounds (variants rotated)")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="decode and image rounds (variants rotated)"
+    )
     ap.add_argument("--vision-rounds", type=int, default=5)
     ap.add_argument("--image-tokens", type=int, default=16, help="new tokens per image answer")
     ap.add_argument("--bandwidth-mb", type=int, default=1024)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -157,7 +156,7 @@ def run_one(spec: dict) -> dict:
         logging_steps=25,
         device="cpu",
     )
-    summary = run(job, console=Console(file=open(os.devnull, "w")))
+    summary = run(job, console=Console(quiet=True))
     train_s = time.perf_counter() - start
     result = evaluate(
         VLM.from_pretrained(out / "model"),
