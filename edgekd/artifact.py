@@ -152,8 +152,7 @@ def preprocessing(vlm) -> dict[str, Any]:
         "image_size": [int(height), int(width)],
         "resize_shortest_edge": shortest,
         # LLaVA's pad (TinyLLaVA/LLaVA-1.5 "pad"): to a centred square of the mean colour first
-        "pad_to_square": bool(getattr(ip, "do_pad", False))
-        and type(ip).__name__.startswith("Llava"),
+        "pad_to_square": bool(getattr(ip, "do_pad", False)) and hasattr(ip, "pad_to_square"),
         "image_mean": [float(x) for x in ip.image_mean],
         "image_std": [float(x) for x in ip.image_std],
         "rescale_factor": float(getattr(ip, "rescale_factor", 1 / 255)),

@@ -575,6 +575,16 @@ def _print_dataset_summary(out: Path, meta: dict) -> None:
 
 
 # ---- convert --------------------------------------------------------------------------------
+ConvertOut = Annotated[Path, typer.Argument(help="Output directory (transformers Llava).")]
+ConvertDtype = Annotated[
+    str,
+    typer.Option(
+        help="dtype of the written weights: float32, float16, bfloat16, or auto (the "
+        "source's: the published fp16/bf16 size instead of twice it)."
+    ),
+]
+
+
 @convert_app.command("tinyllava")
 def convert_tinyllava(
     src: Annotated[
@@ -584,29 +594,15 @@ def convert_tinyllava(
             "(Zhang199/TinyLLaVA-Qwen2-0.5B-SigLIP)."
         ),
     ],
-    out: Annotated[Path, typer.Argument(help="Output directory (transformers Llava).")],
-    dtype: Annotated[
-        str,
-        typer.Option(
-            help="dtype of the written weights: float32, float16, bfloat16, or auto (the "
-            "source's: the published fp16/bf16 size instead of twice it)."
-        ),
-    ] = "float32",
+    out: ConvertOut,
+    dtype: ConvertDtype = "float32",
     overwrite: Overwrite = False,
 ) -> None:
     """Convert a TinyLLaVA Factory checkpoint to a transformers LlavaForConditionalGeneration."""
-    import json
-
-    from edgekd.models.tinyllava import MANIFEST
     from edgekd.models.tinyllava import convert_tinyllava as convert
 
     path = convert(src, out, overwrite=overwrite, dtype=dtype)
-    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    console.print(
-        f"[green]✓[/green] converted {src} -> {path} ({manifest['dtype']}, "
-        f"{manifest['image_token']['token']} id {manifest['image_token']['id']}, "
-        f"{manifest['image_processor']})"
-    )
+    _print_converted(src, path, lambda m: m["image_processor"])
 
 
 @convert_app.command("llava15")
@@ -618,7 +614,7 @@ def convert_llava15(
             "a hub id (liuhaotian/llava-v1.5-7b)."
         ),
     ],
-    out: Annotated[Path, typer.Argument(help="Output directory (transformers Llava).")],
+    out: ConvertOut,
     vision_tower: Annotated[
         str | None,
         typer.Option(
@@ -626,23 +622,27 @@ def convert_llava15(
             "weights; default: the source's mm_vision_tower."
         ),
     ] = None,
-    dtype: Annotated[
-        str, typer.Option(help="dtype of the written weights: float32, float16, bfloat16, auto.")
-    ] = "float32",
+    dtype: ConvertDtype = "float32",
     overwrite: Overwrite = False,
 ) -> None:
     """Convert an original LLaVA-1.5 checkpoint to a transformers LlavaForConditionalGeneration."""
-    import json
-
-    from edgekd.models.llava15 import MANIFEST
     from edgekd.models.llava15 import convert_llava15 as convert
 
     path = convert(src, out, vision_tower=vision_tower, overwrite=overwrite, dtype=dtype)
+    _print_converted(src, path, lambda m: f"vision tower {m['vision_tower']}")
+
+
+def _print_converted(src: str, path: Path, detail) -> None:
+    """The one-line summary of a conversion, from its ``edgekd_convert.json``."""
+    import json
+
+    from edgekd.models.tinyllava import MANIFEST
+
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     console.print(
         f"[green]✓[/green] converted {src} -> {path} ({manifest['dtype']}, "
         f"{manifest['image_token']['token']} id {manifest['image_token']['id']}, "
-        f"vision tower {manifest['vision_tower']})"
+        f"{detail(manifest)})"
     )
 
 

@@ -45,6 +45,7 @@ from edgekd.models.hub import resolve_source
 from edgekd.models.tinyllava import (
     EMBED_KEY,
     HEAD_KEY,
+    MANIFEST,
     grow_vocab,
     load_strict,
     load_weight_dir,
@@ -62,7 +63,6 @@ from edgekd.models.tinyllava_processor import (
 ARCHITECTURE = "LlavaLlamaForCausalLM"
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # LLaVA -> transformers Llava
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
-MANIFEST = "edgekd_convert.json"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP's processor statistics (the defaults)
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Source prefix -> target prefix, first match wins; any other source tensor is an error.
