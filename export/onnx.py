@@ -5,16 +5,20 @@ Artifact layout (the graph names and I/O names nanoLLaVA-style exports use)::
     vision_encoder.onnx          pixel_values (B, 3, H, W) -> image_features (B, N, D_text)
     embed_tokens.onnx            input_ids (B, L) -> inputs_embeds (B, L, D_text)
     decoder_model_merged.onnx    inputs_embeds, attention_mask (B, P + L), position_ids,
+                                 logits_index (K,) positions whose logits are wanted,
                                  past_key_values.{i}.key/value (B, kv_heads, P, head_dim)
-                                 -> logits (B, L, V),
+                                 -> logits (B, K, V),
                                     present.{i}.key/value (B, kv_heads, P + L, head_dim)
     shared_embedding.data        int8/int4 with tied embeddings: the int8 table + scales, stored
                                  once, external data of both embed_tokens and the decoder
     edgekd_onnx.json             edgekd's description of the graphs: I/O names, sizes, ids
     tokenizer + processor files  so runtimes need no checkpoint
 
-The decoder is one graph for prefill and decode (``P`` may be 0). The vision encoder is the
-tower at the configured feature layer and select strategy followed by the projector.
+The decoder is one graph for prefill and decode (``P`` may be 0). Only the positions in
+``logits_index`` go through the lm_head: generation asks for the last one (a 151,936-word head
+over every prompt token would cost a quarter of a 0.5B prefill's FLOPs and a 0.5 GB logits
+tensor), parity for all. The vision encoder is the tower at the configured feature layer and
+select strategy followed by the projector.
 
 Why ``torch.onnx.export`` (dynamo) and not optimum: optimum-onnx cannot export LLaVA ("custom
 or unsupported architecture") and pins ``transformers<4.58``, while edgekd runs on transformers
@@ -34,8 +38,10 @@ rather than a ``genai_config.json`` that would not load.
 Precisions: fp32; fp16 (weights and compute, fp32 graph I/O, norms and softmax fp32); int8
 (dynamic, per-channel weights) and int4 (MatMulNBits, ``int4_block_size``, default 32) for the
 decoder, with the lm_head kept int8 and the embedding table int8 per row; the vision encoder
-stays fp32 in int8/int4. With tied embeddings the int8 table and its per-row scales are stored
-once, in ``shared_embedding.data``, which both ``embed_tokens.onnx`` and the decoder's lm_head
+stays fp32 in int8/int4 unless option ``vision_precision`` says otherwise (``int8``: see
+:data:`VISION_PLANS`; its answer accuracy is measured and enforced on ``--eval-data``).
+With tied embeddings the int8 table and its per-row scales are stored once, in
+``shared_embedding.data``, which both ``embed_tokens.onnx`` and the decoder's lm_head
 reference as ONNX external data (see :data:`SHARED_PLAN`); an untied model gets its own int8
 lm_head. See :data:`PLANS`; the manifest records the same per component.
 
@@ -51,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +112,7 @@ DECODER = GraphSpec(
         "inputs_embeds",
         "attention_mask",
         "position_ids",
+        "logits_index",
         "past_key_values.{i}.key",
         "past_key_values.{i}.value",
     ),
@@ -114,9 +121,10 @@ DECODER = GraphSpec(
         "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "logits_index": {0: "logits_length"},
         "past_key_values.{i}.key": {0: "batch_size", 2: "past_sequence_length"},
         "past_key_values.{i}.value": {0: "batch_size", 2: "past_sequence_length"},
-        "logits": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "logits_length"},
         "present.{i}.key": {0: "batch_size", 2: "total_sequence_length"},
         "present.{i}.value": {0: "batch_size", 2: "total_sequence_length"},
     },
@@ -124,11 +132,12 @@ DECODER = GraphSpec(
 GRAPHS = (VISION, EMBED, DECODER)
 
 # Trace sizes: distinct and >= 2, so torch.export neither specialises nor equates the axes.
-TRACE = {"batch_size": 2, "sequence_length": 3, "past_sequence_length": 5}
+TRACE = {"batch_size": 2, "sequence_length": 3, "past_sequence_length": 5, "logits_length": 4}
 
 
 # fp32 differences come from summation order (measured ~1e-6 relative); an off-by-one decode
-# position on the tiny model is ~2e-3. int8/int4 keep the vision encoder fp32.
+# position on the tiny model is ~2e-3. int8/int4 keep the vision encoder fp32 unless the
+# vision_precision option says otherwise (then tolerance() adapts these).
 TOLERANCES = {
     "fp32": Tolerance(1e-4, 0.99999, 1e-4, 0.99999, True, None),
     "fp16": Tolerance(2e-2, 0.999, 2e-2, 0.999, True, None),
@@ -177,7 +186,24 @@ SHARED_PLAN = {
     "embed": "int8 per-row, fp32 scales (the tied table in shared_embedding.data)",
     "lm_head": "int8 per-channel (tied: the embedding's table in shared_embedding.data)",
 }
-OPTIONS: dict[str, Any] = {"int4_block_size": 32, "int4_accuracy_level": 4, "opset": 23}
+# The vision encoder at another precision than the plan's (option ``vision_precision``):
+# ``int8`` runs the tower's MatMuls as the int8 decoder's (dynamic, per-channel weights), about
+# 2x faster than fp32 on CPU (docs/performance.md); its answer accuracy is measured on
+# ``--eval-data`` against the same artifact fed PyTorch's visual tokens and enforced
+# (:data:`VISION_INT8_MAX_DROP`), and its visual tokens get the looser cosine floor below.
+VISION_PLANS = {
+    "fp32": "fp32",
+    "fp16": "fp16 (fp32 I/O, norms/softmax fp32)",
+    "int8": "int8 dynamic (MatMulInteger, per-channel weights); norms, conv and biases fp32",
+}
+VISION_INT8_MAX_DROP = 0.01  # normalised-match points the int8 vision encoder may cost
+VISION_INT8_COSINE = 0.99  # per-token cosine floor of int8 visual tokens against PyTorch
+OPTIONS: dict[str, Any] = {
+    "int4_block_size": 32,
+    "int4_accuracy_level": 4,
+    "opset": 23,
+    "vision_precision": None,  # None: the precision plan's (fp16 for fp16, else fp32)
+}
 GQA_OPSET = 23  # ONNX Attention takes fewer key/value heads than query heads
 GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa attention at call time
 
@@ -207,7 +233,7 @@ class OnnxExporter(Registered):
         from edgekd.export.family import family_problems
 
         problems = family_problems(vlm.config, "onnx")
-        problems += _option_problems(config.options)
+        problems += _option_problems(config.options, config.eval_data)
         for module, extra in (("onnx", "onnx"), ("onnxruntime", "onnx"), ("onnxscript", "onnx")):
             try:
                 __import__(module)
@@ -253,7 +279,8 @@ class OnnxExporter(Registered):
         from edgekd.export import onnx_parity, parity
         from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
 
-        tol = TOLERANCES[config.precision]
+        options = {**OPTIONS, **config.options}
+        tol = tolerance(config.precision, options)
         backend = OnnxRuntimeBackend(out, verify=False)  # manifest.json is written after this
         cases = parity.cases(vlm, config)
         first = next((c for c in cases if c.pixel_values is not None), cases[0])
@@ -261,6 +288,10 @@ class OnnxExporter(Registered):
             "preprocessing": lambda: onnx_parity.check_preprocessing(backend, cases),
             "kv_cache": lambda: onnx_parity.check_kv_cache(vlm, backend, first, tol),
         }
+        if vision_precision(config.precision, options) == "int8" and config.eval_data:
+            checks["vision_accuracy"] = lambda: parity.check_vision_accuracy(
+                vlm, backend, config, VISION_INT8_MAX_DROP
+            )
         try:
             return parity.validate(
                 vlm, backend, config, tol, target_checks=checks, parity_cases=cases
@@ -269,7 +300,7 @@ class OnnxExporter(Registered):
             backend.close()
 
 
-def _option_problems(options: dict[str, Any]) -> list[str]:
+def _option_problems(options: dict[str, Any], eval_data=None) -> list[str]:
     problems = []
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -285,6 +316,18 @@ def _option_problems(options: dict[str, Any]) -> list[str]:
     level = options.get("int4_accuracy_level", OPTIONS["int4_accuracy_level"])
     if level is not None and level not in (0, 1, 2, 3, 4):
         problems.append(f"int4_accuracy_level {level!r} must be 0-4 or None")
+    vision = options.get("vision_precision")
+    if vision is not None and vision not in VISION_PLANS:
+        problems.append(
+            f"vision_precision {vision!r} must be one of {', '.join(VISION_PLANS)} (default: "
+            "the precision's own plan)"
+        )
+    elif vision == "int8" and eval_data is None:
+        problems.append(
+            "vision_precision=int8 needs --eval-data: the exporter measures what the int8 "
+            "vision encoder costs in answers on it, and refuses more than "
+            f"{VISION_INT8_MAX_DROP * 100:g} point"
+        )
     opset = options.get("opset", OPTIONS["opset"])
     if not isinstance(opset, int) or not 17 <= opset <= GQA_OPSET:
         problems.append(
@@ -323,7 +366,9 @@ def _modules(vlm):
             super().__init__()
             self.model, self.lm_head = vlm.language_model, vlm.lm_head
 
-        def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+        def forward(
+            self, inputs_embeds, attention_mask, position_ids, logits_index, past_key_values
+        ):
             cache = DynamicCache(config=vlm.config.text_config)
             for i in range(len(past_key_values) // 2):
                 cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
@@ -335,7 +380,10 @@ def _modules(vlm):
                 use_cache=True,
             )
             present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            return (self.lm_head(out.last_hidden_state), *present)
+            # the lm_head runs only where logits are asked for: a prompt's last position when
+            # generating (a 150k-word head over every prompt token is a quarter of a prefill)
+            hidden = out.last_hidden_state.index_select(1, logits_index)
+            return (self.lm_head(hidden), *present)
 
     return {"vision": Vision(), "embed": Embed(), "decoder": Decoder()}
 
@@ -353,7 +401,8 @@ def _sample_inputs(vlm, spec: GraphSpec, n_layers: int):
     cache = [torch.randn(b, dims.kv_heads, past, dims.head_dim) for _ in range(2 * n_layers)]
     mask = torch.ones(b, past + seq, dtype=torch.long)
     positions = torch.arange(past, past + seq).expand(b, seq)
-    return (torch.randn(b, seq, tc.hidden_size), mask, positions, cache)
+    index = torch.arange(TRACE["logits_length"]) % seq
+    return (torch.randn(b, seq, tc.hidden_size), mask, positions, index, cache)
 
 
 def _dynamic_shapes(spec: GraphSpec, n_layers: int) -> tuple:
@@ -448,7 +497,12 @@ def _convert(
     """
     from edgekd.export import onnx_graph as g
 
-    if precision == "fp32" or (component == "vision" and precision in ("int8", "int4")):
+    if component == "vision":
+        vision = vision_precision(precision, options)
+        if vision == "int8":
+            return g.quantize_int8(model)
+        return g.to_fp16(model) if vision == "fp16" else model
+    if precision == "fp32":
         return model
     if precision == "fp16":
         return g.to_fp16(model)
@@ -473,6 +527,42 @@ def _convert(
             return g.quantize_int8(model, nodes=[head])  # the lm_head stays at 8 bits
     g.share_tied_lm_head(model, head, refs)  # int8 per channel on the shared table
     return model
+
+
+def vision_precision(precision: str, options: dict[str, Any]) -> str:
+    """The vision encoder's precision: option ``vision_precision``, else the plan's."""
+    chosen = options.get("vision_precision")
+    return chosen or ("fp16" if precision == "fp16" else "fp32")
+
+
+def tolerance(precision: str, options: dict[str, Any]) -> Tolerance:
+    """The parity limits of an export: the precision's, with the int8 vision floor when the
+    vision encoder is int8 (its answer accuracy is checked on its own, see ``validate``)."""
+    tol = TOLERANCES[precision]
+    vision = vision_precision(precision, options)
+    if vision == "fp16" and precision != "fp16":  # the fp16 limits for what the tower feeds
+        fp16 = TOLERANCES["fp16"]
+        tol = replace(
+            tol,
+            vision_max_rel=fp16.vision_max_rel,
+            vision_cosine=min(tol.vision_cosine, fp16.vision_cosine),
+            logits_max_rel=None if tol.logits_max_rel is None else fp16.logits_max_rel,
+            logits_cosine=min(tol.logits_cosine, fp16.logits_cosine),
+            token_exact=False,
+        )
+    if vision == "int8":
+        # image prompts' logits and greedy tokens now carry the int8 tower's error too: the
+        # int8 floors for them, and the answers on the eval set (required) are the gate
+        int8 = TOLERANCES["int8"]
+        tol = replace(
+            tol,
+            vision_max_rel=None,
+            vision_cosine=VISION_INT8_COSINE,
+            logits_max_rel=None,
+            logits_cosine=min(tol.logits_cosine, int8.logits_cosine),
+            token_exact=False,
+        )
+    return tol
 
 
 def _tied_table(vlm):
@@ -527,6 +617,7 @@ def _components(
     from edgekd.export import onnx_graph as g
 
     plan = asdict(PLANS[precision])
+    plan["vision"] = VISION_PLANS[vision_precision(precision, options)]
     if shared:
         plan.update(embed=SHARED_PLAN["embed"], lm_head=SHARED_PLAN["lm_head"])
     components = {
@@ -570,6 +661,7 @@ def _write_onnx_config(vlm, out: Path, n_layers: int) -> None:
         "inputs_embeds": "inputs_embeds",
         "attention_mask": "attention_mask",
         "position_ids": "position_ids",
+        "logits_index": "logits_index",
         "past_key_names": "past_key_values.%d.key",
         "past_value_names": "past_key_values.%d.value",
     }

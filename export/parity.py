@@ -11,6 +11,8 @@ cache, chat handler). The shared checks, on the same :func:`cases` for every tar
 * ``greedy``: greedy decoding against ``model.generate`` (:func:`token_agreement`);
 * ``accuracy`` (with ``eval_data``, where the tolerance has ``max_accuracy_drop``): normalised-
   match accuracy of the artifact against PyTorch on ``eval_limit`` samples.
+* ``vision_accuracy`` (a target check, for a quantized vision encoder with ``eval_data``): the
+  same accuracy with the artifact's visual tokens against PyTorch's (:func:`check_vision_accuracy`).
 
 Numbers (:func:`compare`): ``max_abs``; ``max_rel = max_abs / max(1, max|ref|)`` (relative to the
 reference's scale once its values exceed 1, absolute below, so one limit fits tiny random
@@ -302,6 +304,50 @@ def check_accuracy(vlm, backend, config: ExportConfig, tol: Tolerance) -> dict[s
         "drop": float(drop),
         "max_drop": tol.max_accuracy_drop,
         "pass": bool(drop <= tol.max_accuracy_drop),
+    }
+
+
+def check_vision_accuracy(
+    vlm,
+    backend,
+    config: ExportConfig,
+    max_drop: float,
+    encoder: str = "visual_tokens",
+    wrap: Callable[[np.ndarray], Any] = lambda tokens: tokens,
+) -> dict[str, Any]:
+    """What the artifact's vision encoder costs in answers, apart from its language model.
+
+    Normalised-match accuracy on ``config.eval_data`` of the artifact as it is, and of the same
+    artifact fed PyTorch's fp32 visual tokens instead of its own (the backend method named
+    ``encoder``, through which its generation encodes images, replaced for the run by one
+    returning PyTorch's tokens as ``wrap`` makes them), so the difference is the vision
+    encoder's alone. Passes when it drops at most ``max_drop``.
+    """
+    import torch
+
+    from edgekd.evaluate import score
+
+    dataset = eval_dataset(vlm, config)
+    own = score(artifact_answers(backend, dataset, config.max_new_tokens))
+
+    def torch_visual(pixel_values):
+        pv = torch.as_tensor(np.asarray(pixel_values)).to(vlm.device, vlm.dtype)
+        with torch.no_grad():
+            return wrap(vlm.project(vlm.vision_features(pv)).float().cpu().numpy())
+
+    setattr(backend, encoder, torch_visual)  # an instance attribute: the class method is kept
+    try:
+        fed = score(artifact_answers(backend, dataset, config.max_new_tokens))
+    finally:
+        delattr(backend, encoder)
+    drop = fed["normalized_match"] - own["normalized_match"]
+    return {
+        "samples": own["n"],
+        "pytorch_vision_normalized_match": fed["normalized_match"],
+        "artifact_normalized_match": own["normalized_match"],
+        "drop": float(drop),
+        "max_drop": max_drop,
+        "pass": bool(drop <= max_drop),
     }
 
 

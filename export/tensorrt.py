@@ -33,6 +33,7 @@ from typing import Any
 
 from edgekd import artifact
 from edgekd.export.base import ExportConfig, ExportError, Registered
+from edgekd.export.onnx import VISION_INT8_COSINE, VISION_INT8_MAX_DROP
 from edgekd.export.parity import Tolerance
 from edgekd.export.tensorrt_build import (
     Profiles,
@@ -185,12 +186,14 @@ def engine_shapes(device_profile: Any, vlm_or_config: Any) -> dict[str, Profiles
         "inputs_embeds": _ranges(batch, seq, d.hidden_size),
         "attention_mask": _ranges(batch, seq),
         "position_ids": _ranges(batch, seq),
+        "logits_index": _ranges((1, 1, seq_max)),  # generation asks for the last position
         **kv((0, 0, 0)),
     }
     decode = {
         "inputs_embeds": _ranges(batch, 1, d.hidden_size),
         "attention_mask": _ranges(batch, tuple(p + 1 for p in past)),
         "position_ids": _ranges(batch, 1),
+        "logits_index": _ranges(1),
         **kv(past),
     }
     return {
@@ -247,8 +250,8 @@ def calibration_batches(
 
     Returns:
         Batches of CPU tensors: ``inputs_embeds`` (B, S, D) float32, ``attention_mask`` and
-        ``position_ids`` (B, S) int64, and empty ``past_key_values.{i}.key/value``
-        (B, kv_heads, 0, head_dim) float32.
+        ``position_ids`` (B, S) int64, ``logits_index`` (1,) int64 (the last position), and
+        empty ``past_key_values.{i}.key/value`` (B, kv_heads, 0, head_dim) float32.
     """
     import torch
 
@@ -268,6 +271,7 @@ def calibration_batches(
                 "inputs_embeds": x,
                 "attention_mask": mask,
                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                "logits_index": torch.tensor([seq - 1]),
                 **{
                     f"past_key_values.{i}.{kind}": past
                     for i in range(d.num_layers)
@@ -275,6 +279,29 @@ def calibration_batches(
                 },
             }
         )
+    return batches
+
+
+def vision_calibration_batches(vlm, config: ExportConfig, n: int) -> list[dict[str, Any]]:
+    """``pixel_values`` (1, 3, H, W) float32 batches of ``n`` images of ``config.eval_data``,
+    preprocessed as the model's processor does (INT8 vision calibration).
+
+    The images after the first ``eval_limit`` samples come first (the accuracy check scores
+    those), then, if the file has too few, the scored ones.
+    """
+    from edgekd.export.parity import eval_dataset
+
+    dataset = eval_dataset(vlm, dataclasses.replace(config, eval_limit=None))
+    scored = min(config.eval_limit or len(dataset), len(dataset))
+    batches = []
+    for i in [*range(scored, len(dataset)), *range(scored)]:
+        pixels = dataset.load_pixels(i)
+        if pixels is not None:
+            batches.append({"pixel_values": pixels[None].float()})
+        if len(batches) == n:
+            break
+    if not batches:
+        raise ExportError(f"--eval-data '{config.eval_data}' has no images to calibrate on")
     return batches
 
 
@@ -299,6 +326,9 @@ OPTIONS: dict[str, str] = {
     "to fp32 (auto: only when the fp16 build fails parity)",
     "kv_cache_dtype": "fp16|fp32: the decoder's KV-cache I/O type (fp32 for fp32, else fp16)",
     "calibration_samples": "int8 without Q/DQ nodes: prompts used for INT8 calibration (16)",
+    "vision_precision": "fp32|fp16|int8: the vision engine's precision (default fp32 for fp32, "
+    "else fp16); int8 is calibrated on --eval-data's images (required) and its answer "
+    "accuracy checked there against PyTorch's visual tokens (at most 1 point lower)",
     "min_vision_cosine": "override the visual-token cosine tolerance",
     "min_logits_cosine": "override the logits cosine tolerance",
     "min_token_agreement": "override the greedy-agreement tolerance",
@@ -311,6 +341,7 @@ class TensorRTOptions:
     kv_cache_dtype: str
     calibration_samples: int
     tolerance: Tolerance
+    vision_precision: str = "fp16"
 
 
 TRT_ONNX_OPSET = 18
@@ -323,7 +354,11 @@ def resolve_options(
     problems = [
         f"option '{k}' is unknown; valid: {', '.join(OPTIONS)}" for k in options if k not in OPTIONS
     ]
-    choices = {"fp32_fallback": ("auto", "always", "never"), "kv_cache_dtype": ("fp16", "fp32")}
+    choices = {
+        "fp32_fallback": ("auto", "always", "never"),
+        "kv_cache_dtype": ("fp16", "fp32"),
+        "vision_precision": ("fp32", "fp16", "int8"),
+    }
     for key, valid in choices.items():
         if key in options and options[key] not in valid:
             problems.append(
@@ -333,6 +368,25 @@ def resolve_options(
     if not isinstance(n, int) or n < 1:
         problems.append(f"option 'calibration_samples' must be an integer >= 1, got {n!r}")
     tol = TOLERANCES.get(precision, TOLERANCES["fp16"])
+    vision = options.get("vision_precision")
+    if vision not in choices["vision_precision"]:
+        vision = ENGINE_PRECISION.get(precision, ENGINE_PRECISION["fp16"])["vision"]
+    if vision == "fp16" and precision == "fp32":  # the fp16 floors for what the tower feeds
+        fp16 = TOLERANCES["fp16"]
+        tol = dataclasses.replace(
+            tol,
+            vision_cosine=min(tol.vision_cosine, fp16.vision_cosine),
+            logits_cosine=min(tol.logits_cosine, fp16.logits_cosine),
+            token_agreement=min(tol.token_agreement, fp16.token_agreement),
+        )
+    if vision == "int8":  # image prompts carry the int8 tower's error: the int8 floors for them
+        int8 = TOLERANCES["int8"]
+        tol = dataclasses.replace(
+            tol,
+            vision_cosine=VISION_INT8_COSINE,
+            logits_cosine=min(tol.logits_cosine, int8.logits_cosine),
+            token_agreement=min(tol.token_agreement, int8.token_agreement),
+        )
     overrides = {}
     for key, field in (
         ("min_vision_cosine", "vision_cosine"),
@@ -350,6 +404,7 @@ def resolve_options(
         kv_cache_dtype=options.get("kv_cache_dtype", "fp32" if precision == "fp32" else "fp16"),
         calibration_samples=n if isinstance(n, int) else 16,
         tolerance=dataclasses.replace(tol, **overrides),
+        vision_precision=vision,
     )
     return resolved, problems
 
@@ -400,7 +455,13 @@ class TensorRTExporter(Registered):
                 f"precision '{config.precision}' is not supported by tensorrt; "
                 f"valid: {', '.join(self.precisions)}"
             )
-        problems += resolve_options(config.precision, config.options)[1]
+        opts, option_problems = resolve_options(config.precision, config.options)
+        problems += option_problems
+        if opts.vision_precision == "int8" and config.eval_data is None:
+            problems.append(
+                "vision_precision=int8 needs --eval-data: the vision engine is calibrated on "
+                "its images and what it costs in answers is measured there"
+            )
         problems += _profile_problems(vlm, config)
         try:
             get_exporter("onnx").check(vlm, _onnx_config(config, config.output))
@@ -425,7 +486,7 @@ class TensorRTExporter(Registered):
         paths = _onnx_paths(onnx_dir)
         log.info("✓ onnx fp32: %s", ", ".join(p.name for p in paths.values()))
         samples = sample_inputs(vlm, config)
-        precision = ENGINE_PRECISION[config.precision]
+        precision = {**ENGINE_PRECISION[config.precision], "vision": opts.vision_precision}
 
         def build(engine: str, **kwargs) -> dict[str, Any]:
             info = build_engine(
@@ -439,7 +500,7 @@ class TensorRTExporter(Registered):
         fallback = fp32_layer_names(paths["vision"]) if precision["vision"] != "fp32" else []
         engines = {
             "embed": build("embed"),
-            "vision": _build_vision(build, vlm, fallback, out, opts, samples),
+            "vision": _build_vision(build, vlm, fallback, out, opts, samples, config),
         }
         calibration = None
         if precision["decoder"] == "int8" and not has_qdq(paths["decoder"]):
@@ -468,17 +529,33 @@ class TensorRTExporter(Registered):
         from edgekd.export import parity
         from edgekd.runtime.tensorrt import TensorRTBackend
 
-        tol = resolve_options(config.precision, config.options)[0].tolerance
+        opts = resolve_options(config.precision, config.options)[0]
+        tol = opts.tolerance
         backend = TensorRTBackend(out, verify=False)  # manifest.json is written after validate
+        checks = {}
+        if opts.vision_precision == "int8" and config.eval_data is not None:
+            checks["vision_accuracy"] = lambda: parity.check_vision_accuracy(
+                vlm, backend, config, VISION_INT8_MAX_DROP, encoder="_visual",
+                wrap=lambda tokens: torch.from_numpy(tokens).to(backend.device),
+            )  # fmt: skip
         try:
-            result = parity.validate(vlm, backend, config, tol)
+            result = parity.validate(vlm, backend, config, tol, target_checks=checks)
         finally:
             backend.close()
         return {**result, "device": torch.cuda.get_device_name(0)}
 
 
-def _build_vision(build, vlm, fallback: list[str], out: Path, opts, samples) -> dict[str, Any]:
-    """fp16 first; again with ``fallback`` layers (norms, softmax) in fp32 if parity falls short."""
+def _build_vision(
+    build, vlm, fallback: list[str], out: Path, opts, samples, config: ExportConfig
+) -> dict[str, Any]:
+    """fp16 first; again with ``fallback`` layers (norms, softmax) in fp32 if parity falls short.
+
+    int8 (option ``vision_precision``): one build, calibrated on the first
+    ``calibration_samples`` images of ``config.eval_data`` (:func:`vision_calibration_batches`).
+    """
+    if opts.vision_precision == "int8":
+        batches = vision_calibration_batches(vlm, config, opts.calibration_samples)
+        return build("vision", calibration=batches, calibration_cache=out / "vision.calib")
     if opts.fp32_fallback == "always" and fallback:
         return build("vision", fp32_layers=fallback)
     info = build("vision")

@@ -187,8 +187,11 @@ class OnnxRuntimeBackend:
         ]
         wanted = {"inputs_embeds", "attention_mask", "position_ids", *self.past_names}
         have = {i.name for i in self.decoder.get_inputs()}
-        if wanted != have:
-            extra = sorted(have - wanted)[:3] or sorted(wanted - have)[:3]
+        # logits_index: which positions reach the lm_head (absent from graphs exported before
+        # it was added: those return every position's logits)
+        self.selects_logits = "logits_index" in have
+        if wanted != have - {"logits_index"}:
+            extra = sorted(have - wanted - {"logits_index"})[:3] or sorted(wanted - have)[:3]
             raise artifact.ArtifactError(
                 f"{self.root}: {artifact.ONNX_CONFIG} does not describe the decoder graph's "
                 f"inputs (e.g. {', '.join(extra)}); re-export"
@@ -238,13 +241,23 @@ class OnnxRuntimeBackend:
             embeds[mask] = visual.reshape(-1, embeds.shape[-1])
         return embeds
 
-    def _decode_step(self, embeds: np.ndarray, past: list[np.ndarray], start: int):
+    def _decode_step(
+        self, embeds: np.ndarray, past: list[np.ndarray], start: int, last_only: bool = True
+    ):
+        """One decoder call appending ``embeds`` at cache length ``start``: (logits, cache).
+
+        ``last_only``: logits of the last position only, (B, 1, V), which is all generation
+        needs; otherwise of every position, (B, L, V) (parity).
+        """
         b, length = embeds.shape[:2]
         feed = {
             "inputs_embeds": embeds,
             "attention_mask": np.ones((b, start + length), dtype=np.int64),
             "position_ids": np.broadcast_to(np.arange(start, start + length), (b, length)).copy(),
         }
+        if self.selects_logits:
+            first = length - 1 if last_only else 0
+            feed["logits_index"] = np.arange(first, length, dtype=np.int64)
         feed.update(zip(self.past_names, past))
         out = self.decoder.run(None, feed)
         return out[0], out[1:]
@@ -258,7 +271,7 @@ class OnnxRuntimeBackend:
         """(B, L, V) logits of the whole prompt in one decoder call (empty cache), for parity."""
         visual = None if pixel_values is None else self.visual_tokens(pixel_values)
         embeds = self.embeddings(input_ids, visual)
-        return self._decode_step(embeds, self._empty_cache(len(input_ids)), 0)[0]
+        return self._decode_step(embeds, self._empty_cache(len(input_ids)), 0, last_only=False)[0]
 
     def logits(self, image, prompt: str) -> np.ndarray:
         """Prompt logits (1, L, V) of ``prompt`` with ``image`` (``None``: text only)."""

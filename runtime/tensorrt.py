@@ -296,7 +296,8 @@ class TensorRTBackend:
         ids = self._ids(input_ids)
         with torch.inference_mode(), self._on_stream():
             visual = None if pixel_values is None else self._visual(pixel_values)
-            logits, _ = self._step(self.prefill, self._embeddings(ids, visual), {}, 0)
+            embeds = self._embeddings(ids, visual)
+            logits, _ = self._step(self.prefill, embeds, {}, 0, last_only=False)
             return logits.float().cpu()
 
     def _ids(self, input_ids):
@@ -320,8 +321,12 @@ class TensorRTBackend:
             embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), visual)
         return embeds
 
-    def _step(self, runner: EngineRunner, embeds, past: dict[str, Any], start: int):
-        """One decoder call at cache length ``start``; returns logits and the new cache."""
+    def _step(self, runner: EngineRunner, embeds, past: dict[str, Any], start: int, last_only=True):
+        """One decoder call at cache length ``start``; returns logits and the new cache.
+
+        ``last_only``: the last position's logits, (B, 1, V), all generation needs; otherwise
+        every position's (parity). Engines built before ``logits_index`` return every one.
+        """
         import torch
 
         b, length = embeds.shape[:2]
@@ -340,6 +345,9 @@ class TensorRTBackend:
             ),
             **past,
         }
+        if "logits_index" in runner.inputs:
+            first = length - 1 if last_only else 0
+            feed["logits_index"] = torch.arange(first, length, device=self.device)
         out = runner(feed)
         present = {
             n.replace("present.", "past_key_values.", 1): t

@@ -69,12 +69,61 @@ def test_decoder_is_one_graph_for_prefill_and_decode(onnx_artifact, tiny_vlm):
         for i in model.graph.input
     }
     outputs = [o.name for o in model.graph.output]
-    assert list(inputs)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert list(inputs)[:4] == ["inputs_embeds", "attention_mask", "position_ids", "logits_index"]
+    assert inputs["logits_index"] == ["logits_length"]
     assert inputs["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
     assert outputs == ["logits"] + [
         f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")
     ]
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+def test_graphs_without_logits_index_still_run(onnx_artifact, tiny_vlm, tmp_path):
+    """A decoder exported before logits_index (every position through the lm_head): the
+    backend feeds it as it is and generation takes the last position, as before."""
+    from edgekd import artifact
+    from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
+
+    src = onnx_artifact("fp32")
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    model = _decoder(old)
+    # logits_index -> (Reshape) -> Gather(hidden, index): the Gather becomes hidden itself
+    names, nodes = {"logits_index"}, list(model.graph.node)
+    for node in nodes:
+        if node.op_type == "Gather" and node.input[1] in names:
+            node.CopyFrom(helper.make_node("Identity", [node.input[0]], list(node.output)))
+        elif names & set(node.input):
+            names.update(node.output)
+            model.graph.node.remove(node)
+    model.graph.input.remove(next(i for i in model.graph.input if i.name == "logits_index"))
+    onnx.save(model, str(old / artifact.ONNX_DECODER))
+    before = OnnxRuntimeBackend(old, verify=False)
+    now = OnnxRuntimeBackend(src)
+    assert not before.selects_logits and now.selects_logits
+    ids, _ = now.encode(None, "a red circle")
+    np.testing.assert_allclose(
+        before.prefill_logits(ids), now.prefill_logits(ids), rtol=1e-5, atol=1e-5
+    )
+    assert (
+        before.generate(None, "a red circle", 4).token_ids
+        == now.generate(None, "a red circle", 4).token_ids
+    )
+
+
+def test_the_lm_head_runs_only_where_logits_are_asked_for(onnx_artifact, tiny_vlm):
+    """Generation asks for the last position (a (1, 1, V) head), parity for every position;
+    both agree with the model on the positions they share."""
+    from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(onnx_artifact("fp32"))
+    ids, pixels = backend.encode(None, "a red circle")
+    every = backend.prefill_logits(ids, pixels)
+    embeds = backend.embeddings(ids)
+    last, _ = backend._decode_step(embeds, backend._empty_cache(1), 0)
+    assert every.shape == (1, ids.shape[1], tiny_vlm.vocab_size)
+    assert last.shape == (1, 1, tiny_vlm.vocab_size)
+    np.testing.assert_allclose(last[0, 0], every[0, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_onnx_config_describes_the_graphs(onnx_artifact, tiny_vlm):
@@ -177,6 +226,51 @@ def test_bad_options_are_reported_together(tiny_vlm, tmp_path):
     with pytest.raises(ExportError) as e:
         get_exporter("onnx").check(tiny_vlm, big)
     assert "from 16 to 256" in str(e.value) and "opset 99 must be from 17" in str(e.value)
+    vision = ExportConfig("x", "onnx", "fp32", tmp_path, options={"vision_precision": "int4"})
+    with pytest.raises(ExportError, match="vision_precision 'int4' must be one of fp32, fp16"):
+        get_exporter("onnx").check(tiny_vlm, vision)
+    unmeasured = ExportConfig("x", "onnx", "fp32", tmp_path, options={"vision_precision": "int8"})
+    with pytest.raises(ExportError, match="vision_precision=int8 needs --eval-data"):
+        get_exporter("onnx").check(tiny_vlm, unmeasured)
+
+
+def _int8_vision_config(root, tiny_vlm, out, **kw):
+    from export_helpers import write_eval_set
+
+    checkpoint = root / "checkpoint"
+    if not checkpoint.exists():
+        tiny_vlm.save_pretrained(checkpoint)
+    return ExportConfig(
+        str(checkpoint), "onnx", "fp32", out, n_parity_prompts=2, max_new_tokens=4,
+        eval_data=write_eval_set(root / "eval"), eval_limit=4,
+        options={"vision_precision": "int8"}, **kw,
+    )  # fmt: skip
+
+
+def test_int8_vision_encoder_is_an_option_with_its_accuracy_checked(tiny_vlm, tmp_path):
+    """vision_precision=int8: an int8 tower beside an fp32 language model, recorded in the
+    manifest, its answer accuracy against PyTorch's visual tokens measured and passed."""
+    out = tmp_path / "onnx-vision-int8"
+    manifest = export(_int8_vision_config(tmp_path, tiny_vlm, out))
+    vision = onnx.load(str(out / "vision_encoder.onnx"))
+    decoder = onnx.load(str(out / "decoder_model_merged.onnx"))
+    assert any(n.op_type == "MatMulInteger" for n in vision.graph.node)
+    assert not any(n.op_type == "MatMulInteger" for n in decoder.graph.node)  # fp32 decoder
+    assert manifest["components"]["vision"]["precision"].startswith("int8 dynamic")
+    assert manifest["components"]["decoder"]["precision"] == "fp32"
+    checks = manifest["parity"]["checks"]
+    measured = checks["vision_accuracy"]
+    assert measured["samples"] == 4 and measured["max_drop"] == onnx_export.VISION_INT8_MAX_DROP
+    assert measured["pass"] and measured["drop"] <= onnx_export.VISION_INT8_MAX_DROP
+    assert checks["vision"]["cosine_min_limit"] == onnx_export.VISION_INT8_COSINE
+
+
+def test_int8_vision_encoder_over_its_accuracy_budget_is_refused(tiny_vlm, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "VISION_INT8_MAX_DROP", -1.0)  # any result is a drop
+    out = tmp_path / "refused"
+    with pytest.raises(ParityError, match="vision_accuracy: samples 4"):
+        export(_int8_vision_config(tmp_path, tiny_vlm, out))
+    assert not out.exists()
 
 
 def test_non_llava_checkpoint_is_refused_in_one_line(tmp_path):

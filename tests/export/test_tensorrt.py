@@ -97,15 +97,17 @@ def test_engine_shapes_follow_the_profile(profile, model, request):
     assert list(shapes["decoder"]) == ["prefill", "decode"]  # profile indices 0 and 1
     for engine in shapes.values():
         for ranges in engine.values():
-            for r in ranges.values():
+            for name, r in ranges.items():
                 assert len(r.min) == len(r.opt) == len(r.max)
                 assert all(0 <= lo <= opt <= hi for lo, opt, hi in zip(r.min, r.opt, r.max))
-                assert (r.min[0], r.opt[0], r.max[0]) == (1, 1, s.max_batch)
+                if name != "logits_index":  # positions, not a batch
+                    assert (r.min[0], r.opt[0], r.max[0]) == (1, 1, s.max_batch)
 
     context = s.max_past_len
     kv = [f"past_key_values.{i}.{k}" for i in range(d.num_layers) for k in ("key", "value")]
     prefill, decode = shapes["decoder"]["prefill"], shapes["decoder"]["decode"]
-    assert set(prefill) == set(decode) == {"inputs_embeds", "attention_mask", "position_ids", *kv}
+    inputs = {"inputs_embeds", "attention_mask", "position_ids", "logits_index", *kv}
+    assert set(prefill) == set(decode) == inputs
 
     seq = prefill["inputs_embeds"]
     assert seq.max == (s.max_batch, min(s.max_seq_len, context), d.hidden_size)
@@ -117,6 +119,9 @@ def test_engine_shapes_follow_the_profile(profile, model, request):
         assert prefill[name].max == (s.max_batch, d.num_kv_heads, 0, d.head_dim)
         assert prefill[name].max[2] + seq.max[1] <= context
 
+    # generation asks for the last position's logits; parity for every prompt position
+    assert prefill["logits_index"].opt == (1,) and prefill["logits_index"].max == (seq.max[1],)
+    assert decode["logits_index"].min == decode["logits_index"].max == (1,)
     for name in ("inputs_embeds", "position_ids"):  # decode: exactly one new token
         r = decode[name]
         assert r.min[1] == r.opt[1] == r.max[1] == 1
@@ -355,6 +360,38 @@ def test_options_problems_name_the_option():
     assert "option 'kv_cache_dtype' must be one of fp16, fp32" in text
     assert "option 'calibration_samples' must be an integer >= 1, got 0" in text
     assert "option 'min_token_agreement' must be a number in [0, 1], got 2" in text
+    _, problems = resolve_options("fp16", {"vision_precision": "int4"})
+    assert problems == ["option 'vision_precision' must be one of fp32, fp16, int8, got 'int4'"]
+
+
+def test_int8_vision_engine_option(tiny_vlm, tmp_path):
+    """vision_precision: the engine's precision (fp16 by default, fp32 for fp32); int8 takes
+    the int8 floors for image-dependent checks, and needs an eval set to calibrate on."""
+    from edgekd.export import onnx as onnx_export
+
+    assert resolve_options("fp16", {})[0].vision_precision == "fp16"
+    assert resolve_options("fp32", {})[0].vision_precision == "fp32"
+    assert resolve_options("int8", {})[0].vision_precision == "fp16"
+    opts = resolve_options("fp16", {"vision_precision": "int8"})[0]
+    assert opts.vision_precision == "int8"
+    assert opts.tolerance.vision_cosine == onnx_export.VISION_INT8_COSINE
+    assert opts.tolerance.logits_cosine == TOLERANCES["int8"].logits_cosine
+    config = _config(tmp_path, options={"vision_precision": "int8"})
+    with pytest.raises(ExportError, match="vision_precision=int8 needs --eval-data"):
+        get_exporter("tensorrt").check(tiny_vlm, config)
+
+
+def test_vision_calibration_batches_are_the_eval_images(tiny_vlm, tmp_path):
+    from export_helpers import write_eval_set
+
+    from edgekd.export.tensorrt import vision_calibration_batches
+
+    eval_data = write_eval_set(tmp_path / "eval", n=6)  # six images, one text-only sample
+    batches = vision_calibration_batches(tiny_vlm, _config(tmp_path, eval_data=eval_data), 3)
+    size = tiny_vlm.config.vision_config.image_size
+    assert [tuple(b["pixel_values"].shape) for b in batches] == [(1, 3, size, size)] * 3
+    everything = vision_calibration_batches(tiny_vlm, _config(tmp_path, eval_data=eval_data), 99)
+    assert len(everything) == 6  # every image, the text-only sample skipped
 
 
 # ---- samples, calibration data, parity numbers ------------------------------------------------
@@ -385,7 +422,8 @@ def test_calibration_batches_have_the_decoder_input_shapes(tiny_vlm, tmp_path):
     kv = [f"past_key_values.{i}.{k}" for i in range(d.num_layers) for k in ("key", "value")]
     for name in kv:
         assert batch[name].shape == (2, d.num_kv_heads, 0, d.head_dim)
-    assert set(batch) == {"inputs_embeds", "attention_mask", "position_ids", *kv}
+    assert batch["logits_index"].tolist() == [seq - 1]
+    assert set(batch) == {"inputs_embeds", "attention_mask", "position_ids", "logits_index", *kv}
     with torch.no_grad():  # the merged prompt embeddings PyTorch computes before the decoder
         ids, pv = samples[0]["input_ids"][None], samples[0]["pixel_values"][None]
         ref = tiny_vlm.merge(
