@@ -8,9 +8,25 @@ BIN := $(VENV)/bin
 # machines with an NVIDIA driver keep pip's default (CUDA) build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 EXTRAS ?= dev,onnx,gguf
-# llama-cpp-python compiles llama.cpp once (~10 min on 2 cores; pip caches the wheel afterwards).
-# A portable build: no -march=native, so the cached wheel runs on any x86_64 machine.
-export CMAKE_ARGS ?= -DGGML_NATIVE=off
+# llama-cpp-python has no binary wheel on PyPI: it compiles llama.cpp, once per machine (the
+# wheel is kept in WHEELHOUSE, keyed by version and build flags). The build is portable and
+# still uses the CPU it runs on: every x86 CPU variant of ggml's CPU backend is built as a
+# loadable library (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS: x64, haswell, skylakex, icelake,
+# zen4, sapphirerapids, ...) and llama.cpp picks the best one for the CPU at load time
+# (edgekd.runtime.llamacpp.load_cpu_backend; benchmarks record it). GGML_BACKEND_DIR is typed
+# STRING so that cmake keeps it relative: the variants install into the wheel's llama_cpp/lib.
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
+  -DGGML_BACKEND_DIR:STRING=llama_cpp/lib
+LLAMA_KEY := $(shell printf '%s' '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+WHEELHOUSE ?= $(HOME)/.cache/edgekd/wheels/llama-cpp-python-$(LLAMA_KEY)
+ifneq (,$(findstring gguf,$(EXTRAS)))
+LLAMA_WHEEL := $(WHEELHOUSE)/.built
+LLAMA_PIN := --find-links $(WHEELHOUSE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+# a venv holding another build of the same version keeps it unless the wheel is reinstalled
+LLAMA_REINSTALL := $(BIN)/python -m pip install -q --no-deps --force-reinstall \
+  $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+endif
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test install system-deps lint clean
@@ -19,9 +35,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
+# compile llama.cpp into a wheel (12-18 min on 2 cores with every CPU variant), once per machine
+$(WHEELHOUSE)/.built: | $(BIN)/python
+	mkdir -p $(WHEELHOUSE)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(WHEELHOUSE)
+	touch $@
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml Makefile $(LLAMA_WHEEL) | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" $(LLAMA_PIN)
+	$(LLAMA_REINSTALL)
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)

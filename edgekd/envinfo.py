@@ -74,6 +74,28 @@ def snapshot(extra: dict[str, Any] | None = None) -> dict[str, Any]:
             info["cuda_version"] = torch.version.cuda
     except ImportError:
         pass
+    llama = _llama_cpp()
+    if llama:
+        info["llama_cpp"] = llama
     if extra:
         info.update(extra)
     return info
+
+
+def _llama_cpp() -> dict[str, Any] | None:
+    """llama.cpp's CPU variant and features, when this process has loaded it."""
+    import sys
+
+    if "llama_cpp" not in sys.modules:
+        return None
+    from edgekd.errors import EdgeKDError
+    from edgekd.runtime.llamacpp import cpu_variant, import_llama_cpp
+
+    try:
+        llama_cpp = import_llama_cpp()
+    except EdgeKDError as e:  # a llama-cpp-python edgekd cannot drive: say so, do not stop
+        return {"error": str(e)}
+    return {
+        "cpu_variant": cpu_variant(),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }

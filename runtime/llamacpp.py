@@ -38,19 +38,91 @@ from edgekd.runtime.prompt import pixels_to_uint8, render_template, split_at_ima
 from edgekd.targets import DecodeWeights
 
 GGUF_KV_BYTES = 2  # llama.cpp's default KV cache type (f16)
+# Prompt rows per llama_decode call and per compute pass. Measured at 801 prompt tokens on
+# the 0.5B shape (docs/performance.md, "Where an answer with an image goes"): one
+# llama_decode for the whole prompt in passes of 256 rows was the fastest at f16 and Q8_0
+# (2% and 22% faster than 512/512), within 7% of the best at Q4_K_M; 1024-row passes were
+# 10-20% slower everywhere.
+N_BATCH = 2048
+N_UBATCH = 256
 
 
 def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the llama.cpp backend"):
-    """``llama_cpp`` and its libmtmd bindings, or ``error`` naming the extra to install."""
+    """``llama_cpp`` and its libmtmd bindings, or ``error`` naming the extra to install.
+
+    With a llama.cpp built as loadable CPU variants (``GGML_BACKEND_DL``, as edgekd's Makefile
+    builds it) the best variant for this CPU is loaded first (:func:`load_cpu_backend`).
+    """
     llama_cpp = require("llama_cpp", "gguf", error, what)
     for module in ("llama_cpp._logger", "llama_cpp.llama_chat_format", "llama_cpp.mtmd_cpp"):
         require(module, "gguf", error, what)
+    load_cpu_backend(llama_cpp, error)
     # libmtmd logs every image to stderr by default; route it through llama-cpp-python's
     # logger, which Llama(verbose=False) silences
     callback = llama_cpp._logger.llama_log_callback
     llama_cpp.mtmd_cpp.mtmd_log_set(callback, ctypes.c_void_p(0))
     llama_cpp.mtmd_cpp.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
     return llama_cpp
+
+
+def cpu_variants(llama_cpp) -> list[Path]:
+    """The CPU variant libraries (``libggml-cpu-<variant>.so``) beside llama-cpp-python's
+    libraries: empty for a build with its CPU backend linked in (no ``GGML_BACKEND_DL``)."""
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    return sorted(lib.glob("libggml-cpu-*.so")) + sorted(lib.glob("ggml-cpu-*.dll"))
+
+
+def load_cpu_backend(llama_cpp, error: type[Exception] = BackendError) -> None:
+    """Load the best CPU variant for this machine, once, before any model.
+
+    A ``GGML_BACKEND_DL`` build ships one CPU library per x86 feature level (x64, haswell,
+    skylakex, icelake, zen4, sapphirerapids, ...); llama.cpp scores each against the running
+    CPU and keeps the best. It looks for them beside the executable and in the working
+    directory only, so the package's own ``lib/`` is named here. A build without them
+    registers its CPU backend itself: nothing to do.
+    """
+    if not cpu_variants(llama_cpp):
+        return
+    # ggml's registry as libllama and libmtmd see it: their libggml, reached through libllama
+    # (the package's libggml.so and libggml.so.0 are two copies, so two registries)
+    ggml = llama_cpp.llama_cpp._lib
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count() > 0:
+        return
+    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    silent = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(silent, ctypes.c_void_p(0))  # no "loaded CPU backend" line
+    try:
+        ggml.ggml_backend_load_all_from_path(str(lib).encode())
+    finally:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    if ggml.ggml_backend_reg_count() == 0:
+        raise error(
+            f"no llama.cpp CPU variant in {lib} runs on this CPU; reinstall llama-cpp-python "
+            "(make install)"
+        )
+
+
+def cpu_variant() -> str | None:
+    """The llama.cpp CPU variant this process loaded (``zen4``, ``haswell``, ...);
+    ``builtin`` for a build with its CPU backend linked in; ``None`` before llama.cpp is
+    imported (or where the process's mapped libraries cannot be read)."""
+    import sys
+
+    llama_cpp = sys.modules.get("llama_cpp")
+    if llama_cpp is None:
+        return None
+    if not cpu_variants(llama_cpp):
+        return "builtin"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    import re
+
+    found = sorted(set(re.findall(r"ggml-cpu-([A-Za-z0-9_.]+)\.(?:so|dll)", maps)))
+    return ",".join(found) or None
 
 
 def to_rgb_array(
@@ -149,6 +221,9 @@ class LlamaCppSession:
         stop_ids: Token ids that end generation (kept in ``token_ids``, as transformers does).
         n_ctx: Context length of the llama.cpp context.
         n_threads: CPU threads (``None``: llama-cpp-python's default).
+        n_batch: Prompt rows handed to one ``llama_decode`` (``None``: :data:`N_BATCH`, at
+            most ``n_ctx``).
+        n_ubatch: Rows llama.cpp computes at once within it (``None``: :data:`N_UBATCH`).
         n_gpu_layers: Layers offloaded to a GPU build of llama.cpp.
         logits_all: Keep every position's logits (``Llama.scores``), for parity checks.
         resample: PIL resampling filter for the resize (3: bicubic, SigLIP's).
@@ -176,6 +251,8 @@ class LlamaCppSession:
         stop_ids: list[int] | tuple[int, ...] = (),
         n_ctx: int = 2048,
         n_threads: int | None = None,
+        n_batch: int | None = None,
+        n_ubatch: int | None = None,
         n_gpu_layers: int = 0,
         logits_all: bool = False,
         resample: int = 3,
@@ -209,7 +286,8 @@ class LlamaCppSession:
                 model_path=str(model_path),
                 chat_handler=self.handler,
                 n_ctx=n_ctx,
-                n_batch=min(n_ctx, 512),
+                n_batch=min(n_ctx, n_batch or N_BATCH),
+                n_ubatch=min(n_ctx, n_batch or N_BATCH, n_ubatch or N_UBATCH),
                 n_threads=n_threads,
                 n_gpu_layers=n_gpu_layers,
                 logits_all=logits_all,
@@ -477,6 +555,7 @@ class LlamaCppBackend:
             exists): what the manifest will record (:func:`edgekd.artifact.preprocessing`).
         resample: PIL resampling filter of the checkpoint's processor (3: bicubic).
         verify: Check the manifest first.
+        n_batch, n_ubatch: Prompt batch sizes (:class:`LlamaCppSession`).
         drop_first_tokens: Override the mmproj's rows to drop (0: feed every row of clip's
             output, as stock llama.cpp tools do; for measuring them).
 
@@ -500,6 +579,8 @@ class LlamaCppBackend:
         resample: int | None = None,
         verify: bool = True,
         drop_first_tokens: int | None = None,
+        n_batch: int | None = None,
+        n_ubatch: int | None = None,
         error: type[Exception] = BackendError,
     ) -> None:
         self.root = Path(artifact_dir)
@@ -520,6 +601,8 @@ class LlamaCppBackend:
             stop_ids=sorted(self.eos_token_ids),
             n_ctx=n_ctx or int(self.pre["image_tokens_per_image"]) + 1024,
             n_threads=n_threads,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
             n_gpu_layers=n_gpu_layers,
             logits_all=logits_all,
             resample=3 if resample is None else resample,

@@ -11,6 +11,7 @@ from export_helpers import mmproj_rows_and_reference, write_eval_set
 
 from edgekd.export.base import ExportConfig, ExportError
 from edgekd.export.gguf import GgufExporter
+from edgekd.runtime.llamacpp import import_llama_cpp
 
 PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m")
 
@@ -196,7 +197,7 @@ def test_mmproj_gguf_is_legacy_clip_with_feature_layer(f32_artifact, contrast_vl
 
 def test_vocabulary_padded_to_the_embedding(tokenizer, tmp_path):
     pytest.importorskip("llama_cpp")
-    import llama_cpp
+    llama_cpp = import_llama_cpp()  # the CPU variant loaded first (GGML_BACKEND_DL builds)
 
     from edgekd.export.gguf_write import write_lm
     from edgekd.models import build_vlm
@@ -247,7 +248,7 @@ def test_pre_tokenizer_choice_reproduces_transformers_ids(
 ):
     """Only llama.cpp's 'gpt-2' pre-tokenizer splits text as our ByteLevel(use_regex) does."""
     pytest.importorskip("llama_cpp")
-    import llama_cpp
+    llama_cpp = import_llama_cpp()  # the CPU variant loaded first (GGML_BACKEND_DL builds)
 
     from edgekd.export import gguf_write as g
 
@@ -271,7 +272,7 @@ def test_tokenizer_round_trip_in_parity(f32_artifact):
 
 # ---- parity ---------------------------------------------------------------------------------
 def test_f32_logits_match_pytorch(f32_artifact, contrast_vlm):
-    import llama_cpp
+    llama_cpp = import_llama_cpp()  # the CPU variant loaded first (GGML_BACKEND_DL builds)
 
     out, _, parity = f32_artifact
     text = parity["checks"]["text_logits"]
@@ -298,7 +299,7 @@ def test_f32_greedy_with_image_is_token_exact(f32_artifact):
 def test_llama_architecture_rope_layout(tokenizer, tiny_vlm, tmp_path):
     """A Llama text config: q/k rows are permuted for llama.cpp's rope and logits still match."""
     pytest.importorskip("llama_cpp")
-    import llama_cpp
+    llama_cpp = import_llama_cpp()  # the CPU variant loaded first (GGML_BACKEND_DL builds)
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from edgekd.export.gguf_write import write_lm
