@@ -19,12 +19,19 @@ edgekd, and times every variant in one process with the same thread count (``--t
 * vision: SigLIP-so400m + projector at the preset's image size, PyTorch eager fp32 against the
   fp32 artifact's ``vision_encoder.onnx`` at each onnxruntime graph optimisation level (the
   session options :class:`OnnxRuntimeBackend` uses), the opset-18 one, and the same graph
-  through edgekd's int8 pass (``onnx_graph.quantize_int8``, made here: the exporter keeps
-  vision fp32), with the parity of the visual tokens against PyTorch
-  (:func:`edgekd.export.parity.compare`).
+  through edgekd's int8 pass (``onnx_graph.quantize_int8``, made here; the exporter's
+  ``vision_precision=int8`` runs the same pass), with the parity of the visual tokens against
+  PyTorch (:func:`edgekd.export.parity.compare`).
+* prefill: the ``image-length`` prompt (801 tokens) through every variant, one token
+  generated, each GGUF at several llama.cpp batch sizes (``PREFILL_BATCHES``), against the
+  compute roofline: the prompt's FLOPs (:func:`edgekd.runtime.roofline.prefill_flops`) at this
+  machine's GEMM throughput at the model's shape, in the arithmetic the variant computes in
+  (fp32 or int8), measured before and after the rounds (:func:`prefill`).
 * image: one answer about an image through each artifact's whole path (vision, prefill with
-  the visual tokens, ``--image-tokens`` decoded), PyTorch eager fp32 beside it
-  (:func:`image_answers`).
+  the visual tokens, ``--image-tokens`` decoded), PyTorch eager fp32 beside it, with vision
+  ms, prefill ms (and its roofline), TTFT, decode tok/s and the whole answer's time
+  (:func:`image_answers`). ``onnx-int8-vision-int8`` is the int8 artifact exported with
+  ``vision_precision=int8`` (its accuracy check runs on a few easy-vqa questions).
 
 ONNX artifacts go through :func:`edgekd.export.export` (with its parity checks; a parity miss
 is recorded with its numbers, see :func:`export_unproven`) at opset ``CPU_OPSET`` (attention as
@@ -84,12 +91,34 @@ FILLER = (
     "flowers, spices, cloth and tools while the first buyers walk slowly between the rows."
 )
 CONTEXTS = ("text", "image-length")
-STAGES = ("export", "decode", "vision", "image")
+STAGES = ("export", "decode", "vision", "prefill", "image")
 WARMUP_TOKENS = 8  # tokens of each variant's warm-up generation
 IMAGE_VARIANTS = (
-    "pytorch-fp32", "onnx-fp32", "onnx-int8", "onnx-int4", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"
+    "pytorch-fp32", "onnx-fp32", "onnx-int8", "onnx-int8-vision-int8", "onnx-int4",
+    "gguf-f16", "gguf-q8_0", "gguf-q4_k_m",
 )  # fmt: skip
 IMAGE_QUESTION = "What is in the image? Describe the shapes and their colours."
+# the int8 decoder with the int8 vision encoder (export option vision_precision=int8, which
+# needs an eval set: a few easy-vqa questions at the preset's image size, made in --workdir)
+VISION_INT8_VARIANT = (
+    "onnx-int8-vision-int8",
+    "int8",
+    {"opset": CPU_OPSET, "vision_precision": "int8"},
+)
+VISION_INT8_EVAL = 8  # eval questions the export measures the int8 vision encoder on
+# prefill: llama.cpp's prompt batch sizes (n_batch, n_ubatch) measured side by side; the
+# first is the backend's old default, the edgekd default (N_BATCH, N_UBATCH) is among them
+PREFILL_BATCHES = ((512, 512), (2048, 256), (2048, 512), (2048, 1024))
+PREFILL_VARIANTS = (
+    "pytorch-fp32", "onnx-fp32", "onnx-int8", "onnx-int4", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m",
+)  # fmt: skip
+# measured beside them when --workdir holds it: the int8 artifact exported before the decoder
+# took logits_index (every prompt position through the lm_head), for the before/after
+PREFILL_BEFORE = ("onnx-int8-all-logits",)
+# targets of the whole answer and of prefill (over PyTorch eager fp32, or the GEMM roofline)
+ANSWER_TARGET = 5.0  # best artifact's end-to-end 16-token answer speed-up
+GGUF_PREFILL_TARGET = 2.0  # GGUF prefill speed-up at the image length
+ONNX_PREFILL_ROOFLINE_TARGET = 1.5  # ONNX prefill ms within this factor of the GEMM roofline
 
 
 def rotated(names: list[str], r: int) -> list[str]:
@@ -109,15 +138,18 @@ def prepare(work: Path, threads: int, log) -> dict:
         info["parameters"] = create_checkpoint(PRESET, work / "ckpt", seed=0)
         info["checkpoint_s"] = time.perf_counter() - t0
         log(f"checkpoint {info['checkpoint_s']:.0f} s")
+    name, p, options = VISION_INT8_VARIANT
     variants = {
         **{n: ("onnx", p, o) for n, (p, o) in ONNX_VARIANTS.items()},
         **{n: ("gguf", p, {}) for n, p in GGUF_VARIANTS.items()},
+        name: ("onnx", p, options),
     }
     for name, (target, p, options) in variants.items():
         out = work / name
         if reusable(out, log):
             continue
         t0 = time.perf_counter()
+        eval_data = vision_eval_set(work) if options.get("vision_precision") else None
         config = ExportConfig(
             str(work / "ckpt"),
             target,
@@ -126,6 +158,8 @@ def prepare(work: Path, threads: int, log) -> dict:
             overwrite=out.exists(),  # only a directory reusable() refused
             n_parity_prompts=2,
             options=options,
+            eval_data=eval_data,
+            eval_limit=VISION_INT8_EVAL,
         )
         try:
             parity = export(config)["parity"]
@@ -142,6 +176,16 @@ def prepare(work: Path, threads: int, log) -> dict:
     for name in variants:
         info["parity"][name] = parity_row(artifact.load(work / name))
     return info
+
+
+def vision_eval_set(work: Path) -> Path:
+    """A few easy-vqa test questions (LLaVA JSON + images) for the int8 vision export."""
+    from edgekd.data.easyvqa import write_easy_vqa
+
+    root = work / "easy-vqa-eval"
+    if not (root / "test.json").exists():
+        write_easy_vqa(root, limit_train=1, limit_test=VISION_INT8_EVAL, overwrite=True)
+    return root / "test.json"
 
 
 def reusable(out: Path, log) -> bool:
@@ -171,6 +215,11 @@ def parity_row(loaded: artifact.Artifact) -> dict:
         row["greedy_prompts_exact"] = checks["greedy"]["prompts_exact"]
     if "stock_llama_cpp" in parity:  # every clip row fed, as stock llama.cpp tools do
         row["stock_llama_cpp"] = parity["stock_llama_cpp"]
+    if loaded.target == "onnx":  # graphs exported before logits_index run the head everywhere
+        from edgekd.runtime.onnxruntime import read_onnx_config
+
+        inputs = read_onnx_config(loaded.root)["decoder"]["inputs"]
+        row["lm_head_positions"] = "asked (logits_index)" if "logits_index" in inputs else "all"
     return row
 
 
@@ -478,6 +527,136 @@ def int8_vision(work: Path, log) -> Path:
     return path
 
 
+# ---- prefill against the compute roofline -----------------------------------------------------
+def text_dims(work: Path):
+    """The checkpoint's language-model dimensions (the MLP width included)."""
+    from edgekd.models.dims import TextDims
+
+    config = json.loads((work / "ckpt" / "config.json").read_text())
+    return TextDims.from_config(config["text_config"])
+
+
+def prompt_gemm(dims, tokens: int, threads: int) -> dict:
+    """GEMM throughput at the prompt's shape: tokens x hidden x MLP width, fp32 and int8."""
+    from edgekd.runtime.roofline import measure_gemm
+
+    return measure_gemm(tokens, dims.hidden, dims.intermediate, threads=threads)
+
+
+def roofline_columns(row: dict, name: str, work: Path, roof: dict) -> None:
+    """``prefill_roofline_ms`` (the prompt's FLOPs at the GEMM throughput of the precision the
+    variant computes in) and ``prefill_over_roofline`` (measured / roofline) into ``row``."""
+    from edgekd.runtime.roofline import GEMM_PRECISION, prefill_flops, prefill_roofline_ms
+
+    precision = "fp32" if name.startswith("pytorch") else artifact.load(work / name).precision
+    arithmetic = GEMM_PRECISION[precision]
+    if arithmetic not in roof["gemm"]:  # no int8 GEMM measured here: the fp32 bound
+        arithmetic = "fp32"
+    flops = prefill_flops(roof["dims"], row["prompt_tokens"])["total"]
+    gflops = roof["gemm"][arithmetic]["gflops"]
+    row["prefill_gemm"] = arithmetic
+    row["prefill_flops"] = flops
+    row["prefill_roofline_ms"] = prefill_roofline_ms(flops, gflops)
+    row["prefill_over_roofline"] = row["prefill_ms"] / row["prefill_roofline_ms"]
+    row["prefill_achieved_gflops"] = flops / row["prefill_ms"] / 1e6
+
+
+def best_gemm(runs: list[dict]) -> dict:
+    """Per arithmetic, the run with the highest throughput (interference only slows a GEMM),
+    the others kept as samples."""
+    out = {}
+    for arithmetic in runs[0]:
+        rows = [r[arithmetic] for r in runs if arithmetic in r]
+        best = max(rows, key=lambda r: r["gflops"])
+        out[arithmetic] = {**best, "samples_gflops": [r["gflops"] for r in rows]}
+    return out
+
+
+def close_with_roofline(backends: dict, dims, tokens: int, threads: int, gemm_runs: list) -> dict:
+    """After the rounds: the GEMM measured once more, every backend closed; the roofline's
+    inputs (the dimensions and the best GEMM per arithmetic)."""
+    gemm_runs.append(prompt_gemm(dims, tokens, threads))
+    for b in backends.values():
+        b.close()
+    return {"dims": dims, "gemm": best_gemm(gemm_runs)}
+
+
+def prefill(work: Path, args, log) -> dict:
+    """Prefill of the image-length text prompt (as long as one image's visual tokens plus a
+    question: the decode stage's ``image-length`` prompt), one generated token, every
+    :data:`PREFILL_VARIANTS` and each GGUF at every :data:`PREFILL_BATCHES`, interleaved rounds;
+    medians, ratios to PyTorch eager fp32 and the compute roofline (GEMM throughput measured
+    before and after the rounds, the best kept)."""
+    from edgekd.runtime import load_backend
+    from edgekd.runtime.llamacpp import N_BATCH, N_UBATCH, LlamaCppBackend
+    from edgekd.runtime.prompt import encode_prompt
+    from edgekd.runtime.roofline import prefill_flops
+
+    pytorch = open_pytorch(work, log)
+    visual = artifact.load(work / "onnx-fp32").preprocessing["image_tokens_per_image"]
+    prompt = decode_prompts(pytorch.processor.tokenizer, visual)["image-length"]
+    tokens = int(encode_prompt(pytorch.processor, None, prompt)[0].shape[1])
+    backends = {"pytorch-fp32": pytorch}
+    before = [n for n in PREFILL_BEFORE if (work / n / artifact.MANIFEST).is_file()]
+    for name in [*PREFILL_VARIANTS[1:], *before]:
+        t0 = time.perf_counter()
+        if name.startswith("gguf"):
+            for n_batch, n_ubatch in PREFILL_BATCHES:
+                label = f"{name} b{n_batch}/u{n_ubatch}"
+                backends[label] = LlamaCppBackend(  # n_ctx >= n_batch: no size is clamped
+                    work / name, n_threads=args.threads, n_ctx=max(tokens + 8, n_batch),
+                    n_batch=n_batch, n_ubatch=n_ubatch,
+                )  # fmt: skip
+                llm = backends[label].session.llm
+                effective = (llm.n_batch, llm.context_params.n_ubatch)
+                if effective != (n_batch, n_ubatch):
+                    raise EdgeKDError(f"{label}: llama.cpp runs n_batch/n_ubatch {effective}")
+        else:
+            backends[name] = load_backend(work / name, device="cpu", threads=args.threads)
+            backends[name].vision = None  # text only
+        log(f"loaded {name} ({time.perf_counter() - t0:.0f} s)")
+    dims = text_dims(work)
+    gemm_runs = [prompt_gemm(dims, tokens, args.threads)]
+    names = list(backends)
+    for b in backends.values():  # warm-up
+        b.generate(None, prompt, max_new_tokens=1, ignore_eos=True)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in rotated(names, r):
+            gen = backends[name].generate(None, prompt, max_new_tokens=1, ignore_eos=True)
+            samples[name].append(gen.prefill_ms)
+        log(
+            f"prefill round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {samples[n][-1]:.0f}" for n in names)
+        )
+    roof = close_with_roofline(backends, dims, tokens, args.threads, gemm_runs)
+    base = statistics.median(samples["pytorch-fp32"])
+    default = f" b{N_BATCH}/u{N_UBATCH}"
+    rows = {}
+    for name, ms in samples.items():
+        row = {"prefill_ms": statistics.median(ms), "prefill_ms_samples": ms}
+        row["prompt_tokens"] = tokens
+        row["speedup_vs_pytorch_fp32"] = base / row["prefill_ms"]
+        roofline_columns(row, name.split(" ")[0], work, roof)
+        if name.startswith("gguf") and name.endswith(default):
+            row["edgekd_default"] = True
+            row["target_speedup"] = GGUF_PREFILL_TARGET
+            row["met"] = row["speedup_vs_pytorch_fp32"] >= GGUF_PREFILL_TARGET
+        if name.startswith("onnx") and name not in PREFILL_BEFORE:
+            row["target_over_roofline"] = ONNX_PREFILL_ROOFLINE_TARGET
+            row["met"] = row["prefill_over_roofline"] <= ONNX_PREFILL_ROOFLINE_TARGET
+        rows[name] = row
+    return {
+        "prompt": prompt,
+        "prompt_tokens": tokens,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "gemm": roof["gemm"],
+        "flops": prefill_flops(dims, tokens),
+        "variants": rows,
+    }
+
+
 # ---- an answer about an image ------------------------------------------------------------------
 def image_answers(work: Path, args, log) -> dict:
     """Each :data:`IMAGE_VARIANTS` answers one image question through its whole path (vision,
@@ -503,6 +682,9 @@ def image_answers(work: Path, args, log) -> dict:
     image = synthetic_image(0, (w, h))
     for b in backends.values():  # warm-up
         b.generate(image, IMAGE_QUESTION, max_new_tokens=WARMUP_TOKENS, ignore_eos=True)
+    prompt_tokens = backends["pytorch-fp32"].encode(image, IMAGE_QUESTION)[0].shape[1]
+    dims = text_dims(work)
+    gemm_runs = [prompt_gemm(dims, prompt_tokens, args.threads)]
     names = list(backends)
     samples: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
@@ -526,8 +708,7 @@ def image_answers(work: Path, args, log) -> dict:
             f"image round {r + 1}/{args.rounds}: "
             + ", ".join(f"{n} {samples[n][-1]['total_ms']:.0f} ms" for n in names)
         )
-    for b in backends.values():
-        b.close()
+    roof = close_with_roofline(backends, dims, prompt_tokens, args.threads, gemm_runs)
     keys = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s", "total_ms")
     rows = {
         n: {
@@ -538,15 +719,24 @@ def image_answers(work: Path, args, log) -> dict:
         for n, runs in samples.items()
     }
     base = rows["pytorch-fp32"]
-    for row in rows.values():
+    for name, row in rows.items():
         row["total_speedup_vs_pytorch_fp32"] = base["total_ms"] / row["total_ms"]
+        row["vision_speedup_vs_pytorch_fp32"] = base["vision_ms"] / row["vision_ms"]
+        row["prefill_speedup_vs_pytorch_fp32"] = base["prefill_ms"] / row["prefill_ms"]
+        row["ttft_speedup_vs_pytorch_fp32"] = base["ttft_ms"] / row["ttft_ms"]
         row["decode_ratio_vs_pytorch_fp32"] = row["decode_tok_s"] / base["decode_tok_s"]
+        roofline_columns(row, name, work, roof)
+    best = min((n for n in rows if n != "pytorch-fp32"), key=lambda n: rows[n]["total_ms"])
     return {
         "question": IMAGE_QUESTION,
         "image_size": [h, w],
         "new_tokens": args.image_tokens,
         "rounds": args.rounds,
         "threads": args.threads,
+        "gemm": roof["gemm"],
+        "best": best,
+        "target_total_speedup": ANSWER_TARGET,
+        "met": rows[best]["total_speedup_vs_pytorch_fp32"] >= ANSWER_TARGET,
         "variants": rows,
     }
 
@@ -601,6 +791,8 @@ def main() -> None:
             results["decode"] = {**results.get("decode", {}), **contexts}
         if "vision" in args.only:
             results["vision"] = {**vision(work, args, log), "environment": env()}
+        if "prefill" in args.only:
+            results["prefill"] = {**prefill(work, args, log), "environment": env()}
         if "image" in args.only:
             results["image"] = {**image_answers(work, args, log), "environment": env()}
     results["environment"] = env()  # of the latest run; each stage keeps its own
@@ -628,13 +820,26 @@ def report(results: dict) -> None:
                 f"{name:<20} {r['decode_tok_s']:7.2f} {r['ratio_vs_pytorch_fp32']:6.2f} "
                 f"{target or '':>7} {r['roofline_fraction']:8.2f} {met:>4}"
             )
+    if "prefill" in results:
+        pf = results["prefill"]
+        g = pf["gemm"]
+        gemm = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in g.items())
+        print(f"prefill, {pf['prompt_tokens']} tokens, {pf['threads']} threads; GEMM {gemm}")
+        for name, r in pf["variants"].items():
+            print(
+                f"{name:<26} {r['prefill_ms']:6.0f} ms {r['speedup_vs_pytorch_fp32']:5.2f}x  "
+                f"roofline ({r['prefill_gemm']}) {r['prefill_roofline_ms']:5.0f} ms, "
+                f"x{r['prefill_over_roofline']:.2f}"
+            )
     if "image" in results:
         im = results["image"]
         print(f"image answer, {im['new_tokens']} tokens, {im['threads']} threads")
         for name, r in im["variants"].items():
+            roof = r.get("prefill_over_roofline", float("nan"))  # older results lack it
             print(
-                f"{name:<14} vision {r['vision_ms']:6.0f} ms  prefill {r['prefill_ms']:6.0f} ms "
-                f"({r['prompt_tokens']} tokens)  decode {r['decode_tok_s']:5.1f} tok/s  "
+                f"{name:<22} vision {r['vision_ms']:6.0f} ms  prefill {r['prefill_ms']:6.0f} ms "
+                f"({r['prompt_tokens']} tokens, x{roof:.2f} roofline)  "
+                f"TTFT {r['ttft_ms']:6.0f} ms  decode {r['decode_tok_s']:5.1f} tok/s  "
                 f"total {r['total_ms']:6.0f} ms ({r['total_speedup_vs_pytorch_fp32']:.2f}x)"
             )
     if "vision" in results:

@@ -358,8 +358,10 @@ def _manifest_problems(raw: Any) -> list[str]:
     problems += _typed(raw["preprocessing"], _PREPROCESSING, "preprocessing.")
     if not problems:
         problems += _preprocessing_problems(raw["preprocessing"], raw["text_dims"])
-    for key in TextDims.__dataclass_fields__:
+    for key, spec in TextDims.__dataclass_fields__.items():
         value = raw["text_dims"].get(key)
+        if value is None and spec.default is None:
+            continue  # optional (older manifests lack it)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"text_dims.{key} must be a positive integer, got {value!r}")
     for name, comp in raw["components"].items():

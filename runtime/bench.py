@@ -9,17 +9,21 @@ For the teacher and every model (an artifact directory or a checkpoint), in its 
 that peak memory is its own:
 
 1. **Latency.** One eval question with its image, ``warmup`` untimed runs, then ``runs`` timed
-   runs decoding exactly ``speed_tokens`` tokens (end of turn ignored): vision-encode ms, time
-   to first token (vision + prefill), decode tokens/s, end-to-end ms; p50 / p90 / p99.
+   runs decoding exactly ``speed_tokens`` tokens (end of turn ignored): vision-encode ms,
+   prefill ms, time to first token (vision + prefill), decode tokens/s, end-to-end ms;
+   p50 / p90 / p99.
 2. **Memory and power** while the timed runs go: peak RSS (and GPU memory where NVML reads it),
    board power from tegrastats on Jetson, NVML on a GPU, RAPL on a CPU when readable; energy per
    generated token = energy of the timed runs (vision and prefill included) / tokens generated.
 3. **Accuracy** on the eval set (``limit`` questions): greedy answers (``max_new_tokens``),
    exact and VQA-normalised match, per question type; then, in this process, the share of
    answers identical to the teacher's.
-4. **Roofline.** Bytes one decode step reads (weights + KV cache at the benchmark's context,
-   :mod:`edgekd.runtime.roofline`) over the memory bandwidth (the device profile's, or measured
-   here on a CPU without a profile): the decode bound in tokens/s and the fraction achieved.
+4. **Rooflines.** Prefill (CPU): the prompt's FLOPs over this machine's GEMM throughput at the
+   model's shape (:func:`edgekd.runtime.roofline.prefill_flops`, ``measure_gemm``), and the
+   measured prefill's multiple of it. Decode: bytes one decode step reads (weights + KV
+   cache at the benchmark's context, :mod:`edgekd.runtime.roofline`) over the memory
+   bandwidth (the device profile's, or measured here on a CPU without a profile): the decode
+   bound in tokens/s and the fraction achieved.
 
 Finished models are kept in ``.<output>.partial/`` as they complete, so a crash loses only the
 model that was running and a re-run of the same command reuses them. The report (JSON with an
@@ -271,6 +275,7 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
             "prompt_tokens": gens[0].prompt_tokens,
             "new_tokens": settings["speed_tokens"],
             "vision_ms": percentiles([g.vision_ms for g in gens]),
+            "prefill_ms": percentiles([g.prefill_ms for g in gens]),
             "ttft_ms": percentiles([g.ttft_ms for g in gens]),
             "decode_tok_s": percentiles([g.decode_tokens_per_s for g in gens]),
             "e2e_ms": percentiles(e2e),
@@ -367,6 +372,7 @@ class Target:
     bandwidth_gbps: float | None = None
     bandwidth_source: str | None = None
     jetson: dict | None = None
+    gemm: dict = field(default_factory=dict)  # (m, k, n) -> measure_gemm's result
 
 
 def resolve_target(config: BenchConfig) -> Target:
@@ -534,6 +540,48 @@ def roofline(spec: dict, result: dict, target: Target) -> dict[str, Any]:
     }
 
 
+def prefill_roofline(spec: dict, result: dict, target: Target, threads: int | None) -> dict:
+    """The prompt's compute bound: its FLOPs at this machine's GEMM throughput (measured here,
+    at the model's shape, in the arithmetic its precision computes in), and the ratio of the
+    measured prefill (p50) to it. CPU only: a GPU's or Jetson's GEMM is not measured."""
+    from edgekd.runtime.roofline import (
+        GEMM_PRECISION,
+        RooflineError,
+        measure_gemm,
+        prefill_flops,
+        prefill_roofline_ms,
+        text_dims_of,
+    )
+
+    if target.device != "cpu":
+        return {"why": "the GEMM throughput is measured on CPU only"}
+    if spec["kind"] == artifact.CHECKPOINT and not Path(spec["path"]).exists():
+        return {"why": "a hub id: no config on disk to size"}
+    try:
+        dims, precision = text_dims_of(spec["path"])
+        flops = prefill_flops(dims, result["latency"]["prompt_tokens"])
+    except RooflineError as e:
+        return {"why": str(e)}
+    arithmetic = GEMM_PRECISION.get(precision, "fp32")
+    shape = (result["latency"]["prompt_tokens"], dims.hidden, dims.intermediate)
+    if shape not in target.gemm:  # one measurement per shape in a bench
+        target.gemm[shape] = measure_gemm(*shape, threads=threads or min(2, os.cpu_count() or 1))
+    if arithmetic not in target.gemm[shape]:  # no int8 GEMM here: the fp32 bound
+        arithmetic = "fp32"
+    gemm = target.gemm[shape][arithmetic]
+    bound = prefill_roofline_ms(flops["total"], gemm["gflops"])
+    measured = result["latency"]["prefill_ms"]["p50"]
+    return {
+        "flops": flops,
+        "arithmetic": arithmetic,
+        "gemm_gflops": gemm["gflops"],
+        "gemm": gemm,
+        "roofline_ms": bound,
+        "measured_ms": measured,
+        "over_roofline": measured / bound,
+    }
+
+
 def agreement(predictions: list[dict], teacher: list[dict]) -> float:
     """Share of questions answered with exactly the teacher's text."""
     ref = {p["id"]: p["prediction"].strip() for p in teacher}
@@ -638,6 +686,7 @@ def _measure(config: BenchConfig, items: list[dict], output: Path, console) -> d
         else:
             result = bench_model(spec, settings, items)
         result["roofline"] = roofline(spec, result, target)
+        result["prefill_roofline"] = prefill_roofline(spec, result, target, config.threads)
         atomic_write_json(saved, result)
         results.append(result)
         console.print(

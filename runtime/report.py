@@ -13,6 +13,7 @@ COLUMNS = (
     ("backend", "backend"),
     ("precision", "precision"),
     ("vision ms", "vision"),
+    ("prefill ms (x roofline)", "prefill"),
     ("TTFT ms", "ttft"),
     ("decode tok/s", "decode"),
     ("e2e ms p50 / p90 / p99", "e2e"),
@@ -42,6 +43,7 @@ def row_cells(r: dict[str, Any]) -> dict[str, str]:
         "backend": r["kind"],
         "precision": r.get("precision") or r["backend"].get("dtype", "") or "",
         "vision": _num(lat["vision_ms"]["p50"]),
+        "prefill": _prefill_cell(lat, r.get("prefill_roofline") or {}),
         "ttft": _num(lat["ttft_ms"]["p50"]),
         "decode": _num(lat["decode_tok_s"]["p50"]),
         "e2e": f"{e2e['p50']:.1f} / {e2e['p90']:.1f} / {e2e['p99']:.1f}",
@@ -58,6 +60,15 @@ def row_cells(r: dict[str, Any]) -> dict[str, str]:
         "normalized": _num(100 * r["accuracy"]["normalized_match"]),
         "agreement": _num(None if agreement is None else 100 * agreement),
     }
+
+
+def _prefill_cell(lat: dict, roof: dict) -> str:
+    """Prefill p50, and its multiple of the compute roofline where that was measured
+    (results written before prefill was recorded: n/a)."""
+    if "prefill_ms" not in lat:
+        return "n/a"
+    cell = _num(lat["prefill_ms"]["p50"])
+    return cell + (f" (x{roof['over_roofline']:.2f})" if roof.get("over_roofline") else "")
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -27,10 +27,22 @@ stored dtype (from the safetensors headers, no weights loaded), the embedding ta
 tied (or as ``lm_head.weight`` when untied); the KV cache at the weights' dtype.
 
 Bandwidth is decimal: 1 GB/s = 1e9 bytes per second.
+
+Prefill is the other regime: the whole prompt goes through every weight matrix at once, so it
+is a matrix product with as many rows as prompt tokens, bound by arithmetic, not memory. Its
+ceiling is the compute roofline
+
+    roofline prefill ms = prefill_flops(tokens) / GEMM throughput (FLOP/s) x 1e3
+
+with :func:`prefill_flops` counting the work a prompt needs (every linear layer for every
+token, causal attention, the LM head for the last token only) and :func:`measure_gemm` timing
+this machine's matrix product at the model's own shape (prompt tokens x hidden x MLP width),
+in fp32 and in int8, the two arithmetics CPU runtimes compute in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import struct
@@ -121,6 +133,182 @@ def roofline_tok_s(bytes_per_token: float, bandwidth_gbps: float) -> float:
     if bytes_per_token <= 0:
         raise RooflineError(f"bytes_per_token must be > 0, got {bytes_per_token}")
     return bandwidth_gbps * GB / bytes_per_token
+
+
+# ---- compute: prefill ---------------------------------------------------------------------------
+# the arithmetic each precision computes in on a CPU: fp32/f16 weights are multiplied in fp32
+# (x86 has no f16 FMA; llama.cpp and onnxruntime widen f16), int8 and the 4-bit formats in int8
+# (MLAS's int4 MatMulNBits at accuracy level 4, llama.cpp's Q8_0/K-quant dot products)
+GEMM_PRECISION = {
+    "fp32": "fp32",
+    "f32": "fp32",
+    "fp16": "fp32",
+    "f16": "fp32",
+    "bf16": "fp32",
+    "int8": "int8",
+    "q8_0": "int8",
+    "int4": "int8",
+    "q4_k_m": "int8",
+}
+
+
+def prefill_flops(dims: TextDims, tokens: int) -> dict[str, Any]:
+    """Floating-point operations a ``tokens``-long prompt needs (multiply-add = 2 flops).
+
+    Per layer and token, with ``q = heads x head_dim`` and ``kv = kv_heads x head_dim``:
+
+        linear    = 2 x hidden x (q + 2 kv)          (q, k, v projections)
+                  + 2 x q x hidden                   (output projection)
+                  + 3 x 2 x hidden x intermediate    (gated MLP: gate, up, down)
+
+    Causal attention over the prompt, per layer: ``4 x q x tokens (tokens + 1) / 2`` (scores
+    and the weighted sum, position ``p`` attending to ``p + 1`` keys). The LM head runs for the
+    last position only (what generation needs): ``2 x hidden x vocab``.
+
+        total = layers x (linear x tokens + attention) + lm_head
+
+    Raises:
+        RooflineError: ``dims`` lacks the MLP width (a manifest written before it was
+            recorded: re-export), or ``tokens`` < 1.
+    """
+    if dims.intermediate is None:
+        raise RooflineError("the MLP width (text_dims.intermediate) is not recorded: re-export")
+    if tokens < 1:
+        raise RooflineError(f"tokens must be >= 1, got {tokens}")
+    q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    linear = 2 * dims.hidden * (q + 2 * kv) + 2 * q * dims.hidden
+    linear += 3 * 2 * dims.hidden * dims.intermediate
+    attention = 4 * q * tokens * (tokens + 1) // 2
+    lm_head = 2 * dims.hidden * dims.vocab
+    layers = dims.layers * (linear * tokens + attention)
+    return {
+        "total": layers + lm_head,
+        "linear": dims.layers * linear * tokens,
+        "attention": dims.layers * attention,
+        "lm_head": lm_head,
+        "tokens": tokens,
+    }
+
+
+def measure_gemm(
+    m: int, k: int, n: int, threads: int = 2, repeats: int = 5
+) -> dict[str, dict[str, Any]]:
+    """This machine's matrix-product throughput at ``(m x k) @ (k x n)``, in GFLOP/s.
+
+    ``fp32``: the best of PyTorch's ``torch.mm`` (oneDNN/MKL) and onnxruntime's ``MatMul``
+    (MLAS). ``int8``: onnxruntime's ``MatMulInteger`` (uint8 activations x int8 weights, what
+    its dynamic int8 quantization runs; VNNI where the CPU has it), and PyTorch's
+    ``torch._int_mm`` where this build has it on CPU. Each: one untimed call, then the best of
+    ``repeats`` (interference only ever slows a call), ``2 m k n`` flops each.
+
+    Returns:
+        ``{"fp32": {...}, "int8": {...}}``, each ``{"gflops", "by_library": {name: gflops},
+        "shape": [m, k, n], "threads", "repeats"}``.
+    """
+    import numpy as np
+    import torch
+
+    if min(m, k, n, threads, repeats) < 1:
+        raise RooflineError("m, k, n, threads and repeats must be >= 1")
+    flops = 2.0 * m * k * n
+
+    def best(run) -> float:
+        run()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return flops / min(times) / 1e9
+
+    rng = np.random.default_rng(0)
+    a32 = rng.standard_normal((m, k), dtype=np.float32)
+    b32 = rng.standard_normal((k, n), dtype=np.float32)
+    a8 = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    b8 = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    fp32: dict[str, float] = {}
+    int8: dict[str, float] = {}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ta, tb = torch.from_numpy(a32), torch.from_numpy(b32)
+        fp32["torch.mm"] = best(lambda: torch.mm(ta, tb))
+        ia = torch.from_numpy(rng.integers(-128, 128, (m, k), dtype=np.int8))
+        ib = torch.from_numpy(b8)
+        try:
+            torch._int_mm(ia, ib)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            pass  # no CPU int8 matmul in this torch build
+        else:
+            int8["torch._int_mm"] = best(lambda: torch._int_mm(ia, ib))
+    finally:
+        torch.set_num_threads(previous)
+    with contextlib.suppress(ImportError):
+        fp32["onnxruntime MatMul"] = best(_ort_matmul("MatMul", a32, b32, threads))
+        int8["onnxruntime MatMulInteger"] = best(_ort_matmul("MatMulInteger", a8, b8, threads))
+
+    def row(by: dict[str, float]) -> dict[str, Any]:
+        return {
+            "gflops": max(by.values()),
+            "by_library": by,
+            "shape": [m, k, n],
+            "threads": threads,
+            "repeats": repeats,
+        }
+
+    return {"fp32": row(fp32), **({"int8": row(int8)} if int8 else {})}
+
+
+def _ort_matmul(op: str, a, b, threads: int):
+    """A one-node onnxruntime session computing ``a @ b`` (``b`` a constant, as weights are)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = {np.float32: TensorProto.FLOAT, np.uint8: TensorProto.UINT8}[a.dtype.type]
+    out = TensorProto.FLOAT if op == "MatMul" else TensorProto.INT32
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "b"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("a", elem, list(a.shape))],
+        [helper.make_tensor_value_info("y", out, [a.shape[0], b.shape[1]])],
+        [numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(
+        onnx.ModelProto.SerializeToString(model), options, providers=["CPUExecutionProvider"]
+    )
+    return lambda: session.run(None, {"a": a})
+
+
+def text_dims_of(model_dir: str | Path) -> tuple[TextDims, str]:
+    """The language model's dimensions and the precision it computes in, of an edgekd artifact
+    (its manifest) or a PyTorch checkpoint (its config; fp32 arithmetic).
+
+    Raises:
+        RooflineError: neither an artifact nor a checkpoint.
+    """
+    from edgekd import artifact
+
+    root = Path(model_dir)
+    if (root / artifact.MANIFEST).is_file():
+        loaded = artifact.load(root)
+        return loaded.text, loaded.precision
+    ckpt = _checkpoint_dir(root) if root.is_dir() else None
+    if ckpt is None:
+        raise RooflineError(f"'{root}' is neither an edgekd artifact nor a PyTorch checkpoint")
+    config = json.loads((ckpt / "config.json").read_text())
+    return TextDims.from_config(config.get("text_config", config)), "fp32"
+
+
+def prefill_roofline_ms(flops: float, gflops: float) -> float:
+    """Prefill ms if every flop ran at the GEMM throughput: ``flops / (gflops * 1e9) * 1e3``."""
+    if gflops <= 0:
+        raise RooflineError(f"gflops must be > 0, got {gflops}")
+    return flops / (gflops * 1e9) * 1e3
 
 
 # ---- bytes per token ---------------------------------------------------------------------------

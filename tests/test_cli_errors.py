@@ -199,9 +199,9 @@ def test_export_with_a_bad_eval_set_fails_first(cli, ckpt, tmp_path):
     data = write_qa_set(tmp_path / "eval")
     (tmp_path / "eval" / "images" / "2.png").write_text("no image")
     out = tmp_path / "art"
-    cli(
-        "export", ckpt, "--target", "onnx", "-o", out, "--eval-data", data
-    ).one_line_error("sample 'q2'", "2.png")
+    cli("export", ckpt, "--target", "onnx", "-o", out, "--eval-data", data).one_line_error(
+        "sample 'q2'", "2.png"
+    )
     assert not out.exists() and leftovers(out) == []
 
 

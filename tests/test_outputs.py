@@ -168,7 +168,6 @@ def test_swapped_output_honours_the_umask(tmp_path, mask, file_mode, dir_mode):
     assert _mode(out / os.path.basename(name)) == file_mode
 
 
-
 @pytest.mark.parametrize(
     "name,message",
     [("x" * 250, "is 250 bytes"), ("a\0b", "cannot be used: embedded null byte")],

@@ -26,6 +26,8 @@ class TextDims:
         head_dim: Width of one head (``hidden // heads`` unless the config sets it).
         vocab: Rows of the embedding table (may exceed the tokenizer).
         context: Positions the model was built for.
+        intermediate: Width of the MLP's hidden layer (``intermediate_size``); ``None`` in
+            manifests written before it was recorded.
     """
 
     layers: int
@@ -35,6 +37,7 @@ class TextDims:
     head_dim: int
     vocab: int
     context: int
+    intermediate: int | None = None
 
     @classmethod
     def from_config(cls, text_config: Any) -> TextDims:
@@ -57,15 +60,16 @@ class TextDims:
             head_dim=int(get("head_dim", hidden // heads)),
             vocab=int(get("vocab_size")),
             context=int(get("max_position_embeddings", 2048)),
+            intermediate=int(get("intermediate_size")) if get("intermediate_size") else None,
         )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextDims:
         """From :meth:`to_dict` output (a manifest's ``text_dims``)."""
-        return cls(**{k: int(data[k]) for k in cls.__dataclass_fields__})
+        return cls(**{k: int(data[k]) for k in cls.__dataclass_fields__ if k in data})
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     def kv_bytes_per_token(self, element_bytes: int) -> int:
         """KV-cache bytes one context token adds: ``layers x kv_heads x head_dim x 2 x size``."""

@@ -492,9 +492,7 @@ def load_strict(config, state: dict[str, torch.Tensor], tied: bool):
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches (checkpoint vs config): {some(shapes)}")
     if problems:
-        raise ModelError(
-            "the source tensors do not fill the Llava model: " + "; ".join(problems)
-        )
+        raise ModelError("the source tensors do not fill the Llava model: " + "; ".join(problems))
     if tied:
         state = {**state, HEAD_KEY: state[EMBED_KEY]}
     model.load_state_dict(state, strict=True)

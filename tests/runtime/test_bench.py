@@ -103,7 +103,7 @@ def test_report_files_and_numbers(report):
     for r in saved["results"]:
         lat = r["latency"]
         assert lat["runs"] == 3 and lat["new_tokens"] == 4
-        for key in ("vision_ms", "ttft_ms", "e2e_ms"):
+        for key in ("vision_ms", "prefill_ms", "ttft_ms", "e2e_ms"):
             p = lat[key]
             assert 0 < p["min"] <= p["p50"] <= p["p90"] <= p["p99"], (r["name"], key)
         assert lat["ttft_ms"]["p50"] > lat["vision_ms"]["p50"]
@@ -116,6 +116,12 @@ def test_report_files_and_numbers(report):
         roof = r["roofline"]
         assert roof["bytes_per_token"]["total"] > 0 and roof["tok_s"] > 0
         assert roof["fraction"] == pytest.approx(lat["decode_tok_s"]["p50"] / roof["tok_s"])
+        # prefill: the prompt's FLOPs at the GEMM throughput measured in this run
+        pre = r["prefill_roofline"]
+        assert pre["arithmetic"] == "fp32" and pre["gemm_gflops"] > 0
+        assert pre["flops"]["total"] > pre["flops"]["linear"] > 0
+        assert pre["roofline_ms"] == pytest.approx(pre["flops"]["total"] / pre["gemm_gflops"] / 1e6)
+        assert pre["over_roofline"] == pytest.approx(lat["prefill_ms"]["p50"] / pre["roofline_ms"])
     teacher, onnx, gguf = saved["results"]
     assert teacher["agreement_with_teacher"] == 1.0
     # fp32 exports of the teacher's own weights answer exactly as it does
@@ -128,7 +134,7 @@ def test_report_files_and_numbers(report):
 def test_markdown_table(report):
     _, out = report
     md = (out / "bench.md").read_text()
-    assert "| model | backend | precision | vision ms | TTFT ms | decode tok/s" in md
+    assert "| model | backend | precision | vision ms | prefill ms (x roofline) | TTFT ms |" in md
     for name in ("teacher", "onnx-fp32", "gguf-f32"):
         assert f"| {name} |" in md
     assert "## Accuracy per question type" in md and "| color | shape |" in md

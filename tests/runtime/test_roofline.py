@@ -133,3 +133,47 @@ def test_unknown_directory_is_refused(tmp_path):
         decode_bytes_per_token(tmp_path, context=0)
     with pytest.raises(RooflineError, match="not a directory"):
         decode_bytes_per_token(tmp_path / "missing", context=0)
+
+
+# ---- prefill: the compute roofline -------------------------------------------------------------
+def test_prefill_flops_count_every_linear_layer_causal_attention_and_one_head_row():
+    from edgekd.models.dims import TextDims
+    from edgekd.runtime.roofline import prefill_flops
+
+    d = TextDims(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, vocab=10, context=64,
+                 intermediate=16)  # fmt: skip
+    f = prefill_flops(d, tokens=3)
+    q, kv = 8, 4
+    per_token = 2 * 8 * (q + 2 * kv) + 2 * q * 8 + 3 * 2 * 8 * 16  # qkv, o, gated MLP
+    assert f["linear"] == 2 * per_token * 3
+    assert f["attention"] == 2 * 4 * q * (1 + 2 + 3)  # token p attends to p keys (1-based)
+    assert f["lm_head"] == 2 * 8 * 10  # the last position only
+    assert f["total"] == f["linear"] + f["attention"] + f["lm_head"]
+    assert prefill_flops(d, 6)["linear"] == 2 * f["linear"]  # linear in the prompt length
+    with pytest.raises(RooflineError, match="re-export"):
+        prefill_flops(TextDims(2, 8, 2, 1, 4, 10, 64), 3)  # a manifest without the MLP width
+
+
+def test_gemm_throughput_is_measured_per_arithmetic():
+    from edgekd.runtime.roofline import measure_gemm, prefill_roofline_ms
+
+    g = measure_gemm(32, 64, 96, threads=1, repeats=2)
+    assert set(g) == {"fp32", "int8"}
+    for row in g.values():
+        assert row["gflops"] == max(row["by_library"].values()) > 0
+        assert row["shape"] == [32, 64, 96] and row["threads"] == 1
+    assert "onnxruntime MatMulInteger" in g["int8"]["by_library"]
+    assert prefill_roofline_ms(2e9, 1.0) == pytest.approx(2000.0)  # 2 GFLOP at 1 GFLOP/s
+
+
+def test_text_dims_of_artifacts_and_checkpoints(onnx_fp32_artifact, tiny_checkpoint, tiny_vlm):
+    from edgekd.runtime.roofline import text_dims_of
+
+    tc = tiny_vlm.config.text_config
+    for path, precision in ((onnx_fp32_artifact, "fp32"), (tiny_checkpoint, "fp32")):
+        dims, got = text_dims_of(path)
+        assert (dims.intermediate, dims.hidden, got) == (
+            tc.intermediate_size,
+            tc.hidden_size,
+            precision,
+        )
