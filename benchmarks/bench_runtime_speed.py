@@ -528,14 +528,6 @@ def int8_vision(work: Path, log) -> Path:
 
 
 # ---- prefill against the compute roofline -----------------------------------------------------
-def text_dims(work: Path):
-    """The checkpoint's language-model dimensions (the MLP width included)."""
-    from edgekd.models.dims import TextDims
-
-    config = json.loads((work / "ckpt" / "config.json").read_text())
-    return TextDims.from_config(config["text_config"])
-
-
 def prompt_gemm(dims, tokens: int, threads: int) -> dict:
     """GEMM throughput at the prompt's shape: tokens x hidden x MLP width, fp32 and int8."""
     from edgekd.runtime.roofline import measure_gemm
@@ -544,21 +536,20 @@ def prompt_gemm(dims, tokens: int, threads: int) -> dict:
 
 
 def roofline_columns(row: dict, name: str, work: Path, roof: dict) -> None:
-    """``prefill_roofline_ms`` (the prompt's FLOPs at the GEMM throughput of the precision the
-    variant computes in) and ``prefill_over_roofline`` (measured / roofline) into ``row``."""
-    from edgekd.runtime.roofline import GEMM_PRECISION, prefill_flops, prefill_roofline_ms
+    """The prompt's FLOPs at the GEMM throughput of the arithmetic the variant computes in
+    (:func:`edgekd.runtime.roofline.prefill_bound`) into ``row``: ``prefill_roofline_ms``,
+    ``prefill_over_roofline`` (measured / roofline) and the rest."""
+    from edgekd.runtime.roofline import prefill_bound, text_dims_of
 
-    precision = "fp32" if name.startswith("pytorch") else artifact.load(work / name).precision
-    arithmetic = GEMM_PRECISION[precision]
-    if arithmetic not in roof["gemm"]:  # no int8 GEMM measured here: the fp32 bound
-        arithmetic = "fp32"
-    flops = prefill_flops(roof["dims"], row["prompt_tokens"])["total"]
-    gflops = roof["gemm"][arithmetic]["gflops"]
-    row["prefill_gemm"] = arithmetic
-    row["prefill_flops"] = flops
-    row["prefill_roofline_ms"] = prefill_roofline_ms(flops, gflops)
-    row["prefill_over_roofline"] = row["prefill_ms"] / row["prefill_roofline_ms"]
-    row["prefill_achieved_gflops"] = flops / row["prefill_ms"] / 1e6
+    precision = text_dims_of(variant_dir(work, name))[1]
+    b = prefill_bound(
+        roof["dims"], precision, row["prompt_tokens"], roof["gemm"], row["prefill_ms"]
+    )
+    row["prefill_gemm"] = b["arithmetic"]
+    row["prefill_flops"] = b["flops"]["total"]
+    row["prefill_roofline_ms"] = b["roofline_ms"]
+    row["prefill_over_roofline"] = b["over_roofline"]
+    row["prefill_achieved_gflops"] = b["achieved_gflops"]
 
 
 def best_gemm(runs: list[dict]) -> dict:
@@ -590,7 +581,7 @@ def prefill(work: Path, args, log) -> dict:
     from edgekd.runtime import load_backend
     from edgekd.runtime.llamacpp import N_BATCH, N_UBATCH, LlamaCppBackend
     from edgekd.runtime.prompt import encode_prompt
-    from edgekd.runtime.roofline import prefill_flops
+    from edgekd.runtime.roofline import prefill_flops, text_dims_of
 
     pytorch = open_pytorch(work, log)
     visual = artifact.load(work / "onnx-fp32").preprocessing["image_tokens_per_image"]
@@ -615,7 +606,7 @@ def prefill(work: Path, args, log) -> dict:
             backends[name] = load_backend(work / name, device="cpu", threads=args.threads)
             backends[name].vision = None  # text only
         log(f"loaded {name} ({time.perf_counter() - t0:.0f} s)")
-    dims = text_dims(work)
+    dims = text_dims_of(work / "ckpt")[0]
     gemm_runs = [prompt_gemm(dims, tokens, args.threads)]
     names = list(backends)
     for b in backends.values():  # warm-up
@@ -668,6 +659,7 @@ def image_answers(work: Path, args, log) -> dict:
     """
     from edgekd.export.parity import synthetic_image
     from edgekd.runtime import load_backend
+    from edgekd.runtime.roofline import text_dims_of
     from edgekd.runtime.torch import TorchBackend
 
     backends = {}
@@ -683,7 +675,7 @@ def image_answers(work: Path, args, log) -> dict:
     for b in backends.values():  # warm-up
         b.generate(image, IMAGE_QUESTION, max_new_tokens=WARMUP_TOKENS, ignore_eos=True)
     prompt_tokens = backends["pytorch-fp32"].encode(image, IMAGE_QUESTION)[0].shape[1]
-    dims = text_dims(work)
+    dims = text_dims_of(work / "ckpt")[0]
     gemm_runs = [prompt_gemm(dims, prompt_tokens, args.threads)]
     names = list(backends)
     samples: dict[str, list[dict]] = {n: [] for n in names}

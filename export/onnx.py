@@ -57,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ import numpy as np
 
 from edgekd import artifact
 from edgekd.export.base import ExportConfig, ExportError, Registered
-from edgekd.export.parity import Tolerance
+from edgekd.export.parity import Tolerance, loosened
 from edgekd.models.dims import TextDims
 
 # ---- per-architecture facts ---------------------------------------------------------------
@@ -541,27 +541,14 @@ def tolerance(precision: str, options: dict[str, Any]) -> Tolerance:
     tol = TOLERANCES[precision]
     vision = vision_precision(precision, options)
     if vision == "fp16" and precision != "fp16":  # the fp16 limits for what the tower feeds
-        fp16 = TOLERANCES["fp16"]
-        tol = replace(
-            tol,
-            vision_max_rel=fp16.vision_max_rel,
-            vision_cosine=min(tol.vision_cosine, fp16.vision_cosine),
-            logits_max_rel=None if tol.logits_max_rel is None else fp16.logits_max_rel,
-            logits_cosine=min(tol.logits_cosine, fp16.logits_cosine),
-            token_exact=False,
-        )
+        tol = loosened(tol, TOLERANCES["fp16"], token_exact=False)
     if vision == "int8":
         # image prompts' logits and greedy tokens now carry the int8 tower's error too: the
         # int8 floors for them, and the answers on the eval set (required) are the gate
-        int8 = TOLERANCES["int8"]
-        tol = replace(
-            tol,
-            vision_max_rel=None,
-            vision_cosine=VISION_INT8_COSINE,
-            logits_max_rel=None,
-            logits_cosine=min(tol.logits_cosine, int8.logits_cosine),
+        tol = loosened(
+            tol, TOLERANCES["int8"], vision_max_rel=None, vision_cosine=VISION_INT8_COSINE,
             token_exact=False,
-        )
+        )  # fmt: skip
     return tol
 
 

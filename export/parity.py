@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,26 @@ class Tolerance:
     token_exact: bool = False
     max_accuracy_drop: float | None = None
     token_agreement: float = 0.0
+
+
+def loosened(tol: Tolerance, floor: Tolerance, **overrides: Any) -> Tolerance:
+    """``tol`` with ``floor``'s limits wherever those are looser (a ``None`` ``max_rel`` is no
+    limit), then ``overrides``: the limits of checks whose inputs pass through a component
+    stored at ``floor``'s precision (a quantized vision encoder feeds every image prompt).
+    ``max_accuracy_drop`` stays ``tol``'s."""
+
+    def rel(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else max(a, b)
+
+    limits = {
+        "vision_max_rel": rel(tol.vision_max_rel, floor.vision_max_rel),
+        "vision_cosine": min(tol.vision_cosine, floor.vision_cosine),
+        "logits_max_rel": rel(tol.logits_max_rel, floor.logits_max_rel),
+        "logits_cosine": min(tol.logits_cosine, floor.logits_cosine),
+        "token_exact": tol.token_exact and floor.token_exact,
+        "token_agreement": min(tol.token_agreement, floor.token_agreement),
+    }
+    return replace(tol, **{**limits, **overrides})
 
 
 @dataclass(frozen=True)

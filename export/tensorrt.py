@@ -34,7 +34,7 @@ from typing import Any
 from edgekd import artifact
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.onnx import VISION_INT8_COSINE, VISION_INT8_MAX_DROP
-from edgekd.export.parity import Tolerance
+from edgekd.export.parity import Tolerance, loosened
 from edgekd.export.tensorrt_build import (
     Profiles,
     ShapeRange,
@@ -372,21 +372,9 @@ def resolve_options(
     if vision not in choices["vision_precision"]:
         vision = ENGINE_PRECISION.get(precision, ENGINE_PRECISION["fp16"])["vision"]
     if vision == "fp16" and precision == "fp32":  # the fp16 floors for what the tower feeds
-        fp16 = TOLERANCES["fp16"]
-        tol = dataclasses.replace(
-            tol,
-            vision_cosine=min(tol.vision_cosine, fp16.vision_cosine),
-            logits_cosine=min(tol.logits_cosine, fp16.logits_cosine),
-            token_agreement=min(tol.token_agreement, fp16.token_agreement),
-        )
+        tol = loosened(tol, TOLERANCES["fp16"])
     if vision == "int8":  # image prompts carry the int8 tower's error: the int8 floors for them
-        int8 = TOLERANCES["int8"]
-        tol = dataclasses.replace(
-            tol,
-            vision_cosine=VISION_INT8_COSINE,
-            logits_cosine=min(tol.logits_cosine, int8.logits_cosine),
-            token_agreement=min(tol.token_agreement, int8.token_agreement),
-        )
+        tol = loosened(tol, TOLERANCES["int8"], vision_cosine=VISION_INT8_COSINE)
     overrides = {}
     for key, field in (
         ("min_vision_cosine", "vision_cosine"),

@@ -544,42 +544,30 @@ def prefill_roofline(spec: dict, result: dict, target: Target, threads: int | No
     """The prompt's compute bound: its FLOPs at this machine's GEMM throughput (measured here,
     at the model's shape, in the arithmetic its precision computes in), and the ratio of the
     measured prefill (p50) to it. CPU only: a GPU's or Jetson's GEMM is not measured."""
-    from edgekd.runtime.roofline import (
-        GEMM_PRECISION,
-        RooflineError,
-        measure_gemm,
-        prefill_flops,
-        prefill_roofline_ms,
-        text_dims_of,
-    )
+    from edgekd.runtime.roofline import RooflineError, measure_gemm, prefill_bound, text_dims_of
 
     if target.device != "cpu":
         return {"why": "the GEMM throughput is measured on CPU only"}
     if spec["kind"] == artifact.CHECKPOINT and not Path(spec["path"]).exists():
         return {"why": "a hub id: no config on disk to size"}
+    tokens = result["latency"]["prompt_tokens"]
     try:
         dims, precision = text_dims_of(spec["path"])
-        flops = prefill_flops(dims, result["latency"]["prompt_tokens"])
-    except RooflineError as e:
+        shape = (tokens, dims.hidden, dims.intermediate)
+        if dims.intermediate is not None and shape not in target.gemm:  # once per shape
+            target.gemm[shape] = measure_gemm(
+                *shape, threads=threads or min(2, os.cpu_count() or 1)
+            )
+        bound = prefill_bound(
+            dims,
+            precision,
+            tokens,
+            target.gemm.get(shape, {}),
+            result["latency"]["prefill_ms"]["p50"],
+        )
+    except RooflineError as e:  # e.g. a manifest without the MLP width
         return {"why": str(e)}
-    arithmetic = GEMM_PRECISION.get(precision, "fp32")
-    shape = (result["latency"]["prompt_tokens"], dims.hidden, dims.intermediate)
-    if shape not in target.gemm:  # one measurement per shape in a bench
-        target.gemm[shape] = measure_gemm(*shape, threads=threads or min(2, os.cpu_count() or 1))
-    if arithmetic not in target.gemm[shape]:  # no int8 GEMM here: the fp32 bound
-        arithmetic = "fp32"
-    gemm = target.gemm[shape][arithmetic]
-    bound = prefill_roofline_ms(flops["total"], gemm["gflops"])
-    measured = result["latency"]["prefill_ms"]["p50"]
-    return {
-        "flops": flops,
-        "arithmetic": arithmetic,
-        "gemm_gflops": gemm["gflops"],
-        "gemm": gemm,
-        "roofline_ms": bound,
-        "measured_ms": measured,
-        "over_roofline": measured / bound,
-    }
+    return {**bound, "gemm": target.gemm[shape][bound["arithmetic"]]}
 
 
 def agreement(predictions: list[dict], teacher: list[dict]) -> float:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,10 +67,14 @@ def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the lla
     return llama_cpp
 
 
+def _lib_dir(llama_cpp) -> Path:
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
 def cpu_variants(llama_cpp) -> list[Path]:
     """The CPU variant libraries (``libggml-cpu-<variant>.so``) beside llama-cpp-python's
     libraries: empty for a build with its CPU backend linked in (no ``GGML_BACKEND_DL``)."""
-    lib = Path(llama_cpp.__file__).parent / "lib"
+    lib = _lib_dir(llama_cpp)
     return sorted(lib.glob("libggml-cpu-*.so")) + sorted(lib.glob("ggml-cpu-*.dll"))
 
 
@@ -90,7 +96,7 @@ def load_cpu_backend(llama_cpp, error: type[Exception] = BackendError) -> None:
     if ggml.ggml_backend_reg_count() > 0:
         return
     ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    lib = Path(llama_cpp.__file__).parent / "lib"
+    lib = _lib_dir(llama_cpp)
     silent = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
     llama_cpp.llama_log_set(silent, ctypes.c_void_p(0))  # no "loaded CPU backend" line
     try:
@@ -108,8 +114,6 @@ def cpu_variant() -> str | None:
     """The llama.cpp CPU variant this process loaded (``zen4``, ``haswell``, ...);
     ``builtin`` for a build with its CPU backend linked in; ``None`` before llama.cpp is
     imported (or where the process's mapped libraries cannot be read)."""
-    import sys
-
     llama_cpp = sys.modules.get("llama_cpp")
     if llama_cpp is None:
         return None
@@ -119,8 +123,6 @@ def cpu_variant() -> str | None:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    import re
-
     found = sorted(set(re.findall(r"ggml-cpu-([A-Za-z0-9_.]+)\.(?:so|dll)", maps)))
     return ",".join(found) or None
 

@@ -284,6 +284,35 @@ def _ort_matmul(op: str, a, b, threads: int):
     return lambda: session.run(None, {"a": a})
 
 
+def prefill_bound(
+    dims: TextDims, precision: str, tokens: int, gemm: dict[str, dict[str, Any]], measured_ms: float
+) -> dict[str, Any]:
+    """A measured prefill against its compute roofline.
+
+    ``gemm`` is :func:`measure_gemm`'s result; the bound uses the arithmetic ``precision``
+    computes in (:data:`GEMM_PRECISION`), fp32 where no int8 GEMM was measured.
+
+    Returns:
+        ``{"flops", "arithmetic", "gemm_gflops", "roofline_ms", "measured_ms",
+        "over_roofline", "achieved_gflops"}`` (``flops`` as :func:`prefill_flops` gives it).
+    """
+    arithmetic = GEMM_PRECISION.get(precision, "fp32")
+    if arithmetic not in gemm:
+        arithmetic = "fp32"
+    flops = prefill_flops(dims, tokens)
+    gflops = gemm[arithmetic]["gflops"]
+    bound = prefill_roofline_ms(flops["total"], gflops)
+    return {
+        "flops": flops,
+        "arithmetic": arithmetic,
+        "gemm_gflops": gflops,
+        "roofline_ms": bound,
+        "measured_ms": measured_ms,
+        "over_roofline": measured_ms / bound,
+        "achieved_gflops": flops["total"] / measured_ms / 1e6,
+    }
+
+
 def text_dims_of(model_dir: str | Path) -> tuple[TextDims, str]:
     """The language model's dimensions and the precision it computes in, of an edgekd artifact
     (its manifest) or a PyTorch checkpoint (its config; fp32 arithmetic).
