@@ -12,20 +12,25 @@ EXTRAS ?= dev,onnx,gguf
 # wheel is kept in WHEELHOUSE, keyed by version and build flags). The build is portable and
 # still uses the CPU it runs on: every x86 CPU variant of ggml's CPU backend is built as a
 # loadable library (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS: x64, haswell, skylakex, icelake,
-# zen4, sapphirerapids, ...) and llama.cpp picks the best one for the CPU at load time
-# (edgekd.runtime.llamacpp.load_cpu_backend; benchmarks record it). GGML_BACKEND_DIR is typed
-# STRING so that cmake keeps it relative: the variants install into the wheel's llama_cpp/lib.
+# zen4, sapphirerapids, ...). GGML_BACKEND_DIR is typed STRING so that cmake keeps it
+# relative: the variants install into the wheel's llama_cpp/lib. Such a build loads no CPU
+# backend by itself, and ggml's CPUID ranking is no proof that a variant runs (AMX can fault on
+# a machine that advertises it), so the wheel installed is a copy with edgekd's loader added
+# (runtime/llama_wheel.py puts runtime/ggml_cpu.py in as llama_cpp/_cpu_variant.py, run by
+# `import llama_cpp`): it loads the best variant that passes a probe on this machine, so plain
+# llama-cpp-python works as documented.
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
   -DGGML_BACKEND_DIR:STRING=llama_cpp/lib
 LLAMA_KEY := $(shell printf '%s' '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 WHEELHOUSE ?= $(HOME)/.cache/edgekd/wheels/llama-cpp-python-$(LLAMA_KEY)
+LLAMA_PATCHED := $(VENV)/llama-wheel
 ifneq (,$(findstring gguf,$(EXTRAS)))
-LLAMA_WHEEL := $(WHEELHOUSE)/.built
-LLAMA_PIN := --find-links $(WHEELHOUSE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+LLAMA_WHEEL := $(LLAMA_PATCHED)/.patched
+LLAMA_PIN := --find-links $(LLAMA_PATCHED) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 # a venv holding another build of the same version keeps it unless the wheel is reinstalled
 LLAMA_REINSTALL := $(BIN)/python -m pip install -q --no-deps --force-reinstall \
-  $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+  $(LLAMA_PATCHED)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 endif
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
@@ -40,6 +45,13 @@ $(WHEELHOUSE)/.built: | $(BIN)/python
 	mkdir -p $(WHEELHOUSE)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir \
 	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(WHEELHOUSE)
+	touch $@
+
+# the compiled wheel with the CPU-variant loader added (seconds; redone when the loader changes)
+$(LLAMA_PATCHED)/.patched: $(WHEELHOUSE)/.built runtime/ggml_cpu.py runtime/llama_wheel.py | $(BIN)/python
+	rm -rf $(LLAMA_PATCHED)
+	$(BIN)/python runtime/llama_wheel.py \
+	  $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl $(LLAMA_PATCHED)
 	touch $@
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml Makefile $(LLAMA_WHEEL) | $(BIN)/python
@@ -59,9 +71,12 @@ system-deps:
 demo: install system-deps
 	$(BIN)/edgekd demo
 
-# loadgroup: tests marked xdist_group share one worker (the distributed runs share a DDP reference)
+# loadgroup: tests marked xdist_group share one worker (the distributed runs share a DDP reference).
+# --max-worker-restart=0: a worker that dies (a crash, or the per-test timeout in pyproject.toml)
+# ends the run at once, naming its test; pytest-xdist 3.8's loadgroup scheduler can wait forever
+# for a replaced worker.
 test: install system-deps
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --max-worker-restart=0
 
 lint: install
 	$(BIN)/ruff check edgekd distill export runtime profiles tests benchmarks

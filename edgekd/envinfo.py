@@ -83,19 +83,23 @@ def snapshot(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _llama_cpp() -> dict[str, Any] | None:
-    """llama.cpp's CPU variant and features, when this process has loaded it."""
+    """llama.cpp's CPU variant, why better-ranked ones were skipped, and its features, when
+    this process has loaded it."""
     import sys
 
-    if "llama_cpp" not in sys.modules:
+    llama_cpp = sys.modules.get("llama_cpp")
+    if llama_cpp is None or not hasattr(llama_cpp, "llama_print_system_info"):
         return None
-    from edgekd.errors import EdgeKDError
-    from edgekd.runtime.llamacpp import cpu_variant, import_llama_cpp
+    from edgekd.runtime import ggml_cpu
 
-    try:
-        llama_cpp = import_llama_cpp()
-    except EdgeKDError as e:  # a llama-cpp-python edgekd cannot drive: say so, do not stop
-        return {"error": str(e)}
-    return {
-        "cpu_variant": cpu_variant(),
-        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-    }
+    info: dict[str, Any] = {"cpu_variant": ggml_cpu.loaded_variant()}
+    chosen = ggml_cpu.selection()
+    if chosen:
+        info["cpu_variants"] = chosen["variants"]
+        info["cpu_probe"] = {
+            "checks": len(chosen["checks"]),
+            "seconds": chosen.get("probe_s"),
+            "cached": chosen["cached"],
+        }
+    info["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return info

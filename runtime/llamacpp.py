@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import numpy as np
 
 from edgekd import artifact
 from edgekd.errors import require
+from edgekd.runtime import ggml_cpu
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
 from edgekd.runtime.prompt import pixels_to_uint8, render_template, split_at_image
 from edgekd.targets import DecodeWeights
@@ -53,78 +52,27 @@ def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the lla
     """``llama_cpp`` and its libmtmd bindings, or ``error`` naming the extra to install.
 
     With a llama.cpp built as loadable CPU variants (``GGML_BACKEND_DL``, as edgekd's Makefile
-    builds it) the best variant for this CPU is loaded first (:func:`load_cpu_backend`).
+    builds it) the best variant that a probe proves runs on this CPU is loaded first
+    (:mod:`edgekd.runtime.ggml_cpu`; the Makefile's wheel does it on ``import llama_cpp``).
     """
-    llama_cpp = require("llama_cpp", "gguf", error, what)
+    try:
+        llama_cpp = require("llama_cpp", "gguf", error, what)
+    except RuntimeError as e:  # the wheel's own variant loader: no variant runs here
+        raise error(f"{what}: {e}") from None
     for module in ("llama_cpp._logger", "llama_cpp.llama_chat_format", "llama_cpp.mtmd_cpp"):
         require(module, "gguf", error, what)
-    load_cpu_backend(llama_cpp, error)
+    try:
+        # libllama's handle: its symbols resolve to the ggml registry libllama and libmtmd
+        # use (the package's libggml.so and libggml.so.0 are two copies, so two registries)
+        ggml_cpu.load(llama_cpp.llama_cpp._lib)
+    except ggml_cpu.NoUsableVariant as e:
+        raise error(f"{what}: {e}; rebuild llama-cpp-python (make install)") from None
     # libmtmd logs every image to stderr by default; route it through llama-cpp-python's
     # logger, which Llama(verbose=False) silences
     callback = llama_cpp._logger.llama_log_callback
     llama_cpp.mtmd_cpp.mtmd_log_set(callback, ctypes.c_void_p(0))
     llama_cpp.mtmd_cpp.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
     return llama_cpp
-
-
-def _lib_dir(llama_cpp) -> Path:
-    return Path(llama_cpp.__file__).parent / "lib"
-
-
-def cpu_variants(llama_cpp) -> list[Path]:
-    """The CPU variant libraries (``libggml-cpu-<variant>.so``) beside llama-cpp-python's
-    libraries: empty for a build with its CPU backend linked in (no ``GGML_BACKEND_DL``)."""
-    lib = _lib_dir(llama_cpp)
-    return sorted(lib.glob("libggml-cpu-*.so")) + sorted(lib.glob("ggml-cpu-*.dll"))
-
-
-def load_cpu_backend(llama_cpp, error: type[Exception] = BackendError) -> None:
-    """Load the best CPU variant for this machine, once, before any model.
-
-    A ``GGML_BACKEND_DL`` build ships one CPU library per x86 feature level (x64, haswell,
-    skylakex, icelake, zen4, sapphirerapids, ...); llama.cpp scores each against the running
-    CPU and keeps the best. It looks for them beside the executable and in the working
-    directory only, so the package's own ``lib/`` is named here. A build without them
-    registers its CPU backend itself: nothing to do.
-    """
-    if not cpu_variants(llama_cpp):
-        return
-    # ggml's registry as libllama and libmtmd see it: their libggml, reached through libllama
-    # (the package's libggml.so and libggml.so.0 are two copies, so two registries)
-    ggml = llama_cpp.llama_cpp._lib
-    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
-    if ggml.ggml_backend_reg_count() > 0:
-        return
-    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    lib = _lib_dir(llama_cpp)
-    silent = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-    llama_cpp.llama_log_set(silent, ctypes.c_void_p(0))  # no "loaded CPU backend" line
-    try:
-        ggml.ggml_backend_load_all_from_path(str(lib).encode())
-    finally:
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
-    if ggml.ggml_backend_reg_count() == 0:
-        raise error(
-            f"no llama.cpp CPU variant in {lib} runs on this CPU; reinstall llama-cpp-python "
-            "(make install)"
-        )
-
-
-def cpu_variant() -> str | None:
-    """The llama.cpp CPU variant this process loaded (``zen4``, ``haswell``, ...);
-    ``builtin`` for a build with its CPU backend linked in; ``None`` before llama.cpp is
-    imported (or where the process's mapped libraries cannot be read)."""
-    llama_cpp = sys.modules.get("llama_cpp")
-    if llama_cpp is None:
-        return None
-    if not cpu_variants(llama_cpp):
-        return "builtin"
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    found = sorted(set(re.findall(r"ggml-cpu-([A-Za-z0-9_.]+)\.(?:so|dll)", maps)))
-    return ",".join(found) or None
 
 
 def to_rgb_array(

@@ -1,7 +1,7 @@
 """A gguf artifact served as it is by llama-cpp-python's OpenAI-compatible server.
 
-The server (``python -m edgekd.runtime.llama_server``: llama_cpp.server with llama.cpp's CPU
-variant loaded first; libmtmd's chat handler over the files' own chat
+The server (``python -m llama_cpp.server`` as it is, which never imports edgekd: the installed
+llama-cpp-python loads its CPU variant itself; libmtmd's chat handler over the files' own chat
 template) runs on 127.0.0.1; one image question must get the answer edgekd's backend gives.
 A ``full``-strategy artifact: the server feeds every clip row, which is that model's input.
 The server renders the message parts through the template as they are, so the question is
@@ -46,7 +46,7 @@ def server(gguf_f32_artifact, tmp_path):
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     cmd = [
-        sys.executable, "-m", "edgekd.runtime.llama_server",
+        sys.executable, "-m", "llama_cpp.server",
         "--model", str(gguf_f32_artifact / "model.gguf"),
         "--clip_model_path", str(gguf_f32_artifact / "mmproj.gguf"),
         "--chat_format", "mtmd", "--n_ctx", "1024", "--n_threads", "1",

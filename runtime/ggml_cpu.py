@@ -1,0 +1,522 @@
+"""llama.cpp's CPU backend variants: load the best one that is proven to run on this machine.
+
+A llama.cpp built with ``GGML_BACKEND_DL`` and ``GGML_CPU_ALL_VARIANTS`` ships its CPU backend
+as one library per x86 (or Arm) feature level: ``libggml-cpu-x64.so`` ... ``-zen4.so``,
+``-sapphirerapids.so``. ggml ranks them by CPUID alone, and CPUID is not proof: a virtual
+machine can advertise AMX and still fault on its tile instructions, so the best-ranked variant
+dies with SIGILL on the first quantized matrix product. This module:
+
+1. ranks the variants by ggml's own score, in a child process;
+2. probes them best first, in a child process: quantized matrix products (every weight type
+   llama.cpp's quantizer writes, at 1 and 32 rows) through every buffer type llama.cpp would put
+   weights in with that variant (the default one and the variant's extra ones: AMX, repacked),
+   each checked against the dequantized weights computed in numpy;
+3. keeps the first variant that passes, records why the better-ranked ones were skipped, caches
+   the verdict per machine (CPU, kernel, libraries), and loads that variant into the process's
+   ggml registry.
+
+The module depends on nothing but the standard library (numpy in the probe child, which
+llama-cpp-python requires anyway) and imports nothing of edgekd, so the same file also ships
+inside the llama-cpp-python wheel edgekd's Makefile builds (:mod:`edgekd.runtime.llama_wheel`,
+as ``llama_cpp/_cpu_variant.py``, run by ``import llama_cpp``): plain llama-cpp-python, its server
+and every program built on it then work in edgekd's environment with no further step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROBE_VERSION = 1
+PROBE_TIMEOUT_S = 120
+# which library names hold ggml's backend registry (ggml_backend_load), in the order tried
+REGISTRY_NAMES = ("libggml.so.0", "libggml.so", "libggml.dylib", "ggml.dll")
+
+# The weight types llama.cpp's quantizer writes without an importance matrix, as ggml numbers
+# them (ggml.h, enum ggml_type). Each has its own dot-product kernels, and the extra buffer
+# types (AMX, repacked) take different subsets of them.
+PROBE_TYPES = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10,
+    "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14, "iq4_nl": 20, "iq4_xs": 23, "bf16": 30,
+    "mxfp4": 39,
+}  # fmt: skip
+PROBE_K, PROBE_N, PROBE_ROWS = 256, 64, (1, 32)  # K: a multiple of every block size (QK_K)
+PROBE_TOLERANCE = 0.05  # relative L2 error; the activations are quantized to 8 bits in the dot
+
+SELECTED: dict | None = None  # what load() chose in this process (also in the cache file)
+
+
+class NoUsableVariant(RuntimeError):
+    """No CPU variant of this llama.cpp build passes the probe on this machine."""
+
+
+def variant_name(path: str | Path) -> str:
+    """``zen4`` for ``.../libggml-cpu-zen4.so``."""
+    return re.sub(r"^(lib)?ggml-cpu-", "", Path(path).name).split(".")[0]
+
+
+def variant_libraries(lib_dir: str | Path) -> list[Path]:
+    """The CPU variant libraries in ``lib_dir``: empty for a build whose CPU backend is linked
+    in (no ``GGML_BACKEND_DL``)."""
+    lib = Path(lib_dir)
+    return sorted(lib.glob("libggml-cpu-*.so")) + sorted(lib.glob("ggml-cpu-*.dll"))
+
+
+def registry_library(lib_dir: str | Path) -> Path:
+    """The ggml library of ``lib_dir`` that holds the backend registry."""
+    for name in REGISTRY_NAMES:
+        if (Path(lib_dir) / name).is_file():
+            return Path(lib_dir) / name
+    raise NoUsableVariant(f"no ggml library ({', '.join(REGISTRY_NAMES)}) in {lib_dir}")
+
+
+def loaded_variant() -> str | None:
+    """The CPU variant this process's llama.cpp runs (``zen4``), read from the libraries it
+    has mapped; ``builtin`` for a build with its CPU backend linked in; ``None`` before
+    ``llama_cpp`` is imported (or where the mapped libraries cannot be read)."""
+    llama = sys.modules.get("llama_cpp.llama_cpp")
+    if llama is None:
+        return None
+    if not variant_libraries(Path(llama._lib._name).resolve().parent):
+        return "builtin"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = sorted(set(re.findall(r"ggml-cpu-([A-Za-z0-9_.]+)\.(?:so|dll)", maps)))
+    return ",".join(found) or None
+
+
+def selection() -> dict | None:
+    """The selection behind this process's variant (:func:`select`), from whichever copy of
+    this module loaded it: the wheel's (``import llama_cpp``) or edgekd's."""
+    for name in ("llama_cpp._cpu_variant", __name__):
+        found = getattr(sys.modules.get(name), "SELECTED", None)
+        if found:
+            return found
+    return None
+
+
+# -------------------------------------------------------------------------------- the parent
+
+
+def load(ggml: ctypes.CDLL, cache_dir: str | Path | None = None) -> dict | None:
+    """Load the best CPU variant that passes the probe into ``ggml``'s registry, once.
+
+    ``ggml`` is a handle whose symbols resolve to the ggml that llama.cpp uses (libllama's
+    handle: ``llama_cpp.llama_cpp._lib``); the variants are looked for beside it. Returns the
+    selection (:func:`select`), or ``None`` for a build with its CPU backend linked in or a
+    registry that already holds a backend. Raises :class:`NoUsableVariant`.
+    """
+    global SELECTED
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count() > 0:
+        return SELECTED
+    lib_dir = Path(ggml._name).resolve().parent
+    libraries = variant_libraries(lib_dir)
+    if not libraries:
+        return None
+    selection = select(libraries, registry_library(lib_dir), cache_dir)
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    with _quiet(ggml):  # no "load_backend: loaded CPU backend from ..." on every import
+        reg = ggml.ggml_backend_load(str(selection["library"]).encode())
+    if not reg:
+        raise NoUsableVariant(f"llama.cpp could not load its CPU variant {selection['library']}")
+    SELECTED = selection
+    return selection
+
+
+def select(
+    libraries: list[Path], registry: Path, cache_dir: str | Path | None = None
+) -> dict:
+    """The best variant of ``libraries`` that passes the probe: from the cache when this
+    machine and these libraries were probed before, else probed now (children of this process,
+    one per crash) and cached.
+
+    Returns ``{"variant", "library", "variants": {name: verdict}, "checks", "probe_s",
+    "cached"}``; ``variants`` says, for each library, ``passed the probe``, why it was skipped (the
+    signal or the wrong result of its probe, or the CPU's missing features) or that a
+    better-ranked variant was chosen first.
+    """
+    libraries = [Path(p) for p in libraries]
+    cache = _cache_file(libraries, registry, cache_dir)
+    found = _read_cache(cache, libraries)
+    if found is not None:
+        return {**found, "cached": True}
+    with _lock(cache):
+        found = _read_cache(cache, libraries)  # another process probed while this one waited
+        if found is not None:
+            return {**found, "cached": True}
+        started = time.perf_counter()
+        selection = probe_variants(libraries, registry)
+        selection["probe_s"] = round(time.perf_counter() - started, 3)
+        _write_cache(cache, selection)
+    return {**selection, "cached": False}
+
+
+def probe_variants(libraries: list[Path], registry: Path) -> dict:
+    """Probe ``libraries`` best-ranked first in child processes; a child that dies takes the
+    variant it was probing with it and the next child goes on without it."""
+    verdicts: dict[str, str] = {}
+    remaining = [str(p) for p in libraries]
+    while remaining:
+        events, died, stderr = _run_child(registry, remaining)
+        current = check = None  # the library (and product) the child was on when it stopped
+        for event in events:
+            if "probing" in event:
+                current, check = event["probing"], None
+            elif "check" in event:
+                check = event["check"]
+            elif "scores" in event:
+                current = None
+                for path, score in event["scores"].items():
+                    if score <= 0:
+                        verdicts[variant_name(path)] = "skipped: this CPU lacks its features"
+            elif "failed" in event:
+                verdicts[variant_name(event["failed"])] = f"skipped: {event['why']}"
+                remaining.remove(event["failed"])
+                current = None
+            elif "passed" in event:
+                chosen = event["passed"]
+                unprobed = "not probed: a better-ranked variant passed"
+                for path in libraries:
+                    verdicts.setdefault(variant_name(path), unprobed)
+                verdicts[variant_name(chosen)] = "passed the probe"
+                return {
+                    "variant": variant_name(chosen),
+                    "library": chosen,
+                    "variants": {variant_name(p): verdicts[variant_name(p)] for p in libraries},
+                    "checks": event["checks"],
+                }
+        if died is None:  # the child went through every remaining variant: none passed
+            break
+        if current is None or not died.startswith("SIG") and "within" not in died:
+            # it stopped outside any variant, or on an error of its own: no verdict on one
+            raise NoUsableVariant(f"the llama.cpp CPU probe failed ({died}): {stderr}")
+        where = ""
+        if check:  # type/buffer/rows
+            where = " ({} weights in {}, rows {})".format(*check.split("/"))
+        verdicts[variant_name(current)] = f"skipped: {died} in the probe{where}"
+        remaining.remove(current)
+    reasons = "; ".join(f"{name}: {why}" for name, why in verdicts.items())
+    raise NoUsableVariant(f"no llama.cpp CPU variant runs on this machine ({reasons})")
+
+
+def _run_child(registry: Path, candidates: list[str]) -> tuple[list[dict], str | None, str]:
+    if not sys.executable:
+        raise NoUsableVariant("cannot probe llama.cpp's CPU variants: no Python executable")
+    # -I -c: no environment, user site or script directory on sys.path (runtime/ holds a
+    # torch.py); run_path leaves sys.path alone
+    boot = f"import runpy, sys; sys.argv[0] = {str(Path(__file__).resolve())!r}; "
+    boot += "runpy.run_path(sys.argv[0], run_name='__main__')"
+    cmd = [sys.executable, "-I", "-c", boot, "probe", str(registry)]
+    try:
+        out = subprocess.run(
+            cmd + candidates, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
+        )
+        stdout, stderr, code = out.stdout, out.stderr, out.returncode
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr, code = "", f"no answer within {PROBE_TIMEOUT_S} s"
+    events = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):  # a library may print to stdout too
+                events.append(json.loads(line))
+    if isinstance(code, str):
+        died = code
+    elif code < 0:
+        died = f"{signal.Signals(-code).name} ({signal.strsignal(-code) or 'signal'})"
+    elif code:
+        died = f"exit status {code}"
+    else:
+        died = None
+    last = (stderr.strip().splitlines() or [""])[-1]
+    return events, died, last
+
+
+# ---------------------------------------------------------------------------- the probe child
+
+
+def _bind(ggml: ctypes.CDLL) -> None:
+    """ctypes signatures of the ggml functions the probe calls (ggml.h, ggml-backend.h,
+    ggml-alloc.h)."""
+    p, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+    sigs = {
+        "ggml_backend_load": (p, [ctypes.c_char_p]),
+        "ggml_backend_unload": (None, [p]),
+        "ggml_backend_reg_dev_get": (p, [p, sz]),
+        "ggml_backend_reg_get_proc_address": (p, [p, ctypes.c_char_p]),
+        "ggml_backend_dev_init": (p, [p, ctypes.c_char_p]),
+        "ggml_backend_dev_buffer_type": (p, [p]),
+        "ggml_backend_dev_supports_op": (ctypes.c_bool, [p, p]),
+        "ggml_backend_buft_name": (ctypes.c_char_p, [p]),
+        "ggml_backend_alloc_ctx_tensors_from_buft": (p, [p, p]),
+        "ggml_backend_buffer_free": (None, [p]),
+        "ggml_backend_tensor_set": (None, [p, p, sz, sz]),
+        "ggml_backend_tensor_get": (None, [p, p, sz, sz]),
+        "ggml_backend_graph_compute": (ctypes.c_int, [p, p]),
+        "ggml_backend_free": (None, [p]),
+        "ggml_init": (p, [_InitParams]),
+        "ggml_free": (None, [p]),
+        "ggml_tensor_overhead": (sz, []),
+        "ggml_graph_overhead": (sz, []),
+        "ggml_new_tensor_2d": (p, [p, ctypes.c_int, i64, i64]),
+        "ggml_mul_mat": (p, [p, p, p]),
+        "ggml_new_graph": (p, [p]),
+        "ggml_build_forward_expand": (None, [p, p]),
+        "ggml_row_size": (sz, [ctypes.c_int, i64]),
+        "ggml_quantize_chunk": (sz, [ctypes.c_int, p, p, i64, i64, i64, p]),
+        "ggml_get_type_traits": (ctypes.POINTER(_TypeTraits), [ctypes.c_int]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(ggml, name)
+        fn.restype, fn.argtypes = restype, argtypes
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
+                ("no_alloc", ctypes.c_bool)]  # fmt: skip
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]  # fmt: skip
+
+
+def _emit(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def _probe_main(registry: str, candidates: list[str]) -> int:
+    """The child: score ``candidates`` with ggml's own score function, then probe them best
+    first; report each step on stdout before taking it, so that a crash names its variant."""
+    # first: the variants find libggml-base through it (they carry no run path of their own)
+    ggml = ctypes.CDLL(registry, mode=ctypes.RTLD_GLOBAL)
+    _bind(ggml)
+    scores = {}
+    for path in candidates:
+        _emit(probing=path)  # loading a library can fault too
+        handle = ctypes.CDLL(path)
+        score = getattr(handle, "ggml_backend_score", None)
+        scores[path] = int(score()) if score is not None else 0
+    _emit(scores=scores)
+    import numpy as np
+
+    for path in sorted((p for p in candidates if scores[p] > 0), key=lambda p: -scores[p]):
+        _emit(probing=path)
+        reg = ggml.ggml_backend_load(path.encode())
+        if not reg:
+            _emit(failed=path, why="ggml could not load it")
+            continue
+        try:
+            checks = _probe_matmuls(ggml, reg, np)
+        except _WrongResult as e:
+            ggml.ggml_backend_unload(reg)
+            _emit(failed=path, why=str(e))
+            continue
+        _emit(passed=path, checks=checks)
+        return 0
+    return 0
+
+
+class _WrongResult(Exception):
+    pass
+
+
+def _probe_matmuls(ggml, reg, np) -> list[str]:
+    """Every probe type through every weight buffer type of the variant, at 1 and 32 rows,
+    against numpy; returns the ``type/buffer/rows`` checks that ran."""
+    dev = ggml.ggml_backend_reg_dev_get(reg, 0)
+    backend = ggml.ggml_backend_dev_init(dev, None)
+    host = ggml.ggml_backend_dev_buffer_type(dev)
+    set_threads = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+    if set_threads:  # more than one thread: per-thread state (AMX tile configs) is exercised
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)(set_threads)(
+            backend, max(2, min(4, os.cpu_count() or 2))
+        )
+    bufts = [host]
+    extra = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if extra:
+        found = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(extra)(dev)
+        i = 0
+        while found and found[i]:
+            bufts.append(found[i])
+            i += 1
+    rng = np.random.default_rng(0)
+    checks = []
+    for type_name, ggml_type in PROBE_TYPES.items():
+        weights = rng.standard_normal((PROBE_N, PROBE_K)).astype(np.float32)
+        row = ggml.ggml_row_size(ggml_type, PROBE_K)
+        packed = np.zeros(row * PROBE_N, dtype=np.uint8)
+        ggml.ggml_quantize_chunk(ggml_type, weights.ctypes.data, packed.ctypes.data, 0,
+                                 PROBE_N, PROBE_K, None)  # fmt: skip
+        reference = weights.copy()  # f32 has no conversion
+        traits = ggml.ggml_get_type_traits(ggml_type).contents
+        if traits.to_float:
+            _TO_FLOAT(traits.to_float)(packed.ctypes.data, reference.ctypes.data, weights.size)
+        for buft in bufts:
+            buft_name = ggml.ggml_backend_buft_name(buft).decode()
+            for rows in PROBE_ROWS:
+                check = f"{type_name}/{buft_name}/{rows}"
+                _emit(check=check)  # names the product a crash happens in
+                x = rng.standard_normal((rows, PROBE_K)).astype(np.float32)
+                y = _matmul(ggml, dev, backend, buft, host, ggml_type, packed, x, np)
+                if y is None:  # this buffer type does not take this type: llama.cpp neither
+                    continue
+                want = x.astype(np.float64) @ reference.T.astype(np.float64)
+                err = float(np.linalg.norm(y - want) / np.linalg.norm(want))
+                if not err <= PROBE_TOLERANCE:
+                    raise _WrongResult(
+                        f"wrong results in the probe ({type_name} weights in {buft_name}, "
+                        f"{rows} rows: relative error {err:.3g})"
+                    )
+                checks.append(check)
+    ggml.ggml_backend_free(backend)
+    return checks
+
+
+def _matmul(ggml, dev, backend, buft, host, ggml_type, packed, x, np):
+    """``x @ W.T`` with the packed weights ``W`` in buffer type ``buft``; ``None`` where the
+    device does not run that product from that buffer type."""
+    overhead = ggml.ggml_tensor_overhead() * 8 + ggml.ggml_graph_overhead()
+    wctx = ggml.ggml_init(_InitParams(ggml.ggml_tensor_overhead() * 2, None, True))
+    ctx = ggml.ggml_init(_InitParams(overhead, None, True))
+    wbuf = buf = None
+    try:
+        w = ggml.ggml_new_tensor_2d(wctx, ggml_type, PROBE_K, PROBE_N)
+        wbuf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft)
+        if not wbuf:
+            return None
+        xt = ggml.ggml_new_tensor_2d(ctx, 0, PROBE_K, x.shape[0])
+        out = ggml.ggml_mul_mat(ctx, w, xt)
+        if not ggml.ggml_backend_dev_supports_op(dev, out):
+            return None
+        graph = ggml.ggml_new_graph(ctx)
+        ggml.ggml_build_forward_expand(graph, out)
+        buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, host)
+        ggml.ggml_backend_tensor_set(w, packed.ctypes.data, 0, packed.nbytes)
+        ggml.ggml_backend_tensor_set(xt, x.ctypes.data, 0, x.nbytes)
+        if ggml.ggml_backend_graph_compute(backend, graph) != 0:
+            raise _WrongResult("the probe's matrix product failed to compute")
+        y = np.zeros((x.shape[0], PROBE_N), dtype=np.float32)
+        ggml.ggml_backend_tensor_get(out, y.ctypes.data, 0, y.nbytes)
+        return y
+    finally:
+        for b in (buf, wbuf):
+            if b:
+                ggml.ggml_backend_buffer_free(b)
+        ggml.ggml_free(ctx)
+        ggml.ggml_free(wctx)
+
+
+# ----------------------------------------------------------------------------- cache and logs
+
+
+def _cache_file(libraries: list[Path], registry: Path, cache_dir) -> Path | None:
+    """One verdict per machine and build: the CPU (model and flags), the kernel (which grants
+    AMX and AVX-512 state) and the libraries (name, size, mtime)."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        wanted = re.compile(r"(model name|flags|Features)\b")
+        cpu = "\n".join(sorted({line for line in text.splitlines() if wanted.match(line)}))
+    files = []
+    for path in [*libraries, registry]:
+        st = Path(path).stat()
+        files.append(f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    key = json.dumps([PROBE_VERSION, cpu, os.uname().release, sys.platform, sorted(files)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    try:
+        base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except (RuntimeError, KeyError):  # no home directory: probe every time
+        return None
+    return Path(base) / ("" if cache_dir else "edgekd") / "llama-cpu-variant" / f"{digest}.json"
+
+
+def _read_cache(path: Path | None, libraries: list[Path]) -> dict | None:
+    """The cached selection, if it names one of ``libraries`` (a cache file is never trusted
+    to name a library to load that is not a variant of this build)."""
+    try:
+        found = json.loads(path.read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+    names = {str(p) for p in libraries}
+    ok = isinstance(found, dict) and found.get("library") in names and "variants" in found
+    return found if ok else None
+
+
+def _write_cache(path: Path | None, selection: dict) -> None:
+    """Best effort: a machine whose cache cannot be written probes again next time."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(selection, indent=1))
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _lock(cache: Path):
+    """Processes starting together (test workers, a server's workers) probe once."""
+    try:
+        import fcntl
+
+        if cache is None:
+            raise OSError("no cache")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache.with_suffix(".lock"), "w")  # noqa: SIM115
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+_LOG = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_SILENT = _LOG(lambda level, text, user_data: None)
+
+
+@contextlib.contextmanager
+def _quiet(ggml):
+    """ggml's log silenced, then given back to whoever had it (llama-cpp-python's logger)."""
+    callback, user_data = ctypes.c_void_p(), ctypes.c_void_p()
+    ggml.ggml_log_get(ctypes.byref(callback), ctypes.byref(user_data))
+    ggml.ggml_log_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    ggml.ggml_log_set(ctypes.cast(_SILENT, ctypes.c_void_p), None)
+    try:
+        yield
+    finally:
+        ggml.ggml_log_set(callback, user_data)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["probe"] and len(argv) >= 2:
+        return _probe_main(argv[1], argv[2:])
+    if argv[:1] == ["select"] and len(argv) == 2:
+        libs = variant_libraries(argv[1])
+        print(json.dumps(select(libs, registry_library(argv[1])), indent=1))
+        return 0
+    print("usage: ggml_cpu.py select LIB_DIR | probe REGISTRY LIB...", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
