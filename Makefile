@@ -78,8 +78,10 @@ demo: install system-deps
 test: install system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --max-worker-restart=0
 
+# ruff, and the import check (no module of edgekd imports itself in a circle; also in make test)
 lint: install
 	$(BIN)/ruff check edgekd distill export runtime profiles tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_imports.py
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

@@ -168,10 +168,11 @@ def main() -> None:
     ap.add_argument("--only", choices=("startup", "speed"), default=None)
     args = ap.parse_args()
 
-    import llama_cpp
-
     from edgekd.envinfo import snapshot
     from edgekd.runtime import ggml_cpu
+    from edgekd.runtime.llamacpp import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()  # its facts (the variant and the verdicts) join the snapshot
 
     lib = str(Path(llama_cpp.llama_cpp._lib._name).resolve().parent)
     if not ggml_cpu.variant_libraries(lib):

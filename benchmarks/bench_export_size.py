@@ -29,13 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgekd import artifact
+from edgekd import targets
 
 TARGETS_MB = {"int8": 640.0, "int4": 460.0}
 PRESET = "qwen2-0.5b-siglip-so400m"
-LANGUAGE_FILES = (artifact.ONNX_EMBED, artifact.ONNX_DECODER)
+LANGUAGE_FILES = (targets.ONNX_EMBED, targets.ONNX_DECODER)
 # With tied embeddings the int8 table is one file both graphs reference: counted once.
-SHARED_FILES = (artifact.ONNX_SHARED_DATA,)
+SHARED_FILES = (targets.ONNX_SHARED_DATA,)
 FLOAT_MATRIX_MIN = 100_000  # elements: a float weight this large left unquantized fails the check
 
 
@@ -44,7 +44,7 @@ def sizes(out: Path) -> dict:
     the shared tied table once)."""
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     language = sum(b for name, b in files.items() if name.startswith(LANGUAGE_FILES + SHARED_FILES))
-    vision = sum(b for name, b in files.items() if name.startswith(artifact.ONNX_VISION))
+    vision = sum(b for name, b in files.items() if name.startswith(targets.ONNX_VISION))
     return {"files": files, "language_bytes": language, "vision_bytes": vision}
 
 

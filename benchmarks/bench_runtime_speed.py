@@ -63,7 +63,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgekd import artifact
+from edgekd import artifact, targets
 from edgekd.errors import EdgeKDError
 
 PRESET = "qwen2-0.5b-siglip-so400m"
@@ -456,10 +456,10 @@ def vision(work: Path, args, log) -> dict:
 
     runners = {"pytorch-fp32": run_torch}
     sessions = {}
-    fp32 = artifact.load(work / "onnx-fp32").path(artifact.ONNX_VISION)
+    fp32 = artifact.load(work / "onnx-fp32").path(targets.ONNX_VISION)
     for level in OPTIMIZATION_LEVELS:
         sessions[f"onnx-fp32 ({level})"] = (fp32, level)
-    opset18 = artifact.load(work / "onnx-fp32-opset18").path(artifact.ONNX_VISION)
+    opset18 = artifact.load(work / "onnx-fp32-opset18").path(targets.ONNX_VISION)
     sessions["onnx-fp32-opset18 (all)"] = (opset18, "all")
     sessions["onnx-int8-vision (all)"] = (int8_vision(work, log), "all")
     for name, (path, level) in sessions.items():
@@ -516,10 +516,10 @@ def int8_vision(work: Path, log) -> Path:
     """The fp32 vision encoder with int8 dynamic MatMuls (edgekd's int8 pass), made once."""
     from edgekd.export import onnx_graph as g
 
-    path = work / "vision-int8" / artifact.ONNX_VISION
+    path = work / "vision-int8" / targets.ONNX_VISION
     if not path.exists():
         t0 = time.perf_counter()
-        fp32 = artifact.load(work / "onnx-fp32").path(artifact.ONNX_VISION)
+        fp32 = artifact.load(work / "onnx-fp32").path(targets.ONNX_VISION)
         model = g.quantize_int8(g.load(fp32))
         path.parent.mkdir(exist_ok=True)
         g.save(model, path)

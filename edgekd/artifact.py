@@ -32,27 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgekd import targets
 from edgekd.errors import EdgeKDError
 from edgekd.io import atomic_write_json, checkpoint_dir, sha256_file
 from edgekd.models.dims import TextDims
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "edgekd-artifact", 2
-# file names of the built-in targets (the exporters write them, the backends open them)
-ONNX_VISION, ONNX_EMBED, ONNX_DECODER = (
-    "vision_encoder.onnx",
-    "embed_tokens.onnx",
-    "decoder_model_merged.onnx",
-)
-ONNX_SHARED_DATA, ONNX_CONFIG = "shared_embedding.data", "edgekd_onnx.json"
-RENAMED = {ONNX_CONFIG: "genai_config.json"}  # file -> its name in older artifacts
-GGUF_MODEL, GGUF_MMPROJ = "model.gguf", "mmproj.gguf"
-# edgekd's mmproj keys (clip.cpp ignores them; edgekd's llama.cpp backend reads them):
-# rows of clip's output to drop, and a factor folded into the projector (edgekd.export.family)
-GGUF_DROP_KEY = "edgekd.vision.drop_first_tokens"
-GGUF_SCALE_KEY = "edgekd.vision.projector_scale"
-TRT_ENGINES_JSON, TRT_ONNX_DIR = "engines.json", "onnx"
-TRT_ENGINES = {"vision": "vision.engine", "embed": "embed.engine", "decoder": "decoder.engine"}
 CHECKPOINT = "torch"  # kind_of() for a PyTorch checkpoint (not an artifact)
 
 
@@ -335,8 +321,6 @@ _PREPROCESSING = {
 
 def _manifest_problems(raw: Any) -> list[str]:
     """Everything wrong with a parsed manifest, each naming its key."""
-    from edgekd import targets
-
     if not isinstance(raw, dict):
         return [f"expected a JSON object, got {type(raw).__name__}"]
     if raw.get("format") != FORMAT:
@@ -447,7 +431,7 @@ def _file_problems(files: dict, target) -> list[str]:
     for f in target.files:
         if f in files:
             continue
-        old = RENAMED.get(f)
+        old = target.older_names.get(f)
         hint = f" (written by an older edgekd as '{old}': re-export it)" if old in files else ""
         problems.append(f"a {target.name} artifact holds '{f}', which files does not list{hint}")
     return problems

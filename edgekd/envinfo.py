@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -22,6 +23,17 @@ PACKAGES = (
     "tensorrt",
     "numpy",
 )
+
+
+# Facts a runtime adds to every snapshot taken in a process that loaded it (name -> facts or
+# None): each backend module registers its own with contribute(), so this module imports none.
+CONTRIBUTORS: dict[str, Callable[[], dict[str, Any] | None]] = {}
+
+
+def contribute(name: str, facts: Callable[[], dict[str, Any] | None]) -> None:
+    """Add ``facts()`` under ``name`` to every later :func:`snapshot` (a backend module calls
+    this when it is imported)."""
+    CONTRIBUTORS[name] = facts
 
 
 def git_commit(path: str | None = None) -> str | None:
@@ -74,32 +86,10 @@ def snapshot(extra: dict[str, Any] | None = None) -> dict[str, Any]:
             info["cuda_version"] = torch.version.cuda
     except ImportError:
         pass
-    llama = _llama_cpp()
-    if llama:
-        info["llama_cpp"] = llama
+    for name, facts in CONTRIBUTORS.items():
+        found = facts()
+        if found:
+            info[name] = found
     if extra:
         info.update(extra)
-    return info
-
-
-def _llama_cpp() -> dict[str, Any] | None:
-    """llama.cpp's CPU variant, why better-ranked ones were skipped, and its features, when
-    this process has loaded it."""
-    import sys
-
-    llama_cpp = sys.modules.get("llama_cpp")
-    if llama_cpp is None or not hasattr(llama_cpp, "llama_print_system_info"):
-        return None
-    from edgekd.runtime import ggml_cpu
-
-    info: dict[str, Any] = {"cpu_variant": ggml_cpu.loaded_variant()}
-    chosen = ggml_cpu.selection()
-    if chosen:
-        info["cpu_variants"] = chosen["variants"]
-        info["cpu_probe"] = {
-            "checks": len(chosen["checks"]),
-            "seconds": chosen.get("probe_s"),
-            "cached": chosen["cached"],
-        }
-    info["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     return info

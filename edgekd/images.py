@@ -87,23 +87,3 @@ def check_images(paths: list[Path | None], names: list[str]) -> None:
     for path, name in zip(paths, names, strict=True):
         if path is not None:
             open_rgb(path, name)
-
-
-def checked_samples(
-    data: str | os.PathLike, image_root: str | os.PathLike | None = None, limit: int | None = None
-) -> tuple[list[dict], list[Path | None]]:
-    """The first ``limit`` samples of a LLaVA JSON file and their image paths, every sample
-    validated and every image decoded once, so that later stages never meet a bad one.
-
-    Raises:
-        DataError: a limit below 1, invalid JSON or samples, missing or unreadable images.
-    """
-    from edgekd.data.llava import load_llava_json, resolve_images
-
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be at least 1 (got {limit})")
-    samples = load_llava_json(data)[:limit]
-    root = Path(image_root) if image_root is not None else Path(data).parent
-    images = resolve_images(samples, root)
-    check_images(images, [s["id"] for s in samples])
-    return samples, images

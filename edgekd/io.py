@@ -1,7 +1,7 @@
 """Filesystem helpers: outputs appear whole or not at all, and data paths stay inside their root.
 
-Output directories (check, lock, build beside, swap in) live in :mod:`edgekd.outputs`;
-:func:`atomic_dir` here is its entry point for single writers.
+Output directories (check, lock, build beside, swap in) live in :mod:`edgekd.outputs`, which
+builds on the helpers here.
 """
 
 from __future__ import annotations
@@ -25,19 +25,6 @@ _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _NEARLY_FULL_BYTES = 16 * 2**20  # what a sequential writer leaves when the disk ran out
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _umask_lock = threading.Lock()
-
-
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Context manager: a temporary directory beside ``path``, renamed to ``path`` on success.
-
-    The output is checked and locked first (:func:`edgekd.outputs.output_guard`). On any
-    exception the temporary directory is removed and ``path`` is left untouched, so a reader
-    never sees a half-written output. With ``overwrite`` an existing ``path`` is replaced only
-    after the new content is complete.
-    """
-    from edgekd.outputs import guarded_dir
-
-    return guarded_dir(path, overwrite=overwrite)
 
 
 def umask() -> int:

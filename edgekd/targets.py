@@ -21,13 +21,27 @@ fast), or the objects themselves.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from edgekd import artifact as a
 from edgekd.errors import EdgeKDError
 
 DEVICES = ("cpu", "cuda", "jetson")
+
+# file names of the built-in targets (the exporters write them, the backends open them)
+ONNX_VISION, ONNX_EMBED, ONNX_DECODER = (
+    "vision_encoder.onnx",
+    "embed_tokens.onnx",
+    "decoder_model_merged.onnx",
+)
+ONNX_SHARED_DATA, ONNX_CONFIG = "shared_embedding.data", "edgekd_onnx.json"
+GGUF_MODEL, GGUF_MMPROJ = "model.gguf", "mmproj.gguf"
+# edgekd's mmproj keys (clip.cpp ignores them; edgekd's llama.cpp backend reads them):
+# rows of clip's output to drop, and a factor folded into the projector (edgekd.export.family)
+GGUF_DROP_KEY = "edgekd.vision.drop_first_tokens"
+GGUF_SCALE_KEY = "edgekd.vision.projector_scale"
+TRT_ENGINES_JSON, TRT_ONNX_DIR = "engines.json", "onnx"
+TRT_ENGINES = {"vision": "vision.engine", "embed": "embed.engine", "decoder": "decoder.engine"}
 
 
 class TargetError(EdgeKDError, ValueError):
@@ -64,6 +78,7 @@ class Target:
         devices: Devices its backend runs on.
         backend_options: Keyword options its backend takes (e.g. ``ort_provider``).
         summary: One line for the CLI help.
+        older_names: File -> the name older edgekd releases wrote it under (a re-export hint).
     """
 
     name: str
@@ -76,6 +91,7 @@ class Target:
     devices: tuple[str, ...] = DEVICES
     backend_options: tuple[str, ...] = ()
     summary: str = ""
+    older_names: dict[str, str] = field(default_factory=dict)
 
     def make_exporter(self):
         """A new instance of the target's exporter."""
@@ -128,20 +144,21 @@ register(
     Target(
         name="onnx",
         precisions=("fp32", "fp16", "int8", "int4"),
-        files=(a.ONNX_VISION, a.ONNX_EMBED, a.ONNX_DECODER, a.ONNX_CONFIG),
+        files=(ONNX_VISION, ONNX_EMBED, ONNX_DECODER, ONNX_CONFIG),
         extra="onnx",
         exporter="edgekd.export.onnx:OnnxExporter",
         backend="edgekd.runtime.onnxruntime:open_backend",
         decode_weights="edgekd.runtime.onnxruntime:decode_weights",
         backend_options=("ort_provider",),
         summary="three ONNX graphs for onnxruntime (CPU, CUDA or TensorRT provider)",
+        older_names={ONNX_CONFIG: "genai_config.json"},
     )
 )
 register(
     Target(
         name="gguf",
         precisions=("f32", "f16", "q8_0", "q4_k_m"),
-        files=(a.GGUF_MODEL, a.GGUF_MMPROJ),
+        files=(GGUF_MODEL, GGUF_MMPROJ),
         extra="gguf",
         exporter="edgekd.export.gguf:GgufExporter",
         backend="edgekd.runtime.llamacpp:open_backend",
@@ -153,7 +170,7 @@ register(
     Target(
         name="tensorrt",
         precisions=("fp32", "fp16", "int8"),
-        files=(*a.TRT_ENGINES.values(), a.TRT_ENGINES_JSON),
+        files=(*TRT_ENGINES.values(), TRT_ENGINES_JSON),
         extra="tensorrt",
         exporter="edgekd.export.tensorrt:TensorRTExporter",
         backend="edgekd.runtime.tensorrt:open_backend",

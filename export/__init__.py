@@ -5,9 +5,10 @@
                                    output=Path("artifacts/student-int8")))
 
 :func:`export` checks the request before loading anything heavy, loads the checkpoint in fp32,
-and runs the exporter's phases (``export`` -> ``validate``) inside :func:`edgekd.io.atomic_dir`,
-writing ``manifest.json`` last: the output directory appears complete and proven, or not at
-all (a parity failure, a full disk or an interrupt leave nothing behind).
+and runs the exporter's phases (``export`` -> ``validate``) inside
+:func:`edgekd.outputs.guarded_dir`, writing ``manifest.json`` last: the output directory
+appears complete and proven, or not at all (a parity failure, a full disk or an interrupt
+leave nothing behind).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
 def _check_inputs(config: ExportConfig) -> None:
     """Fail before minutes of export, not in the parity checks after it: the chat template
     every artifact renders prompts with, the device profile, and every eval sample's image."""
-    from edgekd.images import checked_samples
+    from edgekd.data.llava import checked_samples
     from edgekd.models.checkpoint import load_config, require_chat_template, resolve_checkpoint
     from edgekd.profiles import load_device_profile
 

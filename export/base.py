@@ -6,8 +6,8 @@ An exporter turns a LLaVA-family checkpoint into one artifact directory in three
     export(vlm, config, out)      write the files into ``out`` (a temporary directory)
     validate(vlm, config, out)    run the artifact against PyTorch; return the parity numbers
 
-:func:`export` runs the phases inside :func:`edgekd.io.atomic_dir`, so the output appears only
-when complete and proven; a parity failure raises :class:`ParityError` with the numbers and
+:func:`export` runs the phases inside :func:`edgekd.outputs.guarded_dir`, so the output appears
+only when complete and proven; a parity failure raises :class:`ParityError` with the numbers and
 leaves nothing behind. Every artifact directory carries ``manifest.json`` (see
 :mod:`edgekd.artifact`). Targets are registered in :mod:`edgekd.targets`.
 """

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgekd import artifact
+from edgekd import targets
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ VISION_ARCHS: dict[str, VisionArch] = {
 PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh")  # clip's mlp projector is ggml_gelu
 STRATEGIES = ("default", "full")
 # mmproj keys: the rows edgekd's backend drops from clip's output, a factor folded into mm.2
-GGUF_DROP_KEY, GGUF_SCALE_KEY = artifact.GGUF_DROP_KEY, artifact.GGUF_SCALE_KEY
+GGUF_DROP_KEY, GGUF_SCALE_KEY = targets.GGUF_DROP_KEY, targets.GGUF_SCALE_KEY
 
 
 def text_arch(config) -> TextArch:

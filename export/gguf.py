@@ -45,8 +45,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgekd.artifact import GGUF_MMPROJ as MMPROJ_FILE
-from edgekd.artifact import GGUF_MODEL as MODEL_FILE
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.family import family_problems, gguf_drop_rows, text_arch
 from edgekd.export.gguf_write import (
@@ -64,6 +62,8 @@ from edgekd.export.gguf_write import (
     write_mmproj,
 )
 from edgekd.export.parity import Tolerance
+from edgekd.targets import GGUF_MMPROJ as MMPROJ_FILE
+from edgekd.targets import GGUF_MODEL as MODEL_FILE
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import artifact
+from edgekd import artifact, targets
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.parity import Tolerance, loosened
 from edgekd.models.dims import TextDims
@@ -90,14 +90,14 @@ class GraphSpec:
 
 VISION = GraphSpec(
     "vision",
-    artifact.ONNX_VISION,
+    targets.ONNX_VISION,
     ("pixel_values",),
     ("image_features",),
     {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
 )
 EMBED = GraphSpec(
     "embed",
-    artifact.ONNX_EMBED,
+    targets.ONNX_EMBED,
     ("input_ids",),
     ("inputs_embeds",),
     {
@@ -107,7 +107,7 @@ EMBED = GraphSpec(
 )
 DECODER = GraphSpec(
     "decoder",
-    artifact.ONNX_DECODER,
+    targets.ONNX_DECODER,
     (
         "inputs_embeds",
         "attention_mask",
@@ -627,10 +627,10 @@ def _components(
     tokenizer_files = sorted(
         p.name
         for p in out.iterdir()
-        if p.suffix in (".json", ".jinja") and p.name != artifact.ONNX_CONFIG
+        if p.suffix in (".json", ".jinja") and p.name != targets.ONNX_CONFIG
     )
     components["tokenizer"] = {"files": tokenizer_files, "precision": "n/a"}
-    components["onnx_config"] = {"files": [artifact.ONNX_CONFIG], "precision": "n/a"}
+    components["onnx_config"] = {"files": [targets.ONNX_CONFIG], "precision": "n/a"}
     return components
 
 
@@ -705,4 +705,4 @@ def _write_onnx_config(vlm, out: Path, n_layers: int) -> None:
             "past_present_share_buffer": False,
         },
     }
-    atomic_write_json(out / artifact.ONNX_CONFIG, config)
+    atomic_write_json(out / targets.ONNX_CONFIG, config)

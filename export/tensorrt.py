@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekd import artifact
+from edgekd import artifact, targets
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.onnx import VISION_INT8_COSINE, VISION_INT8_MAX_DROP
 from edgekd.export.parity import Tolerance, loosened
@@ -48,12 +48,12 @@ from edgekd.runtime.tensorrt import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
-ENGINES_JSON = artifact.TRT_ENGINES_JSON
+ENGINES_JSON = targets.TRT_ENGINES_JSON
 # engine -> (ONNX file written by the onnx exporter, engine file)
 ENGINE_FILES: dict[str, tuple[str, str]] = {
-    "vision": (artifact.ONNX_VISION, artifact.TRT_ENGINES["vision"]),
-    "embed": (artifact.ONNX_EMBED, artifact.TRT_ENGINES["embed"]),
-    "decoder": (artifact.ONNX_DECODER, artifact.TRT_ENGINES["decoder"]),
+    "vision": (targets.ONNX_VISION, targets.TRT_ENGINES["vision"]),
+    "embed": (targets.ONNX_EMBED, targets.TRT_ENGINES["embed"]),
+    "decoder": (targets.ONNX_DECODER, targets.TRT_ENGINES["decoder"]),
 }
 # export precision -> the precision each engine is built at (vision stays fp16 under int8:
 # implicit INT8 calibration of a SigLIP tower loses too much accuracy to be worth it)
@@ -468,7 +468,7 @@ class TensorRTExporter(Registered):
         opts = resolve_options(config.precision, config.options)[0]
         profile = load_device_profile(config.profile)
         shapes = engine_shapes(profile, vlm)
-        onnx_dir = out / artifact.TRT_ONNX_DIR
+        onnx_dir = out / targets.TRT_ONNX_DIR
         onnx_dir.mkdir(parents=True, exist_ok=True)
         get_exporter("onnx").export(vlm, _onnx_config(config, onnx_dir), onnx_dir)
         paths = _onnx_paths(onnx_dir)

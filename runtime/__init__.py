@@ -9,8 +9,10 @@ What lives here:
 * ``base.py``: the ``Backend`` protocol, ``Generation`` (text, tokens, stage timings) and the
   greedy loop every backend shares.
 * ``torch.py``, ``onnxruntime.py``, ``llamacpp.py``, ``tensorrt.py``: one backend per target.
-* ``bench.py`` and ``report.py``: ``edgekd bench`` (latency, memory, power, accuracy against
-  the teacher) and its JSON / Markdown / PNG report; ``power.py``: tegrastats, NVML and RAPL
+* ``bench.py``: ``edgekd bench`` (latency, memory, power, accuracy against the teacher), with
+  its options and eval items (``bench_config.py``), one model's measurement in its own process
+  (``bench_measure.py``), the host, fit and rooflines (``bench_host.py``), and its JSON /
+  Markdown / PNG report (``report.py``); ``power.py``: tegrastats, NVML and RAPL
   meters; ``roofline.py``: bytes read per decoded token and measured memory bandwidth.
 * ``devices.py``: Jetson detection; ``plan.py``: ``edgekd plan`` (fit and roofline from shapes).
 """

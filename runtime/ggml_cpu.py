@@ -29,6 +29,7 @@ import ctypes
 import hashlib
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -69,6 +70,15 @@ def variant_libraries(lib_dir: str | Path) -> list[Path]:
     in (no ``GGML_BACKEND_DL``)."""
     lib = Path(lib_dir)
     return sorted(lib.glob("libggml-cpu-*.so")) + sorted(lib.glob("ggml-cpu-*.dll"))
+
+
+def other_backends(lib_dir: str | Path) -> list[Path]:
+    """The build's backends other than the CPU (``libggml-cuda.so``, ``libggml-vulkan.so``, ...):
+    neither the CPU variants nor ggml's own libraries."""
+    lib = Path(lib_dir)
+    found = sorted(lib.glob("libggml-*.so")) + sorted(lib.glob("ggml-*.dll"))
+    name = re.compile(r"^(lib)?ggml-(base|cpu)\b")
+    return [p for p in found if not name.match(p.name)]
 
 
 def registry_library(lib_dir: str | Path) -> Path:
@@ -118,20 +128,24 @@ def load(ggml: ctypes.CDLL, cache_dir: str | Path | None = None) -> dict | None:
     registry that already holds a backend. Raises :class:`NoUsableVariant`.
     """
     global SELECTED
-    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
-    if ggml.ggml_backend_reg_count() > 0:
+    # ggml["name"]: function pointers of our own, whatever signatures others set on the handle
+    reg_count = ggml["ggml_backend_reg_count"]
+    reg_count.restype = ctypes.c_size_t
+    if reg_count() > 0:
         return SELECTED
     lib_dir = Path(ggml._name).resolve().parent
     libraries = variant_libraries(lib_dir)
     if not libraries:
         return None
     selection = select(libraries, registry_library(lib_dir), cache_dir)
-    ggml.ggml_backend_load.restype = ctypes.c_void_p
-    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    backend_load = ggml["ggml_backend_load"]
+    backend_load.restype, backend_load.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
     with _quiet(ggml):  # no "load_backend: loaded CPU backend from ..." on every import
-        reg = ggml.ggml_backend_load(str(selection["library"]).encode())
-    if not reg:
-        raise NoUsableVariant(f"llama.cpp could not load its CPU variant {selection['library']}")
+        if not backend_load(str(selection["library"]).encode()):
+            raise NoUsableVariant(f"llama.cpp could not load {selection['library']}")
+        # llama.cpp looks for its other backends only while none is registered: load them too
+        for other in other_backends(lib_dir):
+            backend_load(str(other).encode())
     SELECTED = selection
     return selection
 
@@ -160,7 +174,8 @@ def select(
         started = time.perf_counter()
         selection = probe_variants(libraries, registry)
         selection["probe_s"] = round(time.perf_counter() - started, 3)
-        _write_cache(cache, selection)
+        if not selection["interrupted"]:  # a verdict after an interruption is not kept
+            _write_cache(cache, selection)
     return {**selection, "cached": False}
 
 
@@ -169,8 +184,9 @@ def probe_variants(libraries: list[Path], registry: Path) -> dict:
     variant it was probing with it and the next child goes on without it."""
     verdicts: dict[str, str] = {}
     remaining = [str(p) for p in libraries]
+    interrupted: set[str] = set()  # probed again once after a death that was not a crash
     while remaining:
-        events, died, stderr = _run_child(registry, remaining)
+        events, died, crash, stderr = _run_child(registry, remaining)
         current = check = None  # the library (and product) the child was on when it stopped
         for event in events:
             if "probing" in event:
@@ -197,12 +213,16 @@ def probe_variants(libraries: list[Path], registry: Path) -> dict:
                     "library": chosen,
                     "variants": {variant_name(p): verdicts[variant_name(p)] for p in libraries},
                     "checks": event["checks"],
+                    "interrupted": sorted(variant_name(p) for p in interrupted),
                 }
         if died is None:  # the child went through every remaining variant: none passed
             break
-        if current is None or not died.startswith("SIG") and "within" not in died:
+        if current is None or died.startswith("exit status"):
             # it stopped outside any variant, or on an error of its own: no verdict on one
             raise NoUsableVariant(f"the llama.cpp CPU probe failed ({died}): {stderr}")
+        if not crash and current not in interrupted:
+            interrupted.add(current)  # killed from outside, or slow: once more
+            continue
         where = ""
         if check:  # type/buffer/rows
             where = " ({} weights in {}, rows {})".format(*check.split("/"))
@@ -212,37 +232,63 @@ def probe_variants(libraries: list[Path], registry: Path) -> dict:
     raise NoUsableVariant(f"no llama.cpp CPU variant runs on this machine ({reasons})")
 
 
-def _run_child(registry: Path, candidates: list[str]) -> tuple[list[dict], str | None, str]:
-    if not sys.executable:
-        raise NoUsableVariant("cannot probe llama.cpp's CPU variants: no Python executable")
-    # -I -c: no environment, user site or script directory on sys.path (runtime/ holds a
-    # torch.py); run_path leaves sys.path alone
-    boot = f"import runpy, sys; sys.argv[0] = {str(Path(__file__).resolve())!r}; "
-    boot += "runpy.run_path(sys.argv[0], run_name='__main__')"
-    cmd = [sys.executable, "-I", "-c", boot, "probe", str(registry)]
+# How a probe child dies when its variant cannot run here (a fault of the code it ran): the
+# POSIX signals, and Windows' exception codes as exit statuses. Any other death (SIGKILL from
+# the OOM killer, SIGTERM, a timeout) says nothing about the variant: it is probed again.
+CRASH_SIGNALS = ("SIGILL", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGABRT", "SIGSYS")
+WINDOWS_CRASHES = {
+    0xC000001D: "STATUS_ILLEGAL_INSTRUCTION",
+    0xC0000096: "STATUS_PRIVILEGED_INSTRUCTION",
+    0xC0000005: "STATUS_ACCESS_VIOLATION",
+}
+
+
+def _run_child(registry: Path, candidates: list[str]) -> tuple[list[dict], str | None, bool, str]:
+    """One probe child over ``candidates``: its events, how it died (None: exit 0), whether
+    that death was a crash, and the last line it wrote to stderr."""
+    if not sys.executable or getattr(sys, "frozen", False):
+        raise NoUsableVariant(
+            "cannot probe llama.cpp's CPU variants: this process has no Python executable to "
+            "run the probe with"
+        )
+    # -c with the working directory taken off sys.path (where a numpy.py or json.py may be);
+    # the environment, user site and PYTHONPATH stay the parent's. run_path keeps sys.path.
+    boot = "import sys\nif sys.path and sys.path[0] in ('', '.'):\n    del sys.path[0]\n"
+    boot += f"import runpy\nsys.argv[0] = {str(Path(__file__).resolve())!r}\n"
+    boot += "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    cmd = [sys.executable, "-c", boot, "probe", str(registry), *candidates]
     try:
         out = subprocess.run(
-            cmd + candidates, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
+            cmd, capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT_S
         )
         stdout, stderr, code = out.stdout, out.stderr, out.returncode
     except subprocess.TimeoutExpired as e:
-        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
         stderr, code = "", f"no answer within {PROBE_TIMEOUT_S} s"
+    except OSError as e:
+        raise NoUsableVariant(f"cannot start the llama.cpp CPU probe: {e}") from None
     events = []
     for line in stdout.splitlines():
         if line.startswith("{"):
             with contextlib.suppress(ValueError):  # a library may print to stdout too
                 events.append(json.loads(line))
+    crash = False
     if isinstance(code, str):
         died = code
     elif code < 0:
-        died = f"{signal.Signals(-code).name} ({signal.strsignal(-code) or 'signal'})"
+        try:
+            died = f"{signal.Signals(-code).name} ({signal.strsignal(-code)})"
+        except ValueError:  # a real-time signal
+            died = f"signal {-code}"
+        crash = died.split(" ")[0] in CRASH_SIGNALS
+    elif code in WINDOWS_CRASHES:
+        died, crash = WINDOWS_CRASHES[code], True
     elif code:
         died = f"exit status {code}"
     else:
         died = None
     last = (stderr.strip().splitlines() or [""])[-1]
-    return events, died, last
+    return events, died, crash, last
 
 
 # ---------------------------------------------------------------------------- the probe child
@@ -312,13 +358,16 @@ def _probe_main(registry: str, candidates: list[str]) -> int:
     scores = {}
     for path in candidates:
         _emit(probing=path)  # loading a library can fault too
-        handle = ctypes.CDLL(path)
-        score = getattr(handle, "ggml_backend_score", None)
+        try:
+            score = getattr(ctypes.CDLL(path), "ggml_backend_score", None)
+        except OSError as e:  # as ggml's own loader does: a library that cannot load is skipped
+            _emit(failed=path, why=f"cannot be loaded ({e})")
+            continue
         scores[path] = int(score()) if score is not None else 0
     _emit(scores=scores)
     import numpy as np
 
-    for path in sorted((p for p in candidates if scores[p] > 0), key=lambda p: -scores[p]):
+    for path in sorted((p for p in scores if scores[p] > 0), key=lambda p: -scores[p]):
         _emit(probing=path)
         reg = ggml.ggml_backend_load(path.encode())
         if not reg:
@@ -326,9 +375,10 @@ def _probe_main(registry: str, candidates: list[str]) -> int:
             continue
         try:
             checks = _probe_matmuls(ggml, reg, np)
-        except _WrongResult as e:
+        except Exception as e:  # noqa: BLE001 - wrong numbers, or the variant's own failure
             ggml.ggml_backend_unload(reg)
-            _emit(failed=path, why=str(e))
+            why = str(e) if isinstance(e, _WrongResult) else f"{type(e).__name__} in the probe: {e}"
+            _emit(failed=path, why=why)
             continue
         _emit(passed=path, checks=checks)
         return 0
@@ -387,7 +437,7 @@ def _probe_matmuls(ggml, reg, np) -> list[str]:
                         f"{rows} rows: relative error {err:.3g})"
                     )
                 checks.append(check)
-    ggml.ggml_backend_free(backend)
+    ggml.ggml_backend_free(backend)  # (a failed probe leaves it to the child's exit)
     return checks
 
 
@@ -410,6 +460,8 @@ def _matmul(ggml, dev, backend, buft, host, ggml_type, packed, x, np):
         graph = ggml.ggml_new_graph(ctx)
         ggml.ggml_build_forward_expand(graph, out)
         buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, host)
+        if not buf:
+            raise MemoryError("the probe's activations could not be allocated")
         ggml.ggml_backend_tensor_set(w, packed.ctypes.data, 0, packed.nbytes)
         ggml.ggml_backend_tensor_set(xt, x.ctypes.data, 0, x.nbytes)
         if ggml.ggml_backend_graph_compute(backend, graph) != 0:
@@ -429,8 +481,9 @@ def _matmul(ggml, dev, backend, buft, host, ggml_type, packed, x, np):
 
 
 def _cache_file(libraries: list[Path], registry: Path, cache_dir) -> Path | None:
-    """One verdict per machine and build: the CPU (model and flags), the kernel (which grants
-    AMX and AVX-512 state) and the libraries (name, size, mtime)."""
+    """One verdict per machine and build: the CPU (model and flags), the machine (host name and
+    machine id), the kernel (which grants AMX and AVX-512 state) and the libraries (path, size,
+    mtime)."""
     cpu = ""
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -440,7 +493,11 @@ def _cache_file(libraries: list[Path], registry: Path, cache_dir) -> Path | None
     for path in [*libraries, registry]:
         st = Path(path).stat()
         files.append(f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    key = json.dumps([PROBE_VERSION, cpu, os.uname().release, sys.platform, sorted(files)])
+    machine = platform.node()  # machines sharing a home may share CPUID, not the hypervisor
+    with contextlib.suppress(OSError):
+        machine += Path("/etc/machine-id").read_text().strip()
+    key = [PROBE_VERSION, cpu, machine, platform.release(), sys.platform, sorted(files)]
+    key = json.dumps(key)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     try:
         base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -473,21 +530,31 @@ def _write_cache(path: Path | None, selection: dict) -> None:
 
 
 @contextlib.contextmanager
-def _lock(cache: Path):
-    """Processes starting together (test workers, a server's workers) probe once."""
+def _lock(cache: Path | None, wait_s: float = 2 * PROBE_TIMEOUT_S):
+    """Processes starting together (test workers, a server's workers) probe once: the others
+    wait for the verdict, at most ``wait_s``; where files cannot be locked, each probes."""
+    handle = None
     try:
         import fcntl
 
-        if cache is None:
-            raise OSError("no cache")
         cache.parent.mkdir(parents=True, exist_ok=True)
         handle = open(cache.with_suffix(".lock"), "w")  # noqa: SIM115
-    except (ImportError, OSError):
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break  # a stuck holder: probe without the lock
+                time.sleep(0.05)
+    except (ImportError, OSError, AttributeError):
+        pass  # no fcntl (Windows), no cache, or a file system without locks
+    try:
         yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 _LOG = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
@@ -498,13 +565,15 @@ _SILENT = _LOG(lambda level, text, user_data: None)
 def _quiet(ggml):
     """ggml's log silenced, then given back to whoever had it (llama-cpp-python's logger)."""
     callback, user_data = ctypes.c_void_p(), ctypes.c_void_p()
-    ggml.ggml_log_get(ctypes.byref(callback), ctypes.byref(user_data))
-    ggml.ggml_log_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    ggml.ggml_log_set(ctypes.cast(_SILENT, ctypes.c_void_p), None)
+    log_get, log_set = ggml["ggml_log_get"], ggml["ggml_log_set"]
+    log_get.restype, log_set.restype = None, None
+    log_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    log_get(ctypes.byref(callback), ctypes.byref(user_data))
+    log_set(ctypes.cast(_SILENT, ctypes.c_void_p), None)
     try:
         yield
     finally:
-        ggml.ggml_log_set(callback, user_data)
+        log_set(callback, user_data)
 
 
 def main(argv: list[str]) -> int:

@@ -14,7 +14,9 @@ or not. Standard library only: the Makefile runs it before edgekd is installed.
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
+import io
 import os
 import sys
 import zipfile
@@ -47,7 +49,7 @@ def patch_wheel(source: str | Path, out_dir: str | Path) -> Path:
         if "llama_cpp/_cpu_variant.py" not in files:
             files["llama_cpp/__init__.py"] += INIT_HOOK.encode()
         files["llama_cpp/_cpu_variant.py"] = LOADER.read_bytes()
-        lines = []
+        rows = []
         for name, data in files.items():
             info = zin.getinfo(name) if name in names else zipfile.ZipInfo(name)
             if name not in names:
@@ -55,8 +57,10 @@ def patch_wheel(source: str | Path, out_dir: str | Path) -> Path:
             zout.writestr(info, data, zipfile.ZIP_DEFLATED)
             if not name.endswith("/"):
                 digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
-                lines.append(f"{name},sha256={digest.decode()},{len(data)}")
-        zout.writestr(zin.getinfo(record), "\n".join([*lines, f"{record},,"]) + "\n")
+                rows.append((name, f"sha256={digest.decode()}", len(data)))
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([*rows, (record, "", "")])
+        zout.writestr(zin.getinfo(record), text.getvalue())
     os.replace(tmp, target)
     return target
 

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgekd import artifact
+from edgekd import artifact, targets
+from edgekd.envinfo import contribute
 from edgekd.errors import require
 from edgekd.runtime import ggml_cpu
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
@@ -73,6 +75,28 @@ def import_llama_cpp(error: type[Exception] = BackendError, what: str = "the lla
     llama_cpp.mtmd_cpp.mtmd_log_set(callback, ctypes.c_void_p(0))
     llama_cpp.mtmd_cpp.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
     return llama_cpp
+
+
+def environment_facts() -> dict[str, Any] | None:
+    """llama.cpp's CPU variant, why better-ranked ones were skipped, and its features, when
+    this process has loaded it."""
+    llama_cpp = sys.modules.get("llama_cpp")
+    if llama_cpp is None or not hasattr(llama_cpp, "llama_print_system_info"):
+        return None
+    info: dict[str, Any] = {"cpu_variant": ggml_cpu.loaded_variant()}
+    chosen = ggml_cpu.selection()
+    if chosen:
+        info["cpu_variants"] = chosen["variants"]
+        info["cpu_probe"] = {
+            "checks": len(chosen["checks"]),
+            "seconds": chosen.get("probe_s"),
+            "cached": chosen["cached"],
+        }
+    info["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return info
+
+
+contribute("llama_cpp", environment_facts)
 
 
 def to_rgb_array(
@@ -133,8 +157,8 @@ def mmproj_facts(path: str | Path) -> dict[str, float]:
     reader = GGUFReader(str(path))
     facts = {"drop_first_tokens": 0, "projector_scale": 1.0}
     keys = (
-        (artifact.GGUF_DROP_KEY, "drop_first_tokens", int),
-        (artifact.GGUF_SCALE_KEY, "projector_scale", float),
+        (targets.GGUF_DROP_KEY, "drop_first_tokens", int),
+        (targets.GGUF_SCALE_KEY, "projector_scale", float),
     )
     for key, name, kind in keys:
         field = reader.get_field(key)
@@ -485,7 +509,7 @@ def decode_weights(loaded: artifact.Artifact) -> DecodeWeights:
     matrix, so it is counted (once). The KV cache is llama.cpp's default type, f16."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(loaded.path(artifact.GGUF_MODEL)))
+    reader = GGUFReader(str(loaded.path(targets.GGUF_MODEL)))
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
     tied = "output.weight" not in sizes
     weights = sum(b for name, b in sizes.items() if name != "token_embd.weight" or tied)
@@ -543,8 +567,8 @@ class LlamaCppBackend:
         self.image_token_id = int(self.pre["image_token_id"])
         self.eos_token_ids = set(int(i) for i in self.pre.get("eos_token_ids", []))
         self.session = LlamaCppSession(
-            self.root / artifact.GGUF_MODEL,
-            self.root / artifact.GGUF_MMPROJ,
+            self.root / targets.GGUF_MODEL,
+            self.root / targets.GGUF_MMPROJ,
             chat_template=self.pre["chat_template"],
             image_size=tuple(self.pre["image_size"]),
             image_token=self.pre["image_token"],

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd import artifact
+from edgekd import artifact, targets
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
 from edgekd.runtime.prompt import check_image_slots, encode_prompt
 from edgekd.targets import DecodeWeights
@@ -85,7 +85,7 @@ def open_backend(path, *, device: str, threads: int | None, ort_provider: str = 
 def read_onnx_config(root: Path) -> dict[str, Any]:
     """The ``model`` block of an artifact's ``edgekd_onnx.json``, with every key the backend
     reads checked (one ArtifactError line naming what is wrong)."""
-    path = root / artifact.ONNX_CONFIG
+    path = root / targets.ONNX_CONFIG
     try:
         model = json.loads(path.read_text())["model"]
         decoder, inputs = model["decoder"], model["decoder"]["inputs"]
@@ -110,7 +110,7 @@ def decode_weights(loaded: artifact.Artifact) -> DecodeWeights:
     decoder. The KV cache is at the graph's I/O type (float32)."""
     import onnx
 
-    model = onnx.load(str(loaded.path(artifact.ONNX_DECODER)), load_external_data=False)
+    model = onnx.load(str(loaded.path(targets.ONNX_DECODER)), load_external_data=False)
     weights, shared = 0, False
     constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute]
     weights += sum(_inline_bytes(t) for t in constants if t.dims)
@@ -118,7 +118,7 @@ def decode_weights(loaded: artifact.Artifact) -> DecodeWeights:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in t.external_data}
             weights += int(info["length"])
-            shared |= info["location"] == artifact.ONNX_SHARED_DATA
+            shared |= info["location"] == targets.ONNX_SHARED_DATA
         else:
             weights += _inline_bytes(t)
     return DecodeWeights(weights, kv_element_bytes=4, tied_embedding=shared)
@@ -193,7 +193,7 @@ class OnnxRuntimeBackend:
         if wanted != have - {"logits_index"}:
             extra = sorted(have - wanted - {"logits_index"})[:3] or sorted(wanted - have)[:3]
             raise artifact.ArtifactError(
-                f"{self.root}: {artifact.ONNX_CONFIG} does not describe the decoder graph's "
+                f"{self.root}: {targets.ONNX_CONFIG} does not describe the decoder graph's "
                 f"inputs (e.g. {', '.join(extra)}); re-export"
             )
         self.processor = load_processor(self.root)  # PIL preprocessing, as in training

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd import artifact
+from edgekd import artifact, targets
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
 from edgekd.runtime.prompt import check_image_slots, encode_prompt
 from edgekd.targets import DecodeWeights
@@ -35,7 +35,7 @@ INSTALL_HINT = (
     "edgekd[tensorrt] on a machine with CUDA, or use the NVIDIA TensorRT container / JetPack "
     "on Jetson"
 )
-ENGINES_JSON = artifact.TRT_ENGINES_JSON
+ENGINES_JSON = targets.TRT_ENGINES_JSON
 DTYPE_BYTES = {"fp32": 4, "fp16": 2}
 # trt data types (module attributes, as Polygraphy maps them) -> torch dtype names
 _TORCH_DTYPES = {
@@ -75,7 +75,7 @@ def decode_weights(loaded: artifact.Artifact) -> DecodeWeights:
     export's ``kv_cache_dtype`` (fp32 for fp32 engines, else fp16)."""
     default = "fp32" if loaded.precision == "fp32" else "fp16"
     kv = DTYPE_BYTES[loaded.options.get("kv_cache_dtype", default)]
-    weights = int(loaded.files[artifact.TRT_ENGINES["decoder"]]["bytes"])
+    weights = int(loaded.files[targets.TRT_ENGINES["decoder"]]["bytes"])
     return DecodeWeights(weights, kv_element_bytes=kv, tied_embedding=False)
 
 
@@ -230,7 +230,7 @@ class TensorRTBackend:
         self.config = json.loads((self.root / ENGINES_JSON).read_text())
         self.device, self.stream = torch.device("cuda"), None
         self.vision, self.embed, self.prefill, self.decode = self._load_runners()
-        self.processor = load_processor(self.root / artifact.TRT_ONNX_DIR)  # PIL preprocessing
+        self.processor = load_processor(self.root / targets.TRT_ONNX_DIR)  # PIL preprocessing
         pre = self.config["preprocessing"]
         self.eos_token_ids = {int(i) for i in pre["eos_token_ids"]}
         self.image_token_id = int(pre["image_token_id"])

@@ -36,6 +36,7 @@ import torch
 
 from edgekd.chat import IMAGE_PLACEHOLDER, content_items
 from edgekd.errors import DataError, ModelError
+from edgekd.images import check_images, open_rgb
 from edgekd.io import safe_join
 
 IGNORE_INDEX = -100
@@ -410,8 +411,6 @@ class LlavaDataset(torch.utils.data.Dataset):
         path = self.image_paths[i]
         if path is None:
             return None
-        from edgekd.images import open_rgb
-
         rgb = open_rgb(path, self.samples[i]["id"])
         out = self.processor.image_processor(images=rgb, return_tensors="pt")
         return out["pixel_values"][0]
@@ -586,3 +585,21 @@ class LlavaCollator:
             else:
                 out[r, length - len(row) :] = row
         return out
+
+
+def checked_samples(
+    data: str | os.PathLike, image_root: str | os.PathLike | None = None, limit: int | None = None
+) -> tuple[list[dict], list[Path | None]]:
+    """The first ``limit`` samples of a LLaVA JSON file and their image paths, every sample
+    validated and every image decoded once, so that later stages never meet a bad one.
+
+    Raises:
+        DataError: a limit below 1, invalid JSON or samples, missing or unreadable images.
+    """
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1 (got {limit})")
+    samples = load_llava_json(data)[:limit]
+    root = Path(image_root) if image_root is not None else Path(data).parent
+    images = resolve_images(samples, root)
+    check_images(images, [s["id"] for s in samples])
+    return samples, images

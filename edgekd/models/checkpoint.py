@@ -17,6 +17,7 @@ from edgekd.errors import ModelError
 from edgekd.io import checkpoint_dir, first_line, is_hub_id
 
 SUPPORTED_MODEL_TYPES = ("llava",)
+LLAVA15_ARCHITECTURE = "LlavaLlamaForCausalLM"  # the original LLaVA code base's checkpoints
 _FIT_FACTOR = 1.25  # a config describing more parameters than this x the weights' is refused
 
 
@@ -311,6 +312,13 @@ def _check_template_syntax(path: Path) -> None:
         raise ModelError(f"chat template '{path}'{line} is not valid Jinja: {e}") from None
 
 
+def is_llava15(config: dict[str, Any]) -> bool:
+    """An original LLaVA (LlavaLlamaForCausalLM) config.json, not a transformers Llava one."""
+    return LLAVA15_ARCHITECTURE in (config.get("architectures") or []) or (
+        "mm_vision_tower" in config and "text_config" not in config
+    )
+
+
 def check_llava_config(config: dict[str, Any], src: str) -> None:
     """Refuse checkpoints that are not LLaVA-family VLMs, with a hint for TinyLLaVA ones.
 
@@ -318,8 +326,6 @@ def check_llava_config(config: dict[str, Any], src: str) -> None:
         config: The checkpoint's raw ``config.json`` as a dict.
         src: Where it came from, for the message.
     """
-    from edgekd.models.llava15 import is_llava15
-
     model_type = config.get("model_type")
     if is_llava15(config):  # model_type "llava" too, but LLaVA's own layout
         raise ModelError(

@@ -40,7 +40,8 @@ import torch
 
 from edgekd.errors import ModelError
 from edgekd.io import sha256_file
-from edgekd.models.checkpoint import read_json
+from edgekd.models.checkpoint import LLAVA15_ARCHITECTURE as ARCHITECTURE
+from edgekd.models.checkpoint import is_llava15, read_json
 from edgekd.models.hub import resolve_source
 from edgekd.models.tinyllava import (
     EMBED_KEY,
@@ -60,7 +61,6 @@ from edgekd.models.tinyllava_processor import (
     load_tokenizer,
 )
 
-ARCHITECTURE = "LlavaLlamaForCausalLM"
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # LLaVA -> transformers Llava
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP's processor statistics (the defaults)
@@ -79,13 +79,6 @@ _CLIP_UNUSED = ("text_model.", "text_projection.", "visual_projection.", "logit_
 # buffers older transformers saved that the current classes recompute (never weights)
 _STALE_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")
 _LLAVA_KEYS = ("mm_", "image_aspect_ratio", "freeze_mm", "tune_mm", "use_mm", "unfreeze_mm")
-
-
-def is_llava15(config: dict[str, Any]) -> bool:
-    """An original LLaVA (LlavaLlamaForCausalLM) config.json, not a transformers Llava one."""
-    return ARCHITECTURE in (config.get("architectures") or []) or (
-        "mm_vision_tower" in config and "text_config" not in config
-    )
 
 
 def convert_llava15(

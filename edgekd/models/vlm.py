@@ -111,9 +111,9 @@ class VLM:
 
     def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a standard transformers checkpoint (safetensors) with its processor, atomically."""
-        from edgekd.io import atomic_dir
+        from edgekd.outputs import guarded_dir
 
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with guarded_dir(out_dir, overwrite=overwrite) as tmp:
             self.write(tmp)
         return Path(out_dir)
 

@@ -81,7 +81,7 @@ def test_decoder_is_one_graph_for_prefill_and_decode(onnx_artifact, tiny_vlm):
 def test_graphs_without_logits_index_still_run(onnx_artifact, tiny_vlm, tmp_path):
     """A decoder exported before logits_index (every position through the lm_head): the
     backend feeds it as it is and generation takes the last position, as before."""
-    from edgekd import artifact
+    from edgekd import targets
     from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
 
     src = onnx_artifact("fp32")
@@ -97,7 +97,7 @@ def test_graphs_without_logits_index_still_run(onnx_artifact, tiny_vlm, tmp_path
             names.update(node.output)
             model.graph.node.remove(node)
     model.graph.input.remove(next(i for i in model.graph.input if i.name == "logits_index"))
-    onnx.save(model, str(old / artifact.ONNX_DECODER))
+    onnx.save(model, str(old / targets.ONNX_DECODER))
     before = OnnxRuntimeBackend(old, verify=False)
     now = OnnxRuntimeBackend(src)
     assert not before.selects_logits and now.selects_logits

@@ -328,35 +328,35 @@ def test_gpu_providers_missing_here_name_what_to_install(contrast_onnx_artifact)
 
 def test_jetson_target_uses_the_detected_board_and_its_power_mode(eval_set, monkeypatch):
     import edgekd.runtime.devices as devices
-    from edgekd.runtime.bench import resolve_target
+    from edgekd.runtime.bench_host import resolve_host
 
     board = Path(__file__).parent / "fixtures" / "jetson" / "orin-nano-8gb"
     outputs = {"nvpmodel": "NV Power Mode: MAXN_SUPER\n2\n", "jetson_clocks": None}
     detected = devices.detect_jetson(board, runner=lambda cmd: outputs.get(cmd[0]))
     monkeypatch.setattr(devices, "require_jetson", lambda *a, **k: detected)
-    target = resolve_target(BenchConfig(models=["m"], data=eval_set, output="o", device="jetson"))
+    target = resolve_host(BenchConfig(models=["m"], data=eval_set, output="o", device="jetson"))
     assert target.profile.name == "jetson-orin-nano-8gb"
     assert target.power_mode == "MAXN_SUPER" and target.bandwidth_gbps == 102.4  # Super mode
     assert target.jetson["l4t"] == "36.4.3" and target.jetson["power_mode_id"] == 2
     assert "MAXN_SUPER" in target.bandwidth_source
     # the user's --power-mode wins for the roofline
     config = BenchConfig(models=["m"], data=eval_set, output="o", device="jetson", power_mode="15W")
-    assert resolve_target(config).bandwidth_gbps == 68
+    assert resolve_host(config).bandwidth_gbps == 68
 
 
 def test_an_unknown_power_mode_is_refused_not_ignored(eval_set):
     from edgekd.profiles.schema import ProfileError
-    from edgekd.runtime.bench import resolve_target
+    from edgekd.runtime.bench_host import resolve_host
 
     def config(**kw):
         return BenchConfig(models=["m"], data=eval_set, output="o", **kw)
 
     with pytest.raises(ProfileError, match="unknown power mode 'TURBO'.*MAXN_SUPER"):
-        resolve_target(config(profile="jetson-orin-nano-8gb", power_mode="TURBO"))
+        resolve_host(config(profile="jetson-orin-nano-8gb", power_mode="TURBO"))
     with pytest.raises(BenchError, match="--power-mode needs a device profile"):
-        resolve_target(config(power_mode="15W"))
+        resolve_host(config(power_mode="15W"))
     assert (
-        resolve_target(config(profile="jetson-orin-nano-8gb", power_mode="25W")).bandwidth_gbps
+        resolve_host(config(profile="jetson-orin-nano-8gb", power_mode="25W")).bandwidth_gbps
         == 102.4
     )
 

@@ -28,6 +28,12 @@ CRASHING_VARIANT = r"""
 int ggml_backend_score(void) { return 1 << 30; }
 void * ggml_backend_init(void) { __builtin_trap(); return 0; }
 """
+# One killed from outside while it is probed (the OOM killer's SIGKILL): no fault of its own.
+KILLED_VARIANT = r"""
+#include <signal.h>
+int ggml_backend_score(void) { return 1 << 30; }
+void * ggml_backend_init(void) { raise(SIGKILL); return 0; }
+"""
 
 
 def _build_dir() -> Path:
@@ -43,16 +49,19 @@ def _variants() -> list[Path]:
     return found
 
 
-@pytest.fixture
-def crashing_variant(tmp_path) -> Path:
+def _compile(source: str, lib: Path) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        pytest.skip("needs a C compiler to build the crashing variant")
-    source = tmp_path / "crash.c"
-    source.write_text(CRASHING_VARIANT)
-    lib = tmp_path / "libggml-cpu-crashy.so"
-    subprocess.run([cc, "-shared", "-fPIC", "-O0", str(source), "-o", str(lib)], check=True)
+        pytest.skip("needs a C compiler to build the simulated variant")
+    c = lib.with_suffix(".c")
+    c.write_text(source)
+    subprocess.run([cc, "-shared", "-fPIC", "-O0", str(c), "-o", str(lib)], check=True)
     return lib
+
+
+@pytest.fixture
+def crashing_variant(tmp_path) -> Path:
+    return _compile(CRASHING_VARIANT, tmp_path / "libggml-cpu-crashy.so")
 
 
 def test_a_crashing_variant_is_skipped_and_the_next_best_is_loaded(crashing_variant, tmp_path):
@@ -74,6 +83,17 @@ def test_a_crashing_variant_is_skipped_and_the_next_best_is_loaded(crashing_vari
     assert {k: again[k] for k in ("variant", "variants")} == {
         k: first[k] for k in ("variant", "variants")
     }
+
+
+def test_a_variant_killed_from_outside_is_probed_again_and_the_verdict_not_kept(tmp_path):
+    real = _variants()
+    registry = ggml_cpu.registry_library(_build_dir())
+    killed = _compile(KILLED_VARIANT, tmp_path / "libggml-cpu-killed.so")
+    first = ggml_cpu.select([killed, *real], registry, cache_dir=tmp_path / "cache")
+    assert first["variants"]["killed"].startswith("skipped: SIGKILL"), first["variants"]
+    assert first["interrupted"] == ["killed"]  # probed twice before it was skipped
+    again = ggml_cpu.select([killed, *real], registry, cache_dir=tmp_path / "cache")
+    assert again["cached"] is False and again["variant"] == first["variant"]
 
 
 def test_no_runnable_variant_is_one_clear_error(crashing_variant, tmp_path):
