@@ -38,7 +38,7 @@ _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
 INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
 TEGRASTATS_HINT = (
     "run on the Jetson itself, or in a container bind-mount it "
-    "(-v /usr/bin/tegrastats:/usr/bin/tegrastats:ro, see the README's Docker section)"
+    "(-v /usr/bin/tegrastats:/usr/bin/tegrastats:ro, see docs/docker.md)"
 )
 
 
