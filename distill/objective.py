@@ -32,16 +32,18 @@ included. L_VSD covers the rows that have an image.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-from edgekd.distill.losses import LOSSES, LossOutput
-from edgekd.profiles.schema import LogitLoss, Method, logit_method
+from edgekd.distill import methods
+from edgekd.distill.losses import LossOutput
+from edgekd.distill.methods import logit_method
+from edgekd.profiles.schema import LogitLoss
 
-METHODS: tuple[str, ...] = get_args(Method)  # sft, kd, rkl, bild, dbild, switch-kd
 LOGIT_LOSSES: tuple[str, ...] = get_args(LogitLoss)  # dbild, kd
 IGNORE_INDEX = -100
 
@@ -65,8 +67,7 @@ class Objective:
     chunk_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method '{self.method}'; valid: {', '.join(METHODS)}")
+        methods.get(self.method)  # ValueError naming the valid ones
         if self.logit_loss not in LOGIT_LOSSES:
             raise ValueError(
                 f"unknown logit_loss '{self.logit_loss}'; valid: {', '.join(LOGIT_LOSSES)}"
@@ -80,16 +81,16 @@ class Objective:
     @property
     def scale(self) -> float:
         """s: T^2 for the temperature-softened losses when ``t2_scale``, else 1."""
-        softened = self.logit_method in ("bild", "dbild")
+        softened = methods.get(self.logit_method).softened
         return self.temperature**2 if self.t2_scale and softened else 1.0
 
     @property
     def needs_teacher(self) -> bool:
-        return self.method != "sft"
+        return methods.get(self.method).reads_teacher_logits
 
     @property
     def uses_switch(self) -> bool:
-        return self.method == "switch-kd" and self.w_vsd > 0
+        return methods.get(self.method).switch and self.w_vsd > 0
 
     def distill(
         self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
@@ -98,31 +99,18 @@ class Objective:
 
         Unscaled: ``__call__`` multiplies it by :attr:`scale`.
         """
-        method = self.logit_method
-        if method in ("kd", "rkl"):
-            return LOSSES[method](
-                student, teacher, mask, temperature=1.0, chunk_size=self.chunk_size
-            )
-        if method == "bild":
-            return LOSSES["bild"](
-                student,
-                teacher,
-                mask,
-                k=self.bild_k,
-                temperature=self.temperature,
-                chunk_size=self.chunk_size,
-            )
-        top_n = min(self.top_n, student.shape[-1])
-        return LOSSES["dbild"](
-            student,
-            teacher,
-            mask,
-            temperature=self.temperature,
-            top_n=top_n,
-            k_min=min(self.k_min, top_n),
-            k_max=min(self.k_max, top_n),
-            chunk_size=self.chunk_size,
-        )
+        spec = methods.get(self.logit_method)
+        top_n = min(self.top_n, student.shape[-1])  # the k clamp fits the vocabulary
+        settings = {
+            "temperature": self.temperature if spec.temperature is None else spec.temperature,
+            "chunk_size": self.chunk_size,
+            "k": self.bild_k,
+            "top_n": top_n,
+            "k_min": min(self.k_min, top_n),
+            "k_max": min(self.k_max, top_n),
+        }
+        fn = spec.loss_fn()
+        return fn(student, teacher, mask, **{k: settings[k] for k in _takes(fn) & set(settings)})
 
     def __call__(
         self,
@@ -207,3 +195,9 @@ def _k_stats(stats: dict[str, torch.Tensor], out: LossOutput) -> None:
         value = getattr(out, key)
         if value is not None:
             stats[key] = torch.as_tensor(value).detach()
+
+
+@functools.cache
+def _takes(fn) -> frozenset[str]:
+    """The keyword settings a loss function names."""
+    return frozenset(inspect.signature(fn).parameters)

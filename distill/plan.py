@@ -62,6 +62,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from edgekd.distill import methods
+from edgekd.distill.methods import logit_method
 from edgekd.errors import ModelError
 
 if TYPE_CHECKING:
@@ -294,14 +296,14 @@ def plan_train(
     device = profile if not isinstance(profile, str) else load_device_profile(profile)
     s = student if isinstance(student, ModelShape) else model_shape(student)
     t = None
-    if setup.method != "sft":
+    if methods.get(setup.method).reads_teacher_logits:
         if teacher is None:
             raise ModelError(f"method '{setup.method}' needs a teacher; pass --teacher")
         t = teacher if isinstance(teacher, ModelShape) else model_shape(teacher)
     b, by, n = setup, _bytes(setup), setup.shards
     ckpt = b.gradient_checkpointing
     # the switch route keeps activations only when its gradient has a tower to reach
-    switch = b.method == "switch-kd" and t is not None and b.train_vision_tower
+    switch = methods.get(b.method).switch and t is not None and b.train_vision_tower
     frozen = s.unused_vision_params if b.train_vision_tower else s.vision_params
     trainable = s.params - frozen
     tokens = b.batch * b.seq_len
@@ -417,7 +419,7 @@ def step_flops(t: ModelShape | None, s: ModelShape, b: TrainSetup) -> dict[str, 
     }
     if t is not None:
         flops["teacher route"] = lm_forward(t) + vision_forward(t)
-        if b.method == "switch-kd":
+        if methods.get(b.method).switch:
             flops["switch route"] = lm_forward(t) * (2 + extra)
     return flops
 
@@ -450,8 +452,8 @@ def setup_from_recipe(
     # the recipe's global batch over the planned processes and micro-batch
     accumulation = max(1, t.global_batch_size // max(1, batch * processes))
     method = recipe.method
-    if method == "switch-kd" and recipe.loss.w_vsd == 0:
-        method = "dbild"  # no switch route without its loss
+    if methods.get(method).switch and recipe.loss.w_vsd == 0:
+        method = logit_method(method, recipe.loss.logit_loss)  # no switch route without its loss
     return TrainSetup(
         strategy=strategy,
         processes=processes,

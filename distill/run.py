@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from edgekd.distill import methods
 from edgekd.distill.objective import Objective
 from edgekd.distill.resume import (
     check_checkpoint_files,
@@ -66,12 +67,12 @@ class DistillJob:
 def resolve_recipe(job: DistillJob):
     """The recipe with the job's overrides applied, validated once (all problems in one error)."""
     from edgekd.profiles import load_recipe
-    from edgekd.profiles.schema import UNUSED_WEIGHTS
 
     overrides = dict(job.overrides)
     if job.method:
         overrides["method"] = job.method
-        for key in UNUSED_WEIGHTS.get(job.method, ()):
+        known = methods.METHODS.get(job.method)  # an unknown one: the recipe's check says so
+        for key in known.unused_weights if known else ():
             overrides[f"loss.{key}"] = 0.0  # weights the recipe set for its own method
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     if world > 1:
@@ -288,6 +289,7 @@ def load_models(recipe, job: DistillJob, device: str):
     dtype = "bfloat16" if recipe.training.bf16 and device == "cuda" else "float32"
     teacher = None
     shared_tower = recipe.training.vision_tower_init == "teacher"
+    teacher_logits = methods.get(recipe.method).reads_teacher_logits
     if recipe.reads_teacher:
         if recipe.teacher.startswith("tiny:"):
             raise ModelError(
@@ -299,12 +301,12 @@ def load_models(recipe, job: DistillJob, device: str):
         )
     student = _load_student(recipe, job, teacher, device)
     if teacher is not None:
-        if recipe.method != "sft":  # sft reads the teacher's tower, not its text side
+        if teacher_logits:  # sft reads the teacher's tower, not its text side
             check_compatible(teacher, student)
         check_same_preprocessing(teacher, student)
     if shared_tower:
         share_vision_tower(teacher, student)
-    if recipe.method == "sft":
+    if not teacher_logits:
         teacher = None  # read for its vision tower only
     return teacher, student
 

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from edgekd import targets
+from edgekd.distill import methods
 from edgekd.errors import EdgeKDError, OptionError
 
 try:  # typer 0.2x ships its own copy of click
@@ -89,7 +90,7 @@ def distill(
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="sft, kd, rkl, bild, dbild or switch-kd (default: the recipe's)."),
+        typer.Option(help=f"{methods.help_text()} (default: the recipe's)."),
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,

@@ -10,29 +10,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from edgekd.distill import methods
+from edgekd.distill.methods import logit_method
 from edgekd.errors import EdgeKDError
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-Method = Literal["sft", "kd", "rkl", "bild", "dbild", "switch-kd"]
 LogitLoss = Literal["dbild", "kd"]  # switch-kd's loss between logits (kd: an ablation)
-
-
-def logit_method(method: str, logit_loss: str) -> str:
-    """The loss between student and teacher logits: the method's own, or ``logit_loss`` for
-    switch-kd (whose default, dbild, is the paper's)."""
-    return logit_loss if method == "switch-kd" else method
-# Loss weights a method ignores: set to 0 when left out, an error when given > 0.
-UNUSED_WEIGHTS: dict[str, tuple[str, ...]] = {
-    "sft": ("w_align", "w_vsd"),
-    "kd": ("w_vsd",),
-    "rkl": ("w_vsd",),
-    "bild": ("w_vsd",),
-    "dbild": ("w_vsd",),
-    "switch-kd": (),
-}
 
 _NAME = r"^[a-z0-9][a-z0-9._-]*$"
 _RELEASE = r"^\d+(\.(\d+|x))*$"
@@ -395,7 +388,7 @@ class RecipeProfile(_Model):
         None, description="Hub id, local path or tiny model ('tiny:small'); not needed for sft."
     )
     student: str = Field(min_length=1, description="Hub id, local path or tiny model 'tiny:tiny'.")
-    method: Method = Field(description="Training objective.")
+    method: str = Field(description="Training objective (a registered method).")
     loss: LossConfig = Field(default_factory=LossConfig, description="Loss weights and settings.")
     training: TrainingConfig = Field(description="Optimisation settings.")
     distributed: DistributedConfig = Field(
@@ -403,6 +396,12 @@ class RecipeProfile(_Model):
     )
     data: DataConfig = Field(description="Training data.")
     notes: str = Field("", description="Sources and caveats.")
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        methods.get(method)  # ValueError: unknown, listing the valid ones
+        return method
 
     @model_validator(mode="after")
     def _check(self) -> RecipeProfile:
@@ -414,35 +413,31 @@ class RecipeProfile(_Model):
     @property
     def reads_teacher(self) -> bool:
         """The run loads the teacher: to distil from it, or (sft) to copy its vision tower."""
-        return self.method != "sft" or self.training.vision_tower_init == "teacher"
+        teacher_logits = methods.get(self.method).reads_teacher_logits
+        return teacher_logits or self.training.vision_tower_init == "teacher"
 
     def _method_problems(self) -> list[tuple[str, str]]:
         """Resolve method-dependent defaults; report settings the method would silently ignore."""
         out = []
         loss, method, train = self.loss, self.method, self.training
-        if method != "sft" and not self.teacher:
+        spec = methods.get(method)
+        if spec.reads_teacher_logits and not self.teacher:
             out.append(("teacher", f"required for method '{method}'"))
         elif train.vision_tower_init == "teacher" and not self.teacher:
             out.append(("teacher", "required by training.vision_tower_init 'teacher'"))
-        if logit_method(method, loss.logit_loss) == "dbild" and loss.k_min < 3:
-            out.append(
-                (
-                    "loss.k_min",
-                    f"must be >= 3, got {loss.k_min}: at k = 2 the one pairwise difference has "
-                    "softmax 1, a zero loss term (the default is 3; it was 2 before)",
-                )
-            )
-        if method != "switch-kd" and loss.logit_loss != "dbild":
+        if not spec.switch and loss.logit_loss != "dbild":
             out.append(("loss.logit_loss", f"switch-kd only; method '{method}' has its own loss"))
-        for key in UNUSED_WEIGHTS[method]:
+        compared = methods.get(logit_method(method, loss.logit_loss))
+        out += compared.problems(loss) if compared.problems else []
+        for key in spec.unused_weights:
             if key in loss.model_fields_set and getattr(loss, key) > 0:
                 out.append((f"loss.{key}", f"method '{method}' does not use it; set 0"))
             setattr(loss, key, 0.0)
         if loss.w_ce + loss.w_align + loss.w_vsd == 0:
             out.append(("loss", "all loss weights are 0: nothing to train"))
         if train.train_vision_tower is None:
-            train.train_vision_tower = method == "switch-kd"
-        elif method == "switch-kd" and not train.train_vision_tower:
+            train.train_vision_tower = spec.switch
+        elif spec.switch and not train.train_vision_tower:
             out.append(
                 (
                     "training.train_vision_tower",

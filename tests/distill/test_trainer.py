@@ -11,14 +11,14 @@ import torch
 from distill_helpers import write_dataset
 from safetensors.torch import load_file
 
-from edgekd.distill.objective import METHODS
+from edgekd.distill.methods import names
 from edgekd.distill.run import run
 from edgekd.distill.trainer import DistillError
 from edgekd.errors import DataError, ModelError, OutputExistsError
 from edgekd.models import VLM
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", names())
 def test_every_method_trains_and_saves_a_standard_checkpoint(job_factory, method):
     job = job_factory(method)
     summary = run(job)
