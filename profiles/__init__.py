@@ -58,6 +58,7 @@ __all__ = [
     "load_recipe",
     "profile_to_dict",
     "profile_to_yaml",
+    "recipe_field",
     "show_profile",
 ]
 
@@ -108,6 +109,16 @@ def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
             raise ProfileError(f"{source}: distributed.accelerate_config: file not found: {path}")
         recipe.distributed.accelerate_config = str(path.resolve())
     return recipe
+
+
+def recipe_field(key: str):
+    """The schema field of a dotted recipe key (``training.max_steps``): its type, bounds,
+    default and description, as pydantic declares them (``KeyError`` for an unknown key)."""
+    model: Any = RecipeProfile
+    *parents, last = key.split(".")
+    for part in parents:
+        model = _unwrap_optional(model.model_fields[part].annotation)
+    return _unwrap_optional(model).model_fields[last]
 
 
 def profile_to_dict(profile: BaseModel) -> dict[str, Any]:

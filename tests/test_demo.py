@@ -14,7 +14,7 @@ pytest.importorskip("llama_cpp")
 def test_demo_runs_every_stage_then_reuses_them(tmp_path, monkeypatch):
     from rich.console import Console
 
-    import edgekd.demo as demo
+    import edgekd.cli.demo as demo
 
     for name, value in {
         "TEACHER_STEPS": 4,

@@ -34,7 +34,7 @@ def test_wheel_carries_stage_packages_and_profiles(tmp_path):
     (wheel,) = tmp_path.glob("edgekd-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in (
-        "edgekd/cli.py",
+        "edgekd/cli/__init__.py",
         "edgekd/distill/__init__.py",
         "edgekd/export/__init__.py",
         "edgekd/runtime/__init__.py",

@@ -1,0 +1,162 @@
+"""The tool commands: ``data``, ``convert``, ``models`` and ``profiles``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgekd.cli import tables
+from edgekd.cli.app import Overwrite, console, convert_app, data_app, models_app, profiles_app
+
+
+# ---- data -------------------------------------------------------------------------------
+@data_app.command("easy-vqa")
+def data_easy_vqa(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    limit_train: Annotated[
+        int | None, typer.Option(help="Keep the first N train questions.")
+    ] = None,
+    limit_test: Annotated[int | None, typer.Option(help="Keep the first N test questions.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write the easy-vqa dataset (PyPI package) as LLaVA-format train/test splits."""
+    from edgekd.data import write_easy_vqa
+
+    meta = write_easy_vqa(out, overwrite=overwrite, limit_train=limit_train, limit_test=limit_test)
+    tables.print_dataset(out, meta, console)
+
+
+@data_app.command("fashion-grid")
+def data_fashion_grid(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    n_train: Annotated[int, typer.Option(help="Training grids.")] = 4000,
+    n_test: Annotated[int, typer.Option(help="Test grids.")] = 500,
+    seed: Annotated[int, typer.Option(help="Generator seed (same seed, same data).")] = 0,
+    source: Annotated[Path | None, typer.Option(help="Fashion-MNIST IDX folder.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write 2x2 Fashion-MNIST grids with position, count and category questions."""
+    from edgekd.data import write_fashion_grid
+
+    meta = write_fashion_grid(
+        out, n_train=n_train, n_test=n_test, seed=seed, source=source, overwrite=overwrite
+    )
+    tables.print_dataset(out, meta, console)
+
+
+# ---- convert --------------------------------------------------------------------------------
+ConvertOut = Annotated[Path, typer.Argument(help="Output directory (transformers Llava).")]
+ConvertDtype = Annotated[
+    str,
+    typer.Option(
+        help="dtype of the written weights: float32, float16, bfloat16, or auto (the "
+        "source's: the published fp16/bf16 size instead of twice it)."
+    ),
+]
+
+
+@convert_app.command("tinyllava")
+def convert_tinyllava(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="TinyLLaVA Factory checkpoint: a local directory or a hub id "
+            "(Zhang199/TinyLLaVA-Qwen2-0.5B-SigLIP)."
+        ),
+    ],
+    out: ConvertOut,
+    dtype: ConvertDtype = "float32",
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert a TinyLLaVA Factory checkpoint to a transformers LlavaForConditionalGeneration."""
+    from edgekd.models.tinyllava import convert_tinyllava as convert
+
+    path = convert(src, out, overwrite=overwrite, dtype=dtype)
+    tables.print_converted(src, path, lambda m: m["image_processor"])
+
+
+@convert_app.command("llava15")
+def convert_llava15(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="Original LLaVA-1.5 checkpoint (LlavaLlamaForCausalLM): a local directory or "
+            "a hub id (liuhaotian/llava-v1.5-7b)."
+        ),
+    ],
+    out: ConvertOut,
+    vision_tower: Annotated[
+        str | None,
+        typer.Option(
+            help="CLIP checkpoint (directory or hub id) for a source without the tower's "
+            "weights; default: the source's mm_vision_tower."
+        ),
+    ] = None,
+    dtype: ConvertDtype = "float32",
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert an original LLaVA-1.5 checkpoint to a transformers LlavaForConditionalGeneration."""
+    from edgekd.models.llava15 import convert_llava15 as convert
+
+    path = convert(src, out, vision_tower=vision_tower, overwrite=overwrite, dtype=dtype)
+    tables.print_converted(src, path, lambda m: f"vision tower {m['vision_tower']}")
+
+
+# ---- models ---------------------------------------------------------------------------------
+@models_app.command("create")
+def models_create(
+    size: Annotated[
+        str, typer.Argument(help="tiny, small, base, or a preset such as qwen2-0.5b-siglip-so400m.")
+    ],
+    out: Annotated[Path, typer.Argument(help="Output checkpoint directory.")],
+    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Take the tokenizer of this checkpoint (teacher and student must share one)."
+        ),
+    ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="LLaVA JSON whose text trains the tokenizer (when no --tokenizer)."),
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Create a randomly initialised VLM of a named size and save it as a checkpoint."""
+    from edgekd.models.factory import create_checkpoint
+
+    info = create_checkpoint(
+        size, out, seed=seed, tokenizer_from=tokenizer, corpus=corpus, overwrite=overwrite
+    )
+    console.print(f"[green]✓[/green] {size} -> {out} ({info['total'] / 1e6:.2f}M parameters)")
+
+
+@models_app.command("info")
+def models_info(
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint directory or hub id.")],
+) -> None:
+    """Show a checkpoint's shapes, parameter counts and tokenizer."""
+    from edgekd.models import VLM, count_parameters
+
+    vlm = VLM.from_pretrained(ckpt)
+    tables.print_model(ckpt, vlm, count_parameters(vlm), console)
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """List the built-in device and recipe profiles."""
+    from edgekd.profiles import list_profiles, load_device_profile, load_recipe
+
+    devices = {name: load_device_profile(name) for name in list_profiles("device")}
+    recipes = {name: load_recipe(name) for name in list_profiles("recipe")}
+    tables.print_profiles(devices, recipes, console)
+
+
+@profiles_app.command("show")
+def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or YAML path.")]) -> None:
+    """Print one profile (device or recipe) as validated YAML."""
+    from edgekd.profiles import show_profile
+
+    typer.echo(show_profile(name), nl=False)  # plain YAML: pipeable into a file
