@@ -147,7 +147,7 @@ def test_vision_tower_init_teacher_copies_the_teachers_tower(job_factory, method
 
 
 def test_vision_tower_init_refuses_towers_of_other_shapes(tokenizer):
-    from edgekd.distill.run import share_vision_tower
+    from edgekd.distill.pair import share_vision_tower
     from edgekd.errors import ModelError
     from edgekd.models import build_vlm
 

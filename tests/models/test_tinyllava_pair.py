@@ -162,7 +162,7 @@ def test_other_text_vocabulary_or_visual_tokens_refused_with_both_values(pair, t
 
 
 def test_padded_and_unpadded_preprocessing_refused_for_the_switch(pair, tmp_path):
-    from edgekd.distill.run import check_same_preprocessing
+    from edgekd.distill.pair import check_same_preprocessing
 
     write_tinyllava(tmp_path / "src", family="qwen2.5", aspect="pad")
     convert_tinyllava(tmp_path / "src", tmp_path / "padded")
