@@ -79,6 +79,8 @@ class Target:
         backend_options: Keyword options its backend takes (e.g. ``ort_provider``).
         summary: One line for the CLI help.
         older_names: File -> the name older edgekd releases wrote it under (a re-export hint).
+        from_profile: The target's precision for a device profile's ``preferred_precision``
+            where the names differ (a profile precision the target lacks maps to none).
     """
 
     name: str
@@ -92,6 +94,14 @@ class Target:
     backend_options: tuple[str, ...] = ()
     summary: str = ""
     older_names: dict[str, str] = field(default_factory=dict)
+    from_profile: dict[str, str] = field(default_factory=dict)
+
+    def precision_for(self, profile_precision: str) -> str | None:
+        """The precision to export for a device profile preferring ``profile_precision``
+        (``fp16`` -> gguf's ``f16``), or None where the target has no such precision."""
+        if profile_precision in self.from_profile:
+            return self.from_profile[profile_precision]
+        return profile_precision if profile_precision in self.precisions else None
 
     def make_exporter(self):
         """A new instance of the target's exporter."""
@@ -159,6 +169,7 @@ register(
         name="gguf",
         precisions=("f32", "f16", "q8_0", "q4_k_m"),
         files=(GGUF_MODEL, GGUF_MMPROJ),
+        from_profile={"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "q4_k_m"},
         extra="gguf",
         exporter="edgekd.export.gguf:GgufExporter",
         backend="edgekd.runtime.llamacpp:open_backend",

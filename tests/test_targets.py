@@ -210,3 +210,24 @@ def test_profile_schema_takes_registered_targets(copy_target):
     assert load_device_profile("cpu-x86_64", {"preferred_target": "copy"}).preferred_target
     with pytest.raises(ProfileError, match="unknown target 'openvino'; valid: copy, gguf, onnx"):
         load_device_profile("cpu-x86_64", {"preferred_target": "openvino"})
+
+
+def test_a_device_profile_picks_the_export_precision_it_prefers(cli, tiny_checkpoint, tmp_path):
+    """``edgekd export --profile P`` without ``--precision`` exports the profile's
+    preferred_precision, in the target's own name for it (cpu-x86_64 prefers int8: q8_0)."""
+    pytest.importorskip("llama_cpp")
+    from edgekd.profiles import list_profiles, load_device_profile
+
+    for name in list_profiles("device"):
+        preferred = load_device_profile(name).preferred_precision
+        for target in targets.TARGETS.values():
+            chosen = target.precision_for(preferred)
+            assert chosen is None or chosen in target.precisions, (name, target.name, chosen)
+    assert targets.get("gguf").precision_for("fp16") == "f16"
+    assert targets.get("onnx").precision_for("bf16") is None  # not an onnx precision: default
+    out = tmp_path / "gguf"
+    result = cli("export", str(tiny_checkpoint), "--target", "gguf", "--profile", "cpu-x86_64",
+                 "-o", str(out), "--parity-prompts", "1")  # fmt: skip
+    assert result.code == 0, result.err
+    assert "precision q8_0: cpu-x86_64's preferred (int8)" in result.out
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "q8_0"

@@ -174,7 +174,13 @@ def export(
         str | None,
         typer.Option(help=f"{targets.help_text()}. Default: the target's first."),
     ] = None,
-    profile: Annotated[str | None, typer.Option(help="Device profile (TensorRT shapes).")] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="Device profile: TensorRT shapes, and the precision when --precision is not "
+            "given (the profile's preferred_precision, where the target has it)."
+        ),
+    ] = None,
     eval_data: Annotated[
         Path | None,
         typer.Option(help="LLaVA JSON for the accuracy delta of quantized variants."),
@@ -194,6 +200,13 @@ def export(
     from edgekd.export import export as run_export
 
     exporter = get_exporter(target)
+    if precision is None and profile is not None:
+        from edgekd.profiles import load_device_profile
+
+        preferred = load_device_profile(profile).preferred_precision
+        precision = targets.get(target).precision_for(preferred)
+        if precision is not None:
+            console.print(f"precision {precision}: {profile}'s preferred ({preferred})")
     config = ExportConfig(
         checkpoint=checkpoint,
         target=target,
