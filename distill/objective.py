@@ -42,27 +42,31 @@ import torch.nn.functional as F
 from edgekd.distill import methods
 from edgekd.distill.losses import LossOutput
 from edgekd.distill.methods import logit_method
-from edgekd.profiles.schema import LogitLoss
+from edgekd.profiles.schema import LogitLoss, LossConfig
 
 LOGIT_LOSSES: tuple[str, ...] = get_args(LogitLoss)  # dbild, kd
 IGNORE_INDEX = -100
 
 
+_LOSS = LossConfig()  # the recipe schema's defaults: written there, once
+
+
 @dataclass(frozen=True)
 class Objective:
-    """Loss weights and settings of one method (from a recipe's ``loss`` block)."""
+    """Loss weights and settings of one method (from a recipe's ``loss`` block; the defaults
+    are the recipe schema's)."""
 
     method: str = "switch-kd"
-    w_ce: float = 1.0
-    w_align: float = 1.0
-    w_vsd: float = 1.0
-    temperature: float = 3.0
-    t2_scale: bool = True
-    top_n: int = 256
-    k_min: int = 3
-    k_max: int = 64
+    w_ce: float = _LOSS.w_ce
+    w_align: float = _LOSS.w_align
+    w_vsd: float = _LOSS.w_vsd
+    temperature: float = _LOSS.temperature
+    t2_scale: bool = _LOSS.t2_scale
+    top_n: int = _LOSS.top_n
+    k_min: int = _LOSS.k_min
+    k_max: int = _LOSS.k_max
     bild_k: int = 8
-    logit_loss: str = "dbild"
+    logit_loss: str = _LOSS.logit_loss
     exclude_ids: frozenset[int] = frozenset()
     chunk_size: int = 256
 

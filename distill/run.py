@@ -159,7 +159,11 @@ class DistillRun:
         check_parallelism(trainer, recipe.distributed.strategy, self.device)
         trainer.resumable = work == self.out  # a run built beside an old one: discarded
         trainer.remove_callback(PrinterCallback)
-        return trainer, trainer.train(resume_from_checkpoint=self.resume_from)
+        try:
+            return trainer, trainer.train(resume_from_checkpoint=self.resume_from)
+        finally:
+            if trainer.capture is not None:  # the student keeps no hook of the run's
+                trainer.capture.remove()
 
     def save(self, trainer, result) -> dict[str, Any]:
         """The student as ``work/model``; the run's summary (naming the output)."""

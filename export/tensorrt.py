@@ -43,7 +43,7 @@ from edgekd.export.tensorrt_build import (
     onnx_nodes,
 )
 from edgekd.export.tensorrt_parity import sample_inputs, vision_engine_parity
-from edgekd.models.dims import TextDims
+from edgekd.models.dims import TextDims, image_tokens
 from edgekd.runtime.tensorrt import INSTALL_HINT
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,14 @@ def model_dims(vlm_or_config: Any) -> ModelDims:
     text, vision = TextDims.from_config(config.text_config), config.vision_config
     size = vision.image_size
     hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    patches = (hw[0] // vision.patch_size) * (hw[1] // vision.patch_size)
-    drop_first = config.vision_feature_select_strategy == "default"
+    num_image_tokens = getattr(vlm_or_config, "num_image_tokens", None)  # a VLM counts its own
+    visual_tokens = num_image_tokens() if num_image_tokens else image_tokens(config)
     return ModelDims(
         num_layers=text.layers,
         num_kv_heads=text.kv_heads,
         head_dim=text.head_dim,
         hidden_size=text.hidden,
-        visual_tokens=patches - int(drop_first),
+        visual_tokens=visual_tokens,
         image_size=hw,
         num_channels=int(getattr(vision, "num_channels", 3)),
     )

@@ -74,3 +74,19 @@ class TextDims:
     def kv_bytes_per_token(self, element_bytes: int) -> int:
         """KV-cache bytes one context token adds: ``layers x kv_heads x head_dim x 2 x size``."""
         return self.layers * self.kv_heads * self.head_dim * 2 * int(element_bytes)
+
+
+# Vision towers whose embeddings put a class token before the patches (SigLIP has none)
+CLASS_TOKEN_TOWERS = ("clip_vision_model", "dinov2")
+
+
+def image_tokens(config: Any) -> int:
+    """Visual tokens one image becomes in a Llava config, as the processor expands ``<image>``:
+    the tower's patches, plus its class token (CLIP, DINOv2), less the first token under the
+    ``default`` feature selection (LLaVA-1.5: 577 -> 576; TinyLLaVA's SigLIP: 729 -> 728)."""
+    vision = config.vision_config
+    size = vision.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    tokens = (int(h) // vision.patch_size) * (int(w) // vision.patch_size)
+    tokens += getattr(vision, "model_type", "") in CLASS_TOKEN_TOWERS
+    return tokens - (config.vision_feature_select_strategy == "default")

@@ -224,3 +224,14 @@ def test_has_checkpoint_only_for_complete_checkpoints(job_factory):
     job.overwrite = True
     run(job)
     assert has_checkpoint(job.output)
+
+
+def test_the_student_keeps_no_hook_of_the_run(job_factory):
+    """The visual switch's feature capture is removed from the student when training ends."""
+    from edgekd.distill.run import DistillRun
+
+    job = job_factory("switch-kd", overrides={"training.max_steps": 1})
+    distill_run = DistillRun(job)
+    distill_run.run()
+    projector = distill_run.student.model.model.multi_modal_projector
+    assert not projector._forward_pre_hooks

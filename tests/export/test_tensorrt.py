@@ -995,3 +995,16 @@ def test_check_takes_the_family_the_onnx_step_takes(
     vlm.config.text_config.model_type = "phi3"
     with pytest.raises(ExportError, match="the onnx step: text decoder 'phi3' is not supported"):
         TensorRTExporter().check(vlm, _config(tmp_path))
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_engine_shapes_count_the_visual_tokens_the_processor_expands(tower, strategy):
+    """From a bare config as from the model: CLIP's class token counted, then the first token
+    dropped under ``default`` (as the processor expands ``<image>``)."""
+    from edgekd.models import build_vlm
+
+    vlm = build_vlm("tiny", tower=tower)
+    vlm.config.vision_feature_select_strategy = strategy
+    assert model_dims(vlm.config).visual_tokens == vlm.num_image_tokens()
+    assert model_dims(vlm).visual_tokens == vlm.num_image_tokens()
