@@ -346,11 +346,11 @@ def test_bad_distill_settings(cli, tmp_path, flags, fragments):
 def test_deepspeed_strategy_without_the_package_names_it(cli, tmp_path, monkeypatch):
     import importlib.util
 
-    from edgekd.distill import run
+    from edgekd.distill import setup
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        run.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else real(name)
+        setup.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else real(name)
     )
     cli(
         "distill", "--student", "tiny:tiny", "--method", "sft", "--device", "cpu",

@@ -74,7 +74,7 @@ def convert_tinyllava(
     from edgekd.models.tinyllava import convert_tinyllava as convert
 
     path = convert(src, out, overwrite=overwrite, dtype=dtype)
-    tables.print_converted(src, path, lambda m: m["image_processor"])
+    tables.print_converted(src, path, lambda m: m["image_processor"], console)
 
 
 @convert_app.command("llava15")
@@ -101,7 +101,7 @@ def convert_llava15(
     from edgekd.models.llava15 import convert_llava15 as convert
 
     path = convert(src, out, vision_tower=vision_tower, overwrite=overwrite, dtype=dtype)
-    tables.print_converted(src, path, lambda m: f"vision tower {m['vision_tower']}")
+    tables.print_converted(src, path, lambda m: f"vision tower {m['vision_tower']}", console)
 
 
 # ---- models ---------------------------------------------------------------------------------
