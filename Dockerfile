@@ -89,6 +89,7 @@ COPY distill ./distill
 COPY export ./export
 COPY runtime ./runtime
 COPY profiles ./profiles
+COPY plan ./plan
 
 # onnx-gpu is the onnx extra with onnxruntime-gpu in place of onnxruntime (both write the same
 # package: install exactly one). gguf builds llama-cpp-python from source with CMAKE_ARGS above

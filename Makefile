@@ -80,7 +80,7 @@ test: install system-deps
 
 # ruff, and the import check (no module of edgekd imports itself in a circle; also in make test)
 lint: install
-	$(BIN)/ruff check edgekd distill export runtime profiles tests benchmarks
+	$(BIN)/ruff check edgekd distill export runtime profiles plan tests benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_imports.py
 
 clean:

@@ -12,7 +12,7 @@ edgekd, and times every variant in one process with the same thread count (``--t
   cache is as long as in a VLM answer). Per context ``--rounds`` rounds, the variant order
   rotated each round (drift favours none), one warm-up generation each first; medians of
   ``decode_tokens_per_s``. Right before and after each generation the read bandwidth is
-  measured (:func:`edgekd.runtime.roofline.measure_bandwidth`, ``--bandwidth-repeats`` passes,
+  measured (:func:`edgekd.plan.roofline.measure_bandwidth`, ``--bandwidth-repeats`` passes,
   the best kept), so each sample has its own roofline ``max(before, after) / bytes read per
   token``; the roofline fraction is the median of ``tok/s / roofline`` (and, stricter, the
   median tok/s over the run's best bandwidth is reported too).
@@ -24,7 +24,7 @@ edgekd, and times every variant in one process with the same thread count (``--t
   PyTorch (:func:`edgekd.export.parity.compare`).
 * prefill: the ``image-length`` prompt (801 tokens) through every variant, one token
   generated, each GGUF at several llama.cpp batch sizes (``PREFILL_BATCHES``), against the
-  compute roofline: the prompt's FLOPs (:func:`edgekd.runtime.roofline.prefill_flops`) at this
+  compute roofline: the prompt's FLOPs (:func:`edgekd.plan.roofline.prefill_flops`) at this
   machine's GEMM throughput at the model's shape, in the arithmetic the variant computes in
   (fp32 or int8), measured before and after the rounds (:func:`prefill`).
 * image: one answer about an image through each artifact's whole path (vision, prefill with
@@ -308,8 +308,8 @@ def decode_prompts(tokenizer, visual_tokens: int) -> dict[str, str]:
 def decode(work: Path, args, log) -> dict:
     """Per context: interleaved rounds, the bandwidth measured around each generation;
     medians, ratios to PyTorch, roofline fractions."""
+    from edgekd.plan.roofline import measure_bandwidth
     from edgekd.runtime.prompt import encode_prompt
-    from edgekd.runtime.roofline import measure_bandwidth
 
     pytorch = open_pytorch(work, log)
     visual = artifact.load(work / "onnx-fp32").preprocessing["image_tokens_per_image"]
@@ -388,7 +388,7 @@ def summarise(work: Path, samples: dict[str, list[dict]], bw: dict, tokens: int)
     context run (stricter where memory speed drifted during the run). ``ratio_per_round``:
     each round's tok/s over PyTorch's in the same round.
     """
-    from edgekd.runtime.roofline import decode_bytes_per_token, roofline_tok_s
+    from edgekd.plan.roofline import decode_bytes_per_token, roofline_tok_s
 
     rows: dict = {}
     base_runs = samples["pytorch-fp32"]
@@ -530,16 +530,16 @@ def int8_vision(work: Path, log) -> Path:
 # ---- prefill against the compute roofline -----------------------------------------------------
 def prompt_gemm(dims, tokens: int, threads: int) -> dict:
     """GEMM throughput at the prompt's shape: tokens x hidden x MLP width, fp32 and int8."""
-    from edgekd.runtime.roofline import measure_gemm
+    from edgekd.plan.roofline import measure_gemm
 
     return measure_gemm(tokens, dims.hidden, dims.intermediate, threads=threads)
 
 
 def roofline_columns(row: dict, name: str, work: Path, roof: dict) -> None:
     """The prompt's FLOPs at the GEMM throughput of the arithmetic the variant computes in
-    (:func:`edgekd.runtime.roofline.prefill_bound`) into ``row``: ``prefill_roofline_ms``,
+    (:func:`edgekd.plan.roofline.prefill_bound`) into ``row``: ``prefill_roofline_ms``,
     ``prefill_over_roofline`` (measured / roofline) and the rest."""
-    from edgekd.runtime.roofline import prefill_bound, text_dims_of
+    from edgekd.plan.roofline import prefill_bound, text_dims_of
 
     precision = text_dims_of(variant_dir(work, name))[1]
     b = prefill_bound(
@@ -578,10 +578,10 @@ def prefill(work: Path, args, log) -> dict:
     :data:`PREFILL_VARIANTS` and each GGUF at every :data:`PREFILL_BATCHES`, interleaved rounds;
     medians, ratios to PyTorch eager fp32 and the compute roofline (GEMM throughput measured
     before and after the rounds, the best kept)."""
+    from edgekd.plan.roofline import prefill_flops, text_dims_of
     from edgekd.runtime import load_backend
     from edgekd.runtime.llamacpp import N_BATCH, N_UBATCH, LlamaCppBackend
     from edgekd.runtime.prompt import encode_prompt
-    from edgekd.runtime.roofline import prefill_flops, text_dims_of
 
     pytorch = open_pytorch(work, log)
     visual = artifact.load(work / "onnx-fp32").preprocessing["image_tokens_per_image"]
@@ -658,8 +658,8 @@ def image_answers(work: Path, args, log) -> dict:
     ``default`` selection), fed as embeddings (:mod:`edgekd.runtime.llamacpp`).
     """
     from edgekd.export.parity import synthetic_image
+    from edgekd.plan.roofline import text_dims_of
     from edgekd.runtime import load_backend
-    from edgekd.runtime.roofline import text_dims_of
     from edgekd.runtime.torch import TorchBackend
 
     backends = {}

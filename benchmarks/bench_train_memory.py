@@ -13,7 +13,7 @@ Two runs, each next to the plan's prediction for exactly its setting:
   capture, ``TeacherRoutes``, the ``Objective``, AdamW), phase by phase; peak memory and time
   per phase. The plan for the paper's recipe on 8 GPUs (ZeRO-3, H100) is printed beside it.
 
-Memory is what PyTorch's allocator hands out for tensors (``edgekd.distill.memory``), which is
+Memory is what PyTorch's allocator hands out for tensors (``edgekd.plan.memory``), which is
 what the plan predicts; ratios are predicted / measured.
 
     python benchmarks/bench_train_memory.py tiny --out benchmarks/results/train_memory_tiny.json
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from edgekd.distill.memory import TensorMemory
-from edgekd.distill.plan import GB, TrainSetup, plan_train
 from edgekd.envinfo import snapshot
+from edgekd.plan.memory import TensorMemory
+from edgekd.plan.training import GB, TrainSetup, plan_train
 
 HERE = Path(__file__).resolve()
 TINY_OVERRIDES = {
@@ -220,7 +220,7 @@ def paper(args) -> dict:
 
 def paper_recipe_plan():
     """The plan of the tinyllava-3b-to-0.5b recipe as written (8 x H100, ZeRO-3)."""
-    from edgekd.distill.plan import setup_from_recipe
+    from edgekd.plan.training import setup_from_recipe
     from edgekd.profiles import load_device_profile, load_recipe
 
     device = load_device_profile("h100-80gb")

@@ -12,9 +12,8 @@ What lives here:
 * ``bench.py``: ``edgekd bench`` (latency, memory, power, accuracy against the teacher), with
   its options and eval items (``bench_config.py``), one model's measurement in its own process
   (``bench_measure.py``), the host, fit and rooflines (``bench_host.py``), and its JSON /
-  Markdown / PNG report (``report.py``); ``power.py``: tegrastats, NVML and RAPL
-  meters; ``roofline.py``: bytes read per decoded token and measured memory bandwidth.
-* ``devices.py``: Jetson detection; ``plan.py``: ``edgekd plan`` (fit and roofline from shapes).
+  Markdown / PNG report (``report.py``); ``power.py``: tegrastats, NVML and RAPL meters.
+* ``devices.py``: Jetson detection. Planning and rooflines live in :mod:`edgekd.plan`.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ that peak memory is its own:
    exact and VQA-normalised match, per question type; then, in this process, the share of
    answers identical to the teacher's.
 4. **Rooflines.** Prefill (CPU): the prompt's FLOPs over this machine's GEMM throughput at the
-   model's shape (:func:`edgekd.runtime.roofline.prefill_flops`, ``measure_gemm``), and the
+   model's shape (:func:`edgekd.plan.roofline.prefill_flops`, ``measure_gemm``), and the
    measured prefill's multiple of it. Decode: bytes one decode step reads (weights + KV
-   cache at the benchmark's context, :mod:`edgekd.runtime.roofline`) over the memory
+   cache at the benchmark's context, :mod:`edgekd.plan.roofline`) over the memory
    bandwidth (the device profile's, or measured here on a CPU without a profile): the decode
    bound in tokens/s and the fraction achieved.
 

@@ -66,7 +66,7 @@ def resolve_host(config: BenchConfig) -> Host:
     elif config.power_mode is not None:
         raise BenchError("--power-mode needs a device profile: pass --profile NAME")
     elif config.device == "cpu":
-        from edgekd.runtime.roofline import measure_bandwidth
+        from edgekd.plan.roofline import measure_bandwidth
 
         bw = measure_bandwidth(threads=config.threads or min(2, os.cpu_count() or 1))
         host.bandwidth_gbps = float(bw["best_gbps"])
@@ -101,8 +101,8 @@ def check_fit(specs: list[dict], host: Host, context: int) -> dict[str, dict]:
     Raises:
         BenchError: a model does not fit, saying by how much.
     """
-    from edgekd.runtime.plan import reserve_gb
-    from edgekd.runtime.roofline import decode_bytes_per_token
+    from edgekd.plan.inference import reserve_gb
+    from edgekd.plan.roofline import decode_bytes_per_token
 
     out = {}
     if host.profile is None:
@@ -125,7 +125,7 @@ def check_fit(specs: list[dict], host: Host, context: int) -> dict[str, dict]:
 
 def roofline(spec: dict, result: dict, host: Host) -> dict[str, Any]:
     """The decode bound of ``spec`` at the benchmark's mean context and the fraction achieved."""
-    from edgekd.runtime.roofline import decode_bytes_per_token, roofline_tok_s
+    from edgekd.plan.roofline import decode_bytes_per_token, roofline_tok_s
 
     lat = result["latency"]
     if host.bandwidth_gbps is None:
@@ -150,7 +150,7 @@ def prefill_roofline(spec: dict, result: dict, host: Host, threads: int | None) 
     """The prompt's compute bound: its FLOPs at this machine's GEMM throughput (measured here,
     at the model's shape, in the arithmetic its precision computes in), and the ratio of the
     measured prefill (p50) to it. CPU only: a GPU's or Jetson's GEMM is not measured."""
-    from edgekd.runtime.roofline import RooflineError, measure_gemm, prefill_bound, text_dims_of
+    from edgekd.plan.roofline import RooflineError, measure_gemm, prefill_bound, text_dims_of
 
     if host.device != "cpu":
         return {"why": "the GEMM throughput is measured on CPU only"}

@@ -363,7 +363,7 @@ def plan_command(
 
 def _plan_train(device, recipe_name, teacher, student, strategy, gpus, batch, seq_len,
                 precision, checkpointing) -> None:  # fmt: skip
-    from edgekd.distill.plan import plan_train, setup_from_recipe
+    from edgekd.plan.training import plan_train, setup_from_recipe
     from edgekd.profiles import load_recipe
 
     recipe = load_recipe(recipe_name)
@@ -384,7 +384,7 @@ def _plan_train(device, recipe_name, teacher, student, strategy, gpus, batch, se
 
 
 def _plan_inference(device, model: str, context: int, batch: int, power_mode) -> None:
-    from edgekd.runtime.plan import plan
+    from edgekd.plan.inference import plan
 
     result = plan(model, device, context=context, batch=batch, power_mode=power_mode)
     tables.print_inference_plan(result, context, batch, console)

@@ -43,7 +43,7 @@ def print_export(manifest: dict, target: str, precision: str, output: Path, cons
 def print_train_plan(recipe_name: str, result, console: Console) -> None:
     """``edgekd plan --train``: the setup, the memory parts against the usable memory, the
     verdict and the step roofline."""
-    from edgekd.distill.plan import GB
+    from edgekd.plan.training import GB
 
     s = result.setup
     console.print(
@@ -76,7 +76,7 @@ def print_train_plan(recipe_name: str, result, console: Console) -> None:
 
 def print_inference_plan(result, context: int, batch: int, console: Console) -> None:
     """``edgekd plan``: per precision, memory parts, fit, margin and the decode roofline."""
-    from edgekd.runtime.plan import GB
+    from edgekd.plan.inference import GB
 
     mode = f", {result.power_mode}" if result.power_mode else ""
     table = Table(

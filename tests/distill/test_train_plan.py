@@ -8,7 +8,8 @@ import pytest
 import torch
 from distill_helpers import saved_for_backward
 
-from edgekd.distill.plan import (
+from edgekd.errors import ModelError
+from edgekd.plan.training import (
     GB,
     TrainSetup,
     decoder_layer_values,
@@ -16,7 +17,6 @@ from edgekd.distill.plan import (
     plan_train,
     vision_layer_values,
 )
-from edgekd.errors import ModelError
 
 TEACHER, STUDENT = "qwen2.5-3b-siglip-so400m", "qwen2-0.5b-siglip-so400m"
 
@@ -107,7 +107,7 @@ def test_cli_plans_a_training_run(cli):
 
 
 def test_tensor_memory_sees_allocations_and_phases():
-    from edgekd.distill.memory import TensorMemory
+    from edgekd.plan.memory import TensorMemory
 
     with TensorMemory("cpu") as mem:
         with mem.phase("big"):
@@ -123,7 +123,7 @@ def test_tensor_memory_sees_allocations_and_phases():
 
 
 def test_setup_from_recipe_follows_what_distill_runs():
-    from edgekd.distill.plan import setup_from_recipe
+    from edgekd.plan.training import setup_from_recipe
     from edgekd.profiles import load_device_profile, load_recipe
 
     gpu, cpu = load_device_profile("h100-80gb"), load_device_profile("cpu-x86_64")

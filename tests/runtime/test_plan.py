@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from edgekd.errors import ModelError
+from edgekd.plan.inference import plan
 from edgekd.profiles import ProfileError
-from edgekd.runtime.plan import plan
 
 PRESET = "qwen2-0.5b-siglip-so400m"
 NANO = "jetson-orin-nano-8gb"

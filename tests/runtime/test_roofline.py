@@ -9,7 +9,7 @@ import pytest
 
 from edgekd import artifact
 from edgekd.models.factory import count_parameters
-from edgekd.runtime.roofline import (
+from edgekd.plan.roofline import (
     RooflineError,
     decode_bytes_per_token,
     measure_bandwidth,
@@ -138,7 +138,7 @@ def test_unknown_directory_is_refused(tmp_path):
 # ---- prefill: the compute roofline -------------------------------------------------------------
 def test_prefill_flops_count_every_linear_layer_causal_attention_and_one_head_row():
     from edgekd.models.dims import TextDims
-    from edgekd.runtime.roofline import prefill_flops
+    from edgekd.plan.roofline import prefill_flops
 
     d = TextDims(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, vocab=10, context=64,
                  intermediate=16)  # fmt: skip
@@ -155,7 +155,7 @@ def test_prefill_flops_count_every_linear_layer_causal_attention_and_one_head_ro
 
 
 def test_gemm_throughput_is_measured_per_arithmetic():
-    from edgekd.runtime.roofline import measure_gemm, prefill_roofline_ms
+    from edgekd.plan.roofline import measure_gemm, prefill_roofline_ms
 
     g = measure_gemm(32, 64, 96, threads=1, repeats=2)
     assert set(g) == {"fp32", "int8"}
@@ -167,7 +167,7 @@ def test_gemm_throughput_is_measured_per_arithmetic():
 
 
 def test_text_dims_of_artifacts_and_checkpoints(onnx_fp32_artifact, tiny_checkpoint, tiny_vlm):
-    from edgekd.runtime.roofline import text_dims_of
+    from edgekd.plan.roofline import text_dims_of
 
     tc = tiny_vlm.config.text_config
     for path, precision in ((onnx_fp32_artifact, "fp32"), (tiny_checkpoint, "fp32")):

@@ -2,7 +2,7 @@
 
 What counts is what PyTorch's allocator hands out for tensors (weights, gradients, optimizer
 state, activations, buffers of DDP and DeepSpeed), not the Python heap or libraries: the same
-bytes :mod:`edgekd.distill.plan` predicts. On CUDA the allocator's own statistics
+bytes :mod:`edgekd.plan.training` predicts. On CUDA the allocator's own statistics
 (``torch.cuda.max_memory_allocated``); on CPU every allocation and free that ``torch.profiler``
 records with ``profile_memory=True`` (the CPU allocator keeps no statistics of its own).
 

@@ -171,7 +171,7 @@ class TrainPlan:
 
     @property
     def verdict(self) -> str:
-        from edgekd.runtime.plan import fit_verdict
+        from edgekd.plan.inference import fit_verdict
 
         return fit_verdict(self.margin_gb, " per process")
 
@@ -188,7 +188,7 @@ def model_shape(model: str | VLM) -> ModelShape:
     from edgekd.models import VLM
 
     if isinstance(model, str):
-        from edgekd.runtime.plan import meta_vlm
+        from edgekd.plan.inference import meta_vlm
 
         vlm, name = meta_vlm(model), model
     elif isinstance(model, VLM):
@@ -290,8 +290,8 @@ def plan_train(
         ModelError: a bad setup value, or a method that needs a teacher without one.
         ProfileError: an unknown profile.
     """
+    from edgekd.plan.inference import reserve_gb
     from edgekd.profiles import load_device_profile
-    from edgekd.runtime.plan import reserve_gb
 
     device = profile if not isinstance(profile, str) else load_device_profile(profile)
     s = student if isinstance(student, ModelShape) else model_shape(student)

@@ -12,7 +12,7 @@ weight: on a CPU it is bound by memory bandwidth, not by arithmetic. Its ceiling
 
 and a runtime's *roofline fraction* is its measured decode tok/s over that ceiling.
 
-    from edgekd.runtime.roofline import decode_bytes_per_token, measure_bandwidth, roofline_tok_s
+    from edgekd.plan.roofline import decode_bytes_per_token, measure_bandwidth, roofline_tok_s
     bw = measure_bandwidth(threads=2)
     need = decode_bytes_per_token("artifacts/student-fp32", context=512)
     roofline_tok_s(need["total"], bw["best_gbps"])
