@@ -3,8 +3,9 @@
 A function-local import still runs the imported module, so a circle hidden inside a function
 is a circle all the same: it only waits for the first call to bite, and it makes two rooms one.
 The graph is read from the source (``ast``) of every module of the installed layout
-(``edgekd/``, ``distill/``, ``export/``, ``runtime/``, ``profiles/``, ``plan/`` as ``edgekd.*``); an import of
-``edgekd.a.b`` counts as importing each package on the way (their ``__init__`` runs first).
+(``edgekd/``, ``distill/``, ``export/``, ``runtime/``, ``profiles/``, ``plan/`` as
+``edgekd.*``); an import of ``edgekd.a.b`` counts as importing each package on the way (their
+``__init__`` runs first).
 """
 
 from __future__ import annotations
