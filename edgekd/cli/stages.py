@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from edgekd import targets
-from edgekd.cli import tables
 from edgekd.cli.app import Overwrite, app, console, parse_sets
+from edgekd.cli.tables import print_export, print_inference_plan, print_train_plan
 from edgekd.distill import methods
 from edgekd.errors import OptionError
 
@@ -221,7 +221,7 @@ def export(
     )
     with console.status(f"exporting {checkpoint} to {target} ({config.precision}) ..."):
         manifest = run_export(config)
-    tables.print_export(manifest, target, config.precision, output, console)
+    print_export(manifest, target, config.precision, output, console)
 
 
 @app.command()
@@ -380,11 +380,11 @@ def _plan_train(device, recipe_name, teacher, student, strategy, gpus, batch, se
         precision=precision, gradient_checkpointing=checkpointing,
     )  # fmt: skip
     result = plan_train(teacher, student, device, setup)
-    tables.print_train_plan(recipe.name, result, console)
+    print_train_plan(recipe.name, result, console)
 
 
 def _plan_inference(device, model: str, context: int, batch: int, power_mode) -> None:
     from edgekd.plan.inference import plan
 
     result = plan(model, device, context=context, batch=batch, power_mode=power_mode)
-    tables.print_inference_plan(result, context, batch, console)
+    print_inference_plan(result, context, batch, console)

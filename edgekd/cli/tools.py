@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from edgekd.cli import tables
 from edgekd.cli.app import Overwrite, console, convert_app, data_app, models_app, profiles_app
+from edgekd.cli.tables import print_converted, print_dataset, print_model, print_profiles
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -25,7 +25,7 @@ def data_easy_vqa(
     from edgekd.data import write_easy_vqa
 
     meta = write_easy_vqa(out, overwrite=overwrite, limit_train=limit_train, limit_test=limit_test)
-    tables.print_dataset(out, meta, console)
+    print_dataset(out, meta, console)
 
 
 @data_app.command("fashion-grid")
@@ -43,7 +43,7 @@ def data_fashion_grid(
     meta = write_fashion_grid(
         out, n_train=n_train, n_test=n_test, seed=seed, source=source, overwrite=overwrite
     )
-    tables.print_dataset(out, meta, console)
+    print_dataset(out, meta, console)
 
 
 # ---- convert --------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def convert_tinyllava(
     from edgekd.models.tinyllava import convert_tinyllava as convert
 
     path = convert(src, out, overwrite=overwrite, dtype=dtype)
-    tables.print_converted(src, path, lambda m: m["image_processor"], console)
+    print_converted(src, path, lambda m: m["image_processor"], console)
 
 
 @convert_app.command("llava15")
@@ -101,7 +101,7 @@ def convert_llava15(
     from edgekd.models.llava15 import convert_llava15 as convert
 
     path = convert(src, out, vision_tower=vision_tower, overwrite=overwrite, dtype=dtype)
-    tables.print_converted(src, path, lambda m: f"vision tower {m['vision_tower']}", console)
+    print_converted(src, path, lambda m: f"vision tower {m['vision_tower']}", console)
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def models_info(
     from edgekd.models import VLM, count_parameters
 
     vlm = VLM.from_pretrained(ckpt)
-    tables.print_model(ckpt, vlm, count_parameters(vlm), console)
+    print_model(ckpt, vlm, count_parameters(vlm), console)
 
 
 @profiles_app.command("list")
@@ -151,7 +151,7 @@ def profiles_list() -> None:
 
     devices = {name: load_device_profile(name) for name in list_profiles("device")}
     recipes = {name: load_recipe(name) for name in list_profiles("recipe")}
-    tables.print_profiles(devices, recipes, console)
+    print_profiles(devices, recipes, console)
 
 
 @profiles_app.command("show")
