@@ -16,8 +16,8 @@ EXTRAS ?= dev,onnx,gguf
 # relative: the variants install into the wheel's llama_cpp/lib. Such a build loads no CPU
 # backend by itself, and ggml's CPUID ranking is no proof that a variant runs (AMX can fault on
 # a machine that advertises it), so the wheel installed is a copy with edgekd's loader added
-# (runtime/llama_wheel.py puts runtime/ggml_cpu.py in as llama_cpp/_cpu_variant.py, run by
-# `import llama_cpp`): it loads the best variant that passes a probe on this machine, so plain
+# (runtime/llama_wheel.py puts runtime/ggml_cpu.py and its probe in as llama_cpp/_cpu_variant.py,
+# run by `import llama_cpp`): it loads the best variant that passes a probe on this machine, so plain
 # llama-cpp-python works as documented.
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
@@ -48,7 +48,8 @@ $(WHEELHOUSE)/.built: | $(BIN)/python
 	touch $@
 
 # the compiled wheel with the CPU-variant loader added (seconds; redone when the loader changes)
-$(LLAMA_PATCHED)/.patched: $(WHEELHOUSE)/.built runtime/ggml_cpu.py runtime/llama_wheel.py | $(BIN)/python
+$(LLAMA_PATCHED)/.patched: $(WHEELHOUSE)/.built runtime/ggml_cpu.py runtime/ggml_cpu_probe.py \
+  runtime/llama_wheel.py | $(BIN)/python
 	rm -rf $(LLAMA_PATCHED)
 	$(BIN)/python runtime/llama_wheel.py \
 	  $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl $(LLAMA_PATCHED)

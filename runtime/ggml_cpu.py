@@ -7,19 +7,20 @@ machine can advertise AMX and still fault on its tile instructions, so the best-
 dies with SIGILL on the first quantized matrix product. This module:
 
 1. ranks the variants by ggml's own score, in a child process;
-2. probes them best first, in a child process: quantized matrix products (every weight type
-   llama.cpp's quantizer writes, at 1 and 32 rows) through every buffer type llama.cpp would put
-   weights in with that variant (the default one and the variant's extra ones: AMX, repacked),
-   each checked against the dequantized weights computed in numpy;
+2. probes them best first, in a child process (``ggml_cpu_probe.py`` beside this file):
+   quantized matrix products (every weight type llama.cpp's quantizer writes, at 1 and 32 rows)
+   through every buffer type llama.cpp would put weights in with that variant (the default one
+   and the variant's extra ones: AMX, repacked), each checked against numpy;
 3. keeps the first variant that passes, records why the better-ranked ones were skipped, caches
    the verdict per machine (CPU, kernel, libraries), and loads that variant into the process's
    ggml registry.
 
 The module depends on nothing but the standard library (numpy in the probe child, which
-llama-cpp-python requires anyway) and imports nothing of edgekd, so the same file also ships
-inside the llama-cpp-python wheel edgekd's Makefile builds (:mod:`edgekd.runtime.llama_wheel`,
-as ``llama_cpp/_cpu_variant.py``, run by ``import llama_cpp``): plain llama-cpp-python, its server
-and every program built on it then work in edgekd's environment with no further step.
+llama-cpp-python requires anyway) and imports nothing of edgekd, so the same two files also
+ship inside the llama-cpp-python wheel edgekd's Makefile builds
+(:mod:`edgekd.runtime.llama_wheel`: ``llama_cpp/_cpu_variant.py`` and
+``_cpu_variant_probe.py``, run by ``import llama_cpp``). Plain llama-cpp-python, its server and
+every program built on it then work in edgekd's environment with no further step.
 """
 
 from __future__ import annotations
@@ -41,17 +42,6 @@ PROBE_VERSION = 1
 PROBE_TIMEOUT_S = 120
 # which library names hold ggml's backend registry (ggml_backend_load), in the order tried
 REGISTRY_NAMES = ("libggml.so.0", "libggml.so", "libggml.dylib", "ggml.dll")
-
-# The weight types llama.cpp's quantizer writes without an importance matrix, as ggml numbers
-# them (ggml.h, enum ggml_type). Each has its own dot-product kernels, and the extra buffer
-# types (AMX, repacked) take different subsets of them.
-PROBE_TYPES = {
-    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10,
-    "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14, "iq4_nl": 20, "iq4_xs": 23, "bf16": 30,
-    "mxfp4": 39,
-}  # fmt: skip
-PROBE_K, PROBE_N, PROBE_ROWS = 256, 64, (1, 32)  # K: a multiple of every block size (QK_K)
-PROBE_TOLERANCE = 0.05  # relative L2 error; the activations are quantized to 8 bits in the dot
 
 SELECTED: dict | None = None  # what load() chose in this process (also in the cache file)
 
@@ -243,6 +233,13 @@ WINDOWS_CRASHES = {
 }
 
 
+def probe_script() -> Path:
+    """The probe the children run: this file's ``_probe`` sibling (``ggml_cpu_probe.py`` in
+    edgekd, ``_cpu_variant_probe.py`` in llama-cpp-python)."""
+    here = Path(__file__).resolve()
+    return here.with_name(f"{here.stem}_probe.py")
+
+
 def _run_child(registry: Path, candidates: list[str]) -> tuple[list[dict], str | None, bool, str]:
     """One probe child over ``candidates``: its events, how it died (None: exit 0), whether
     that death was a crash, and the last line it wrote to stderr."""
@@ -254,7 +251,7 @@ def _run_child(registry: Path, candidates: list[str]) -> tuple[list[dict], str |
     # -c with the working directory taken off sys.path (where a numpy.py or json.py may be);
     # the environment, user site and PYTHONPATH stay the parent's. run_path keeps sys.path.
     boot = "import sys\nif sys.path and sys.path[0] in ('', '.'):\n    del sys.path[0]\n"
-    boot += f"import runpy\nsys.argv[0] = {str(Path(__file__).resolve())!r}\n"
+    boot += f"import runpy\nsys.argv[0] = {str(probe_script())!r}\n"
     boot += "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     cmd = [sys.executable, "-c", boot, "probe", str(registry), *candidates]
     try:
@@ -289,192 +286,6 @@ def _run_child(registry: Path, candidates: list[str]) -> tuple[list[dict], str |
         died = None
     last = (stderr.strip().splitlines() or [""])[-1]
     return events, died, crash, last
-
-
-# ---------------------------------------------------------------------------- the probe child
-
-
-def _bind(ggml: ctypes.CDLL) -> None:
-    """ctypes signatures of the ggml functions the probe calls (ggml.h, ggml-backend.h,
-    ggml-alloc.h)."""
-    p, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
-    sigs = {
-        "ggml_backend_load": (p, [ctypes.c_char_p]),
-        "ggml_backend_unload": (None, [p]),
-        "ggml_backend_reg_dev_get": (p, [p, sz]),
-        "ggml_backend_reg_get_proc_address": (p, [p, ctypes.c_char_p]),
-        "ggml_backend_dev_init": (p, [p, ctypes.c_char_p]),
-        "ggml_backend_dev_buffer_type": (p, [p]),
-        "ggml_backend_dev_supports_op": (ctypes.c_bool, [p, p]),
-        "ggml_backend_buft_name": (ctypes.c_char_p, [p]),
-        "ggml_backend_alloc_ctx_tensors_from_buft": (p, [p, p]),
-        "ggml_backend_buffer_free": (None, [p]),
-        "ggml_backend_tensor_set": (None, [p, p, sz, sz]),
-        "ggml_backend_tensor_get": (None, [p, p, sz, sz]),
-        "ggml_backend_graph_compute": (ctypes.c_int, [p, p]),
-        "ggml_backend_free": (None, [p]),
-        "ggml_init": (p, [_InitParams]),
-        "ggml_free": (None, [p]),
-        "ggml_tensor_overhead": (sz, []),
-        "ggml_graph_overhead": (sz, []),
-        "ggml_new_tensor_2d": (p, [p, ctypes.c_int, i64, i64]),
-        "ggml_mul_mat": (p, [p, p, p]),
-        "ggml_new_graph": (p, [p]),
-        "ggml_build_forward_expand": (None, [p, p]),
-        "ggml_row_size": (sz, [ctypes.c_int, i64]),
-        "ggml_quantize_chunk": (sz, [ctypes.c_int, p, p, i64, i64, i64, p]),
-        "ggml_get_type_traits": (ctypes.POINTER(_TypeTraits), [ctypes.c_int]),
-    }
-    for name, (restype, argtypes) in sigs.items():
-        fn = getattr(ggml, name)
-        fn.restype, fn.argtypes = restype, argtypes
-
-
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
-                ("no_alloc", ctypes.c_bool)]  # fmt: skip
-
-
-_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-
-
-class _TypeTraits(ctypes.Structure):
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                ("from_float_ref", ctypes.c_void_p)]  # fmt: skip
-
-
-def _emit(**event) -> None:
-    print(json.dumps(event), flush=True)
-
-
-def _probe_main(registry: str, candidates: list[str]) -> int:
-    """The child: score ``candidates`` with ggml's own score function, then probe them best
-    first; report each step on stdout before taking it, so that a crash names its variant."""
-    # first: the variants find libggml-base through it (they carry no run path of their own)
-    ggml = ctypes.CDLL(registry, mode=ctypes.RTLD_GLOBAL)
-    _bind(ggml)
-    scores = {}
-    for path in candidates:
-        _emit(probing=path)  # loading a library can fault too
-        try:
-            score = getattr(ctypes.CDLL(path), "ggml_backend_score", None)
-        except OSError as e:  # as ggml's own loader does: a library that cannot load is skipped
-            _emit(failed=path, why=f"cannot be loaded ({e})")
-            continue
-        scores[path] = int(score()) if score is not None else 0
-    _emit(scores=scores)
-    import numpy as np
-
-    for path in sorted((p for p in scores if scores[p] > 0), key=lambda p: -scores[p]):
-        _emit(probing=path)
-        reg = ggml.ggml_backend_load(path.encode())
-        if not reg:
-            _emit(failed=path, why="ggml could not load it")
-            continue
-        try:
-            checks = _probe_matmuls(ggml, reg, np)
-        except Exception as e:  # noqa: BLE001 - wrong numbers, or the variant's own failure
-            ggml.ggml_backend_unload(reg)
-            why = str(e) if isinstance(e, _WrongResult) else f"{type(e).__name__} in the probe: {e}"
-            _emit(failed=path, why=why)
-            continue
-        _emit(passed=path, checks=checks)
-        return 0
-    return 0
-
-
-class _WrongResult(Exception):
-    pass
-
-
-def _probe_matmuls(ggml, reg, np) -> list[str]:
-    """Every probe type through every weight buffer type of the variant, at 1 and 32 rows,
-    against numpy; returns the ``type/buffer/rows`` checks that ran."""
-    dev = ggml.ggml_backend_reg_dev_get(reg, 0)
-    backend = ggml.ggml_backend_dev_init(dev, None)
-    host = ggml.ggml_backend_dev_buffer_type(dev)
-    set_threads = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
-    if set_threads:  # more than one thread: per-thread state (AMX tile configs) is exercised
-        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)(set_threads)(
-            backend, max(2, min(4, os.cpu_count() or 2))
-        )
-    bufts = [host]
-    extra = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
-    if extra:
-        found = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(extra)(dev)
-        i = 0
-        while found and found[i]:
-            bufts.append(found[i])
-            i += 1
-    rng = np.random.default_rng(0)
-    checks = []
-    for type_name, ggml_type in PROBE_TYPES.items():
-        weights = rng.standard_normal((PROBE_N, PROBE_K)).astype(np.float32)
-        row = ggml.ggml_row_size(ggml_type, PROBE_K)
-        packed = np.zeros(row * PROBE_N, dtype=np.uint8)
-        ggml.ggml_quantize_chunk(ggml_type, weights.ctypes.data, packed.ctypes.data, 0,
-                                 PROBE_N, PROBE_K, None)  # fmt: skip
-        reference = weights.copy()  # f32 has no conversion
-        traits = ggml.ggml_get_type_traits(ggml_type).contents
-        if traits.to_float:
-            _TO_FLOAT(traits.to_float)(packed.ctypes.data, reference.ctypes.data, weights.size)
-        for buft in bufts:
-            buft_name = ggml.ggml_backend_buft_name(buft).decode()
-            for rows in PROBE_ROWS:
-                check = f"{type_name}/{buft_name}/{rows}"
-                _emit(check=check)  # names the product a crash happens in
-                x = rng.standard_normal((rows, PROBE_K)).astype(np.float32)
-                y = _matmul(ggml, dev, backend, buft, host, ggml_type, packed, x, np)
-                if y is None:  # this buffer type does not take this type: llama.cpp neither
-                    continue
-                want = x.astype(np.float64) @ reference.T.astype(np.float64)
-                err = float(np.linalg.norm(y - want) / np.linalg.norm(want))
-                if not err <= PROBE_TOLERANCE:
-                    raise _WrongResult(
-                        f"wrong results in the probe ({type_name} weights in {buft_name}, "
-                        f"{rows} rows: relative error {err:.3g})"
-                    )
-                checks.append(check)
-    ggml.ggml_backend_free(backend)  # (a failed probe leaves it to the child's exit)
-    return checks
-
-
-def _matmul(ggml, dev, backend, buft, host, ggml_type, packed, x, np):
-    """``x @ W.T`` with the packed weights ``W`` in buffer type ``buft``; ``None`` where the
-    device does not run that product from that buffer type."""
-    overhead = ggml.ggml_tensor_overhead() * 8 + ggml.ggml_graph_overhead()
-    wctx = ggml.ggml_init(_InitParams(ggml.ggml_tensor_overhead() * 2, None, True))
-    ctx = ggml.ggml_init(_InitParams(overhead, None, True))
-    wbuf = buf = None
-    try:
-        w = ggml.ggml_new_tensor_2d(wctx, ggml_type, PROBE_K, PROBE_N)
-        wbuf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft)
-        if not wbuf:
-            return None
-        xt = ggml.ggml_new_tensor_2d(ctx, 0, PROBE_K, x.shape[0])
-        out = ggml.ggml_mul_mat(ctx, w, xt)
-        if not ggml.ggml_backend_dev_supports_op(dev, out):
-            return None
-        graph = ggml.ggml_new_graph(ctx)
-        ggml.ggml_build_forward_expand(graph, out)
-        buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, host)
-        if not buf:
-            raise MemoryError("the probe's activations could not be allocated")
-        ggml.ggml_backend_tensor_set(w, packed.ctypes.data, 0, packed.nbytes)
-        ggml.ggml_backend_tensor_set(xt, x.ctypes.data, 0, x.nbytes)
-        if ggml.ggml_backend_graph_compute(backend, graph) != 0:
-            raise _WrongResult("the probe's matrix product failed to compute")
-        y = np.zeros((x.shape[0], PROBE_N), dtype=np.float32)
-        ggml.ggml_backend_tensor_get(out, y.ctypes.data, 0, y.nbytes)
-        return y
-    finally:
-        for b in (buf, wbuf):
-            if b:
-                ggml.ggml_backend_buffer_free(b)
-        ggml.ggml_free(ctx)
-        ggml.ggml_free(wctx)
 
 
 # ----------------------------------------------------------------------------- cache and logs
@@ -577,13 +388,11 @@ def _quiet(ggml):
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["probe"] and len(argv) >= 2:
-        return _probe_main(argv[1], argv[2:])
     if argv[:1] == ["select"] and len(argv) == 2:
         libs = variant_libraries(argv[1])
         print(json.dumps(select(libs, registry_library(argv[1])), indent=1))
         return 0
-    print("usage: ggml_cpu.py select LIB_DIR | probe REGISTRY LIB...", file=sys.stderr)
+    print("usage: ggml_cpu.py select LIB_DIR", file=sys.stderr)
     return 2
 
 

@@ -3,7 +3,8 @@
 A llama.cpp built with ``GGML_BACKEND_DL`` registers no CPU backend by itself, so plain
 ``llama_cpp.Llama(...)`` fails with "Failed to load model from file" until someone loads one.
 The Makefile compiles the wheel once per machine and installs a copy made here: ``ggml_cpu.py``
-(beside this file) as ``llama_cpp/_cpu_variant.py`` and :data:`INIT_HOOK` at the end of
+and ``ggml_cpu_probe.py`` (beside this file) as ``llama_cpp/_cpu_variant.py`` and
+``_cpu_variant_probe.py``, and :data:`INIT_HOOK` at the end of
 ``llama_cpp/__init__.py``, so ``import llama_cpp`` loads the best CPU variant that passes the
 probe, for every program that uses llama-cpp-python (its server, LangChain, LlamaIndex), edgekd
 or not. Standard library only: the Makefile runs it before edgekd is installed.
@@ -22,7 +23,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-LOADER = Path(__file__).with_name("ggml_cpu.py")
+# the loader and the probe its children run, under the names the loader finds its probe by
+FILES = {
+    "llama_cpp/_cpu_variant.py": Path(__file__).with_name("ggml_cpu.py"),
+    "llama_cpp/_cpu_variant_probe.py": Path(__file__).with_name("ggml_cpu_probe.py"),
+}
 INIT_HOOK = """
 # Added by edgekd's build: this llama.cpp ships its CPU backend as one library per CPU
 # feature level (GGML_BACKEND_DL); load the best one that a probe proves runs on this machine.
@@ -48,7 +53,7 @@ def patch_wheel(source: str | Path, out_dir: str | Path) -> Path:
         files = {n: zin.read(n) for n in names if n != record}
         if "llama_cpp/_cpu_variant.py" not in files:
             files["llama_cpp/__init__.py"] += INIT_HOOK.encode()
-        files["llama_cpp/_cpu_variant.py"] = LOADER.read_bytes()
+        files.update({name: path.read_bytes() for name, path in FILES.items()})
         rows = []
         for name, data in files.items():
             info = zin.getinfo(name) if name in names else zipfile.ZipInfo(name)

@@ -187,6 +187,7 @@ def test_the_patched_wheel_loads_its_variant_on_import_and_records_every_file(tm
             init = z.read("llama_cpp/__init__.py").decode()
             assert init.count("_cpu_variant.load(") == 1 and init.startswith("from .llama_cpp")
             assert z.read("llama_cpp/_cpu_variant.py") == Path(ggml_cpu.__file__).read_bytes()
+            assert z.read("llama_cpp/_cpu_variant_probe.py") == ggml_cpu.probe_script().read_bytes()
             rows = [r.split(",") for r in z.read(record).decode().splitlines()]
             assert {r[0] for r in rows} == set(z.namelist())
             for name, digest, size in rows:
