@@ -83,7 +83,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
 def _check_inputs(config: ExportConfig) -> None:
     """Fail before minutes of export, not in the parity checks after it: the chat template
     every artifact renders prompts with, the device profile, and every eval sample's image."""
-    from edgekd.data.llava import checked_samples
+    from edgekd.data.samples import checked_samples
     from edgekd.models.checkpoint import load_config, require_chat_template, resolve_checkpoint
     from edgekd.profiles import load_device_profile
 

@@ -95,7 +95,7 @@ def load_items(data: str | Path, image_root=None, limit: int | None = None) -> l
         DataError: invalid JSON or samples, missing or unreadable images (the count and the
             first one), paths leaving the image root, a multi-turn sample, or a limit below 1.
     """
-    from edgekd.data.llava import checked_samples
+    from edgekd.data.samples import checked_samples
     from edgekd.errors import DataError
 
     samples, images = checked_samples(data, image_root, limit)  # bad images fail here

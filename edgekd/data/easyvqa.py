@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd.data.llava import qa_sample
+from edgekd.data.samples import qa_sample
 from edgekd.errors import DataError
 from edgekd.io import atomic_write_json
 from edgekd.outputs import output_guard

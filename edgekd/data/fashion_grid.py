@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.data.easyvqa import qa_summary
-from edgekd.data.llava import qa_sample
+from edgekd.data.samples import qa_sample
 from edgekd.errors import DataError
 from edgekd.io import atomic_write_json
 from edgekd.outputs import output_guard
