@@ -32,12 +32,12 @@ from pathlib import Path
 
 FORCED = r"""
 import ctypes, json, sys, time
-lib, variant = sys.argv[1], sys.argv[2]
+registry, variant = sys.argv[1], sys.argv[2]
 started = time.perf_counter()
 if variant:  # the variant loaded by hand into the ggml libllama will use (same soname)
-    ggml = ctypes.CDLL(lib + "/libggml.so.0", mode=ctypes.RTLD_GLOBAL)
+    ggml = ctypes.CDLL(registry, mode=ctypes.RTLD_GLOBAL)
     ggml.ggml_backend_load.restype = ctypes.c_void_p
-    assert ggml.ggml_backend_load((lib + "/libggml-cpu-" + variant + ".so").encode())
+    assert ggml.ggml_backend_load(variant.encode())
 import llama_cpp
 """
 
@@ -78,19 +78,28 @@ def run(code: str, *args, env=None, timeout=900) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def forced(lib: str, variant: str = "") -> tuple[str, str]:
+    """The ggml registry library of ``lib`` and the library of ``variant`` ("" for none), the
+    arguments of the child scripts above."""
+    from edgekd.runtime import ggml_cpu
+
+    libraries = {ggml_cpu.variant_name(p): str(p) for p in ggml_cpu.variant_libraries(lib)}
+    return str(ggml_cpu.registry_library(lib)), libraries[variant] if variant else ""
+
+
 def startup(lib: str, rounds: int) -> dict:
     samples: dict[str, list[float]] = {"cold": [], "warm": [], "by_hand": []}
     chosen = None
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "XDG_CACHE_HOME": cache}
-            cold = run(STARTUP, lib, "", env=env)
-            warm = run(STARTUP, lib, "", env=env)
+            cold = run(STARTUP, *forced(lib), env=env)
+            warm = run(STARTUP, *forced(lib), env=env)
             assert cold["selected"]["cached"] is False and warm["selected"]["cached"] is True
             chosen = cold["selected"]
             samples["cold"].append(cold["import_s"])
             samples["warm"].append(warm["import_s"])
-        samples["by_hand"].append(run(STARTUP, lib, chosen["variant"])["import_s"])
+        samples["by_hand"].append(run(STARTUP, *forced(lib, chosen["variant"]))["import_s"])
     med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     return {
         "import_ms": {k: round(v, 1) for k, v in med.items()},
@@ -135,7 +144,7 @@ def speed(lib: str, variants: list[str], models: dict, args, log) -> dict:
         order = variants[r % len(variants):] + variants[: r % len(variants)]
         for precision, model in models.items():
             for v in order:
-                got = run(SPEED, lib, v, model, args.prompt, args.decode, args.threads)
+                got = run(SPEED, *forced(lib, v), model, args.prompt, args.decode, args.threads)
                 log(f"round {r + 1} {precision} {v}: {got}")
                 samples[precision][v].append(got)
     rows = {}

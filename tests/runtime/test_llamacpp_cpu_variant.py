@@ -96,6 +96,16 @@ def test_a_variant_killed_from_outside_is_probed_again_and_the_verdict_not_kept(
     assert again["cached"] is False and again["variant"] == first["variant"]
 
 
+def test_a_file_that_is_no_library_is_skipped_with_the_loader_s_reason(tmp_path):
+    real = _variants()
+    registry = ggml_cpu.registry_library(_build_dir())
+    bogus = tmp_path / "libggml-cpu-bogus.so"
+    bogus.write_text("not a shared library")
+    chosen = ggml_cpu.select([bogus, *real], registry, cache_dir=tmp_path / "cache")
+    assert chosen["variants"]["bogus"].startswith("skipped: cannot be loaded"), chosen["variants"]
+    assert chosen["variant"] == ggml_cpu.select(real, registry, tmp_path / "real")["variant"]
+
+
 def test_no_runnable_variant_is_one_clear_error(crashing_variant, tmp_path):
     _variants()
     registry = ggml_cpu.registry_library(_build_dir())
