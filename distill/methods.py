@@ -20,10 +20,11 @@ The loss receives, by keyword, the objective's settings its signature names (``t
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from edgekd.registry import Registry, resolve
 
 
 @dataclass(frozen=True)
@@ -62,30 +63,11 @@ class Method:
         return () if self.switch else ("w_vsd",)
 
     def loss_fn(self) -> Callable[..., Any]:
-        if isinstance(self.loss, str):
-            module, _, attr = self.loss.partition(":")
-            return getattr(importlib.import_module(module), attr)
-        return self.loss
+        return resolve(self.loss)
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    """Add ``method`` to the registry (a second registration of a name replaces the first)."""
-    METHODS[method.name] = method
-    return method
-
-
-def get(name: str) -> Method:
-    """The registered method ``name``; an unknown name lists the valid ones."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; valid: {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def names() -> tuple[str, ...]:
-    return tuple(METHODS)
+METHODS = Registry("method")
+register, get, names = METHODS.add, METHODS.require, METHODS.names
 
 
 def help_text() -> str:

@@ -20,11 +20,11 @@ fast), or the objects themselves.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgekd.errors import EdgeKDError
+from edgekd.registry import Registry, resolve
 
 DEVICES = ("cpu", "cuda", "jetson")
 
@@ -105,48 +105,30 @@ class Target:
 
     def make_exporter(self):
         """A new instance of the target's exporter."""
-        return _resolve(self.exporter)()
+        return resolve(self.exporter)()
 
     def open_backend(self, path, *, device: str, threads: int | None, **options):
         """The target's backend on ``path`` (checksums verified by the backend)."""
-        return _resolve(self.backend)(path, device=device, threads=threads, **options)
+        return resolve(self.backend)(path, device=device, threads=threads, **options)
 
     def read_decode_weights(self, artifact) -> DecodeWeights:
-        return _resolve(self.decode_weights)(artifact)
+        return resolve(self.decode_weights)(artifact)
 
 
-TARGETS: dict[str, Target] = {}
+TARGETS = Registry("export target", TargetError, sort=True)
+get, names = TARGETS.require, TARGETS.names
 
 
 def register(target: Target) -> Target:
     """Add ``target`` to the registry (a second registration of a name replaces the first)."""
     if not target.precisions:
         raise TargetError(f"target '{target.name}' declares no precisions")
-    TARGETS[target.name] = target
-    return target
-
-
-def get(name: str) -> Target:
-    """The registered target ``name``; an unknown name lists the valid ones."""
-    if name not in TARGETS:
-        raise TargetError(f"unknown export target '{name}'; valid: {', '.join(names())}")
-    return TARGETS[name]
-
-
-def names() -> tuple[str, ...]:
-    return tuple(sorted(TARGETS))
+    return TARGETS.add(target)
 
 
 def help_text() -> str:
     """``onnx: fp32 fp16 int8 int4; gguf: ...`` for the CLI help (defaults first)."""
     return "; ".join(f"{t.name}: {' '.join(t.precisions)}" for _, t in sorted(TARGETS.items()))
-
-
-def _resolve(ref: Any) -> Any:
-    if not isinstance(ref, str):
-        return ref
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 # ---- the built-in targets ------------------------------------------------------------------
