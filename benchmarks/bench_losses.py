@@ -22,6 +22,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 
 # Targets of the DBiLD loss, relative to plain full-vocabulary forward KL.
 TARGET_TIME_RATIO = 0.5
@@ -29,11 +30,24 @@ TARGET_MEM_RATIO = 0.25
 CASES = ["kl_naive", "kl", "bild_naive", "bild", "dbild"]
 DESCRIPTION = {
     "kl_naive": "full-vocab forward KL, plain autograd, unchunked (T=1)",
-    "kl": "edgekd forward_kl (chunked, fused gradient, T=1)",
+    "kl": "edgekd forward_kl (chunked, fused gradient, T=1, chunk {chunk})",
     "bild_naive": "plain unchunked top-8 BiLD, as in the BiLD reference code",
-    "bild": "edgekd bild (k=8, T=3)",
-    "dbild": "edgekd dbild (top_n=256, k in [2, 64], T=3)",
+    "bild": "edgekd bild (its defaults: k={k}, T={t:g}, chunk {chunk})",
+    "dbild": "edgekd dbild (its defaults: top_n={top_n}, k in [{k_min}, {k_max}], T={t:g}, "
+    "chunk {chunk})",
 }
+
+
+def _described(case: str) -> str:
+    """The case's description, with the settings the edgekd losses default to (the recipe's)."""
+    from edgekd.distill import losses
+    from edgekd.profiles.schema import LossConfig
+
+    d = LossConfig()
+    return DESCRIPTION[case].format(
+        k=losses.BILD_K, t=d.temperature, chunk=d.chunk_size, top_n=d.top_n, k_min=d.k_min,
+        k_max=d.k_max,
+    )  # fmt: skip
 
 
 def naive_kl(student, teacher, mask, temperature: float = 1.0):
@@ -87,7 +101,7 @@ def _maxrss_bytes() -> int:
 def _worker(case: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     import torch
 
-    from edgekd.runtime.bench import percentiles
+    from edgekd.runtime.bench_measure import percentiles
 
     torch.set_num_threads(args.threads)
     fn = _loss_fn(case)
@@ -108,7 +122,7 @@ def _worker(case: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     timed = percentiles(times[args.warmup :])
     queue.put({
         "case": case,
-        "description": DESCRIPTION[case],
+        "description": _described(case),
         "loss": loss,
         "warmup_s": times[: args.warmup],
         "times_s": times[args.warmup :],
@@ -135,6 +149,16 @@ def _environment(args: argparse.Namespace) -> dict:
         "loadavg_1m_end": os.getloadavg()[0],
         "memory_metric": "ru_maxrss minus ru_maxrss after input allocation, fresh process per case",
     })  # fmt: skip
+
+
+def _result_of(proc, queue, case: str) -> dict:
+    """The worker's result; a worker that dies first (its traceback above) ends the run."""
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except Empty:
+            if not proc.is_alive():
+                raise SystemExit(f"{case}: the worker exited with code {proc.exitcode}") from None
 
 
 def _ratios(results: dict) -> dict:
@@ -191,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         queue = ctx.Queue()
         proc = ctx.Process(target=_worker, args=(case, args, queue))
         proc.start()
-        results[case] = queue.get()
+        results[case] = _result_of(proc, queue, case)
         proc.join()
         print(f"{case}: {results[case]['median_s']:.2f} s, "
               f"+{results[case]['peak_extra_bytes'] / 1e9:.2f} GB", flush=True)  # fmt: skip

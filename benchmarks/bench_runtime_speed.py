@@ -231,14 +231,14 @@ def export_unproven(config, error) -> dict:
     the failure is reported with its numbers (the parity report the error carries).
     """
     from edgekd.export import get_exporter
-    from edgekd.io import atomic_dir
     from edgekd.models import VLM
+    from edgekd.outputs import guarded_dir
 
     vlm = VLM.from_pretrained(config.checkpoint, dtype="float32")
     exporter = get_exporter(config.target)
     exporter.check(vlm, config)
     parity = {**(error.report or {"passed": False}), "error": str(error)}
-    with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
+    with guarded_dir(config.output, overwrite=config.overwrite) as tmp:
         components = exporter.export(vlm, config, tmp)
         artifact.write(
             tmp,

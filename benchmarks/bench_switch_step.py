@@ -27,7 +27,7 @@ from edgekd.distill.trainer import distill_step
 from edgekd.envinfo import snapshot
 from edgekd.models import build_vlm, train_tokenizer
 from edgekd.models.vlm import VLM
-from edgekd.runtime.bench import percentiles
+from edgekd.runtime.bench_measure import percentiles
 
 TARGET_RATIO = 1.10  # fused switch-kd step over the sum of its parts
 

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from edgekd.envinfo import snapshot
+from edgekd.plan import GB
 from edgekd.plan.memory import TensorMemory
-from edgekd.plan.training import GB, TrainSetup, plan_train
+from edgekd.plan.training import TrainSetup, plan_train
 
 HERE = Path(__file__).resolve()
 TINY_OVERRIDES = {

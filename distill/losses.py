@@ -23,9 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from edgekd.profiles.schema import LossConfig
+
 __all__ = ["LOSSES", "LossOutput", "bild", "dbild", "forward_kl", "kneedle_k", "reverse_kl"]
 
-DEFAULT_CHUNK = 128
+# The functions' defaults are a recipe's (written once, in the schema); bild's k is its own.
+_RECIPE = LossConfig()
+DEFAULT_CHUNK = _RECIPE.chunk_size
+BILD_K = 8
 
 
 @dataclass(frozen=True)
@@ -459,8 +464,8 @@ def bild(
     teacher_logits: Tensor,
     mask: Tensor,
     *,
-    k: int = 8,
-    temperature: float = 3.0,
+    k: int = BILD_K,
+    temperature: float = _RECIPE.temperature,
     direction: str = "forward",
     chunk_size: int = DEFAULT_CHUNK,
 ) -> LossOutput:
@@ -503,10 +508,10 @@ def dbild(
     teacher_logits: Tensor,
     mask: Tensor,
     *,
-    temperature: float = 3.0,
-    top_n: int = 256,
-    k_min: int = 3,
-    k_max: int = 64,
+    temperature: float = _RECIPE.temperature,
+    top_n: int = _RECIPE.top_n,
+    k_min: int = _RECIPE.k_min,
+    k_max: int = _RECIPE.k_max,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> LossOutput:
     """Dynamic Bi-directional Logits Difference loss (Switch-KD, arXiv 2604.14629).

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.distill import methods
-from edgekd.distill.losses import LossOutput
+from edgekd.distill.losses import BILD_K, LossOutput
 from edgekd.distill.methods import logit_method
 from edgekd.profiles.schema import LogitLoss, LossConfig
 
@@ -65,10 +65,10 @@ class Objective:
     top_n: int = _LOSS.top_n
     k_min: int = _LOSS.k_min
     k_max: int = _LOSS.k_max
-    bild_k: int = 8
+    bild_k: int = BILD_K
     logit_loss: str = _LOSS.logit_loss
     exclude_ids: frozenset[int] = frozenset()
-    chunk_size: int = 256
+    chunk_size: int = _LOSS.chunk_size
 
     def __post_init__(self) -> None:
         methods.get(self.method)  # ValueError naming the valid ones

@@ -3,6 +3,7 @@ image preprocessing), and the student's vision tower started from the teacher's 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -10,12 +11,13 @@ import torch
 from edgekd.distill import methods
 from edgekd.distill.setup import DistillJob, resolve_dataset
 from edgekd.errors import ModelError
+from edgekd.models import VLM, build_vlm, check_compatible
+from edgekd.models.factory import corpus_texts
+from edgekd.models.tokenizer import train_tokenizer
 
 
 def load_models(recipe, job: DistillJob, device: str):
     """Teacher (None for sft) and student as ``VLM``s, checked for compatibility."""
-    from edgekd.models import VLM, check_compatible
-
     dtype = "bfloat16" if recipe.training.bf16 and device == "cuda" else "float32"
     teacher = None
     shared_tower = recipe.training.vision_tower_init == "teacher"
@@ -51,8 +53,6 @@ def share_vision_tower(teacher, student) -> None:
     Raises:
         ModelError: the towers differ in a parameter's name or shape (both are named).
     """
-    from contextlib import nullcontext
-
     src = dict(teacher.vision_tower.named_parameters())
     dst = dict(student.vision_tower.named_parameters())
 
@@ -81,10 +81,6 @@ def share_vision_tower(teacher, student) -> None:
 
 
 def _load_student(recipe, job: DistillJob, teacher, device: str):
-    from edgekd.models import VLM, build_vlm
-    from edgekd.models.factory import corpus_texts
-    from edgekd.models.tokenizer import train_tokenizer
-
     spec = recipe.student
     if not spec.startswith("tiny:"):
         return VLM.from_pretrained(

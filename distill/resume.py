@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
+
+import yaml
+from safetensors import SafetensorError, safe_open
 
 from edgekd.distill.trainer import DistillError
 from edgekd.models.checkpoint import read_json
@@ -68,8 +72,6 @@ def check_resume_config(recipe_dict: dict[str, Any], job_dict: dict[str, Any], r
     Raises:
         DistillError: one line naming every differing key with the saved and the new value.
     """
-    import yaml
-
     path = run / "config.yaml"
     if not path.is_file():
         return  # a run saved before config.yaml existed: the shape check still applies
@@ -102,10 +104,6 @@ def check_checkpoint_files(checkpoint: str | os.PathLike) -> None:
         DistillError: naming the broken file and the folder to remove to resume from the
             checkpoint before it.
     """
-    import zipfile
-
-    from safetensors import SafetensorError, safe_open
-
     ckpt = Path(checkpoint)
     for file in sorted(ckpt.iterdir()):
         try:
@@ -153,8 +151,6 @@ def check_resume_shapes(student, checkpoint: str | os.PathLike) -> None:
 
 
 def _checkpoint_has_adapter(ckpt: Path) -> bool:
-    from safetensors import safe_open
-
     for file in ckpt.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
             if any(k.startswith("vsd_adapter.") for k in f.keys()):

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from transformers.trainer_utils import get_last_checkpoint
 
+from edgekd.distill.callbacks import JsonLogCallback, RichProgressCallback
 from edgekd.distill.objective import Objective
 from edgekd.distill.pair import load_models
 from edgekd.distill.resume import (
@@ -51,9 +53,10 @@ from edgekd.distill.setup import (  # noqa: F401 - DistillJob: the run's API
     training_arguments,
 )
 from edgekd.distill.switch import build_adapter
-from edgekd.distill.trainer import STAGING, DistillError
+from edgekd.distill.trainer import STAGING, DistillError, DistillTrainer, wrap_classes
 from edgekd.io import atomic_write_text
-from edgekd.outputs import swap_in
+from edgekd.outputs import DataRoot, check_inputs, output_guard, swap_in
+from edgekd.profiles import profile_to_dict, profile_to_yaml
 
 EXISTS_HINT = "pass --overwrite to replace it or --resume to continue its training"
 
@@ -119,8 +122,6 @@ class DistillRun:
 
     def load_data(self) -> None:
         """The training set; its images checked against the output."""
-        from edgekd.outputs import DataRoot, check_inputs
-
         self.dataset = load_data(self.recipe, self.student.processor, self.console)
         roots = {str(p.parent) for p in self.dataset.image_paths if p is not None}
         check_inputs(self.job.output, [DataRoot(r) for r in sorted(roots)])
@@ -130,8 +131,6 @@ class DistillRun:
         from transformers.trainer_callback import PrinterCallback
 
         from edgekd.data import LlavaCollator
-        from edgekd.distill.callbacks import JsonLogCallback, RichProgressCallback
-        from edgekd.distill.trainer import DistillTrainer, wrap_classes
 
         recipe, args, work = self.recipe, self.args, self.work
         if args.fsdp_plugin_args is not None and recipe.distributed.strategy == "fsdp":
@@ -180,17 +179,12 @@ class DistillRun:
 
     @property
     def config_yaml(self) -> str:
-        from edgekd.profiles import profile_to_yaml
-
         return config_yaml(self.recipe, self.job, profile_to_yaml)
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Every phase, under the output guard; a failed run that cannot be resumed leaves
         nothing behind, a run replacing an old one is swapped in only when it has finished."""
-        from edgekd.outputs import output_guard
-        from edgekd.profiles import profile_to_dict
-
         self.setup()
         job, state = self.job, self.args.distributed_state
         with output_guard(
@@ -231,8 +225,6 @@ class DistillRun:
 # ---- the phases' pieces ------------------------------------------------------------------------
 def has_checkpoint(output: str | Path) -> bool:
     """Whether a run directory holds a complete checkpoint to ``--resume`` from."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     ckpt_dir = Path(output) / "checkpoints"
     return ckpt_dir.is_dir() and get_last_checkpoint(str(ckpt_dir)) is not None
 
@@ -246,8 +238,6 @@ def prepare_output(job: DistillJob, out: Path, replacing: bool) -> tuple[Path, s
     """
     ckpt_dir = out / "checkpoints"
     if job.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
         last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
         if last is None:
             raise DistillError(

@@ -8,6 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import yaml
+from safetensors.torch import load_file, save_file
+
 from edgekd.distill.setup import DistillJob
 from edgekd.io import writing
 from edgekd.outputs import build_dir
@@ -38,8 +41,6 @@ def save_student(trainer, out: Path, config_yaml: str) -> None:
 
 def _split_adapter(folder: Path) -> None:
     """Move ``vsd_adapter.*`` tensors out of the student's weights into their own file."""
-    from safetensors.torch import load_file, save_file
-
     for shard in folder.glob("*.safetensors"):
         tensors = load_file(shard)
         adapter = {k: v for k, v in tensors.items() if k.startswith("vsd_adapter.")}
@@ -53,6 +54,4 @@ def _split_adapter(folder: Path) -> None:
 
 
 def config_yaml(recipe, job: DistillJob, to_yaml) -> str:
-    import yaml
-
     return to_yaml(recipe) + yaml.safe_dump({"job": job_dict(job)}, sort_keys=False)

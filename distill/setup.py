@@ -13,8 +13,12 @@ import torch
 from rich.console import Console
 
 from edgekd.distill import methods
+from edgekd.distill.switch import ADAPTERS
 from edgekd.distill.trainer import DistillError
 from edgekd.errors import OptionError
+from edgekd.models.checkpoint import resolve_checkpoint
+from edgekd.outputs import DataRoot
+from edgekd.profiles import load_recipe
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -44,8 +48,6 @@ class DistillJob:
 
 def resolve_recipe(job: DistillJob):
     """The recipe with the job's overrides applied, validated once (all problems in one error)."""
-    from edgekd.profiles import load_recipe
-
     overrides = dict(job.overrides)
     if job.method:
         overrides["method"] = job.method
@@ -70,8 +72,6 @@ def resolve_recipe(job: DistillJob):
 
 def check_job(job: DistillJob) -> None:
     """Refuse job settings out of range (all at once, naming the CLI option)."""
-    from edgekd.distill.switch import ADAPTERS
-
     problems = [
         f"{flag} must be at least 1 (got {value})"
         for flag, value in (
@@ -135,7 +135,6 @@ def check_parallelism(trainer, strategy: str, device: str) -> None:
 def check_sources(recipe) -> None:
     """Teacher, student and dataset exist (a typo'd path fails now, not after loading a model)."""
     from edgekd.data import DATASETS
-    from edgekd.models.checkpoint import resolve_checkpoint
 
     for spec in (recipe.teacher if recipe.reads_teacher else None, recipe.student):
         if spec and not spec.startswith("tiny:"):
@@ -150,8 +149,6 @@ def check_sources(recipe) -> None:
 
 def inputs_of(recipe, job: DistillJob) -> list[str | None]:
     """What the run reads, for the output guard (names that are not paths are skipped)."""
-    from edgekd.outputs import DataRoot
-
     root = recipe.data.image_root
     return [
         recipe.teacher,

@@ -25,7 +25,7 @@ import copy
 import os
 import shutil
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import torch
 from transformers import Trainer
@@ -218,7 +218,6 @@ class ImageInEveryBatch(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        from collections import deque
 
         # the same order on every rank: seeded by the run's data seed and the epoch
         g = torch.Generator().manual_seed(self.seed + self.epoch)

@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgekd import targets
+from edgekd.envinfo import snapshot
 from edgekd.errors import EdgeKDError
-from edgekd.io import atomic_write_json, checkpoint_dir, sha256_file
+from edgekd.io import HUB_ID, atomic_write_json, checkpoint_dir, sha256_file
 from edgekd.models.dims import TextDims
 
 MANIFEST = "manifest.json"
@@ -163,8 +165,6 @@ def write(
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Hash every file under ``out`` and write ``manifest.json`` (atomically, last)."""
-    from edgekd.envinfo import snapshot
-
     files = {}
     for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[f.relative_to(out).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
@@ -278,8 +278,6 @@ def kind_of(path: str | Path) -> str:
     Raises:
         ArtifactError: an unreadable manifest, or a path that is neither.
     """
-    from edgekd.io import HUB_ID
-
     p = Path(path)
     if (p / MANIFEST).is_file():
         return load(p).target
@@ -363,7 +361,6 @@ def _manifest_problems(raw: Any) -> list[str]:
 
 def _preprocessing_problems(pre: dict, dims: dict) -> list[str]:
     """Values a runtime would trip over: sizes, statistics, ids, the chat template."""
-    import math
 
     def number(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -8,6 +8,7 @@ import platform
 import subprocess
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 PACKAGES = (
@@ -60,6 +61,19 @@ def git_commit(path: str | None = None) -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), or what the platform reports, or None:
+    figures of one machine compare only with that machine's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def snapshot(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Versions, machine, threads, accelerator and commit, as plain JSON data."""
     versions = {}
@@ -73,6 +87,7 @@ def snapshot(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "versions": versions,
         "commit": git_commit(),

@@ -6,6 +6,8 @@ line and exits with code 2; library users catch it like any other exception.
 """
 
 import errno
+import importlib
+import importlib.util
 
 
 class EdgeKDError(Exception):
@@ -45,9 +47,6 @@ def require(module: str, extra: str, error: type[Exception] = MissingPackageErro
         error: The exception type raised (callers keep their own error family).
         what: Who needs it, for the message (default: the module).
     """
-    import importlib
-    import importlib.util
-
     package = {"llama_cpp": "llama-cpp-python"}.get(module.split(".")[0], module)
     missing = error(f"{what or module} needs {package}: pip install 'edgekd[{extra}]'")
     try:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from edgekd.errors import DataError
+
 _NUMBERS = {
     w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
 }
@@ -192,7 +194,6 @@ def evaluate(
         DataError: an invalid eval file, or a ``limit`` below 1.
     """
     from edgekd.data import LlavaDataset, load_llava_json
-    from edgekd.errors import DataError
 
     if limit is not None and limit < 1:
         raise DataError(f"eval limit must be at least 1 (got {limit})")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgekd import artifact
 from edgekd.export.base import (
     ExportConfig,
     Exporter,
@@ -22,6 +23,8 @@ from edgekd.export.base import (
     ParityError,
     get_exporter,
 )
+from edgekd.models.checkpoint import load_config, require_chat_template, resolve_checkpoint
+from edgekd.outputs import guarded_dir
 
 __all__ = [
     "ExportConfig",
@@ -45,9 +48,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
         ModelError: the checkpoint is missing or not a LLaVA-family VLM.
         ParityError: the artifact does not match PyTorch (numbers in the message).
     """
-    from edgekd import artifact
-    from edgekd.models import VLM
-    from edgekd.outputs import guarded_dir
+    from edgekd.models import VLM  # torch
 
     exporter = get_exporter(config.target)
     problems = []
@@ -84,7 +85,6 @@ def _check_inputs(config: ExportConfig) -> None:
     """Fail before minutes of export, not in the parity checks after it: the chat template
     every artifact renders prompts with, the device profile, and every eval sample's image."""
     from edgekd.data.samples import checked_samples
-    from edgekd.models.checkpoint import load_config, require_chat_template, resolve_checkpoint
     from edgekd.profiles import load_device_profile
 
     load_config(resolve_checkpoint(config.checkpoint))  # a LLaVA-family config, first

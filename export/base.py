@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from edgekd import targets
 from edgekd.errors import EdgeKDError
 
 
@@ -99,15 +100,11 @@ class Registered:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        from edgekd import targets
-
         return targets.get(self.target).precisions
 
 
 def get_exporter(target: str) -> Exporter:
     """The registered exporter for ``target``; an unknown name lists the valid ones."""
-    from edgekd import targets
-
     if target not in targets.TARGETS:
         raise ExportError(f"unknown export target '{target}'; valid: {', '.join(targets.names())}")
     return targets.get(target).make_exporter()

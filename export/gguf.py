@@ -42,17 +42,19 @@ Facts this module relies on, read from the llama.cpp sources vendored in llama-c
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.family import family_problems, gguf_drop_rows, text_arch
+from edgekd.export.gguf_validate import smoke_test, stock_feed, tolerance, validate
 from edgekd.export.gguf_write import (
+    LLAMA_CPP_USE,
     PRECISIONS,
     check_written,
     feature_layers,
     import_gguf,
-    import_llama_cpp,
     projector_scale,
     quant_report,
     quantize,
@@ -62,6 +64,7 @@ from edgekd.export.gguf_write import (
     write_mmproj,
 )
 from edgekd.export.parity import Tolerance
+from edgekd.runtime.llamacpp import import_llama_cpp
 from edgekd.targets import GGUF_MMPROJ as MMPROJ_FILE
 from edgekd.targets import GGUF_MODEL as MODEL_FILE
 
@@ -98,8 +101,6 @@ def config_problems(vlm, precision: str, options: dict[str, Any]) -> list[str]:
 
 def _number_problems(options: dict[str, Any], kinds: dict[str, type]) -> list[str]:
     """Each of ``kinds`` given in ``options`` must be a finite number > 0 of its kind."""
-    import math
-
     problems = []
     for key, kind in kinds.items():
         if key not in options:
@@ -144,15 +145,13 @@ class GgufExporter(Registered):
         if problems:
             raise ExportError("gguf export refused: " + "; ".join(problems))
         import_gguf()
-        import_llama_cpp()
+        import_llama_cpp(ExportError, LLAMA_CPP_USE)
 
     def vision_precision(self, config: ExportConfig) -> str:
         default = "f32" if config.precision == "f32" else "f16"
         return config.options.get("vision_precision", default)
 
     def export(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
-        from edgekd.export.gguf_validate import smoke_test
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         p, model = config.precision, out / MODEL_FILE
@@ -206,8 +205,6 @@ class GgufExporter(Registered):
         }
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
-        from edgekd.export.gguf_validate import stock_feed, tolerance, validate
-
         tol = tolerance(TOLERANCES[config.precision], self.vision_precision(config), config.options)
         report = validate(vlm, config, Path(out), tol)
         if gguf_drop_rows(vlm.config):

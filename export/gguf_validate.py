@@ -18,15 +18,18 @@ language model's.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekd import artifact
+from edgekd.export import parity
 from edgekd.export.base import ExportConfig, ExportError
-from edgekd.export.parity import Case, Tolerance, compare, limits
+from edgekd.export.parity import Case, Tolerance, compare, limits, synthetic_image
 from edgekd.runtime.llamacpp import LlamaCppBackend
 from edgekd.runtime.prompt import split_at_image
 
@@ -61,8 +64,6 @@ def open_backend(
 
 def smoke_test(vlm, out: Path, n_threads: int | None = None) -> dict[str, Any]:
     """Load both files in llama.cpp and encode one image; the visual token count must match."""
-    from edgekd.export.parity import synthetic_image
-
     backend = open_backend(vlm, out, n_threads=n_threads)
     h, w = backend.session.image_size
     try:
@@ -120,11 +121,6 @@ def check_text_logits(vlm, backend: LlamaCppBackend, tol: Tolerance) -> dict[str
 
 def check_chat_handler(vlm, backend: LlamaCppBackend) -> dict[str, Any]:
     """The public multimodal path: ``create_chat_completion`` with an image data URL."""
-    import base64
-    import io
-
-    from edgekd.export.parity import synthetic_image
-
     h, w = backend.session.image_size
     buf = io.BytesIO()
     synthetic_image(2, (w, h)).save(buf, format="PNG")
@@ -157,8 +153,6 @@ def check_chat_handler(vlm, backend: LlamaCppBackend) -> dict[str, Any]:
 
 def validate(vlm, config: ExportConfig, out: Path, tol: Tolerance) -> dict[str, Any]:
     """The gguf checks and the shared ones; raise ParityError with the numbers if any fails."""
-    from edgekd.export import parity
-
     cases = parity.cases(vlm, config)
     backend = open_backend(vlm, out, n_threads=config.options.get("n_threads"), logits_all=True)
     checks = {
@@ -196,8 +190,6 @@ def stock_feed(vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
     what edgekd's backend does with ``drop_first_tokens=0`` (for a ``full`` artifact the served
     answer equals the backend's: tests/runtime/test_llamacpp_server.py).
     """
-    from edgekd.export import parity
-
     stock = open_backend(vlm, out, n_threads=config.options.get("n_threads"), drop_first_tokens=0)
     try:
         result: dict[str, Any] = {
@@ -226,7 +218,6 @@ def _stock_eval(vlm, backend: LlamaCppBackend, config: ExportConfig) -> dict[str
     """Accuracy of PyTorch, the stock feed and edgekd's exact path on the eval set, and how
     often each artifact path gives PyTorch's answer (one backend, its drop set per path)."""
     from edgekd.evaluate import generate_answers, normalize_answer, score
-    from edgekd.export import parity
 
     dataset = parity.eval_dataset(vlm, config)
     reference = generate_answers(vlm, dataset, max_new_tokens=config.max_new_tokens)

@@ -8,6 +8,7 @@ missing from them is an :class:`ExportError`, never a silently incomplete file. 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.errors import require
 from edgekd.export.base import ExportError
 from edgekd.export.family import (
     GGUF_DROP_KEY,
@@ -24,6 +26,7 @@ from edgekd.export.family import (
     vision_arch,
 )
 from edgekd.models.dims import TextDims
+from edgekd.runtime.llamacpp import import_llama_cpp, quiet_llama_logs
 
 K_QUANT_ROW = 256  # llama.cpp's QK_K
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
@@ -139,8 +142,6 @@ def feature_layers(vlm) -> list[int]:
 
 
 def _tokenizer_json(tokenizer) -> dict[str, Any]:
-    import json
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ExportError("the tokenizer is not a fast (tokenizers) tokenizer; GGUF needs its BPE")
@@ -200,15 +201,10 @@ def pre_tokenizer_name(tokenizer) -> str:
     raise ExportError(f"pre-tokenizer {pre.get('type')!r} has no known llama.cpp equivalent")
 
 
-def import_llama_cpp():
-    from edgekd.runtime.llamacpp import import_llama_cpp as _import
-
-    return _import(ExportError, "the gguf target (quantization, validation)")
+LLAMA_CPP_USE = "the gguf target (quantization, validation)"  # names the use in its error
 
 
 def import_gguf():
-    from edgekd.errors import require
-
     return require("gguf", "gguf", ExportError, "the gguf target")
 
 
@@ -449,9 +445,7 @@ def _finish(w) -> None:
 
 def quantize(src: Path, dst: Path, precision: str, n_threads: int | None = None) -> None:
     """``llama_model_quantize`` from an f32 GGUF to ``precision`` (q8_0, q4_k_m)."""
-    from edgekd.runtime.llamacpp import quiet_llama_logs
-
-    llama_cpp = import_llama_cpp()
+    llama_cpp = import_llama_cpp(ExportError, LLAMA_CPP_USE)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, PRECISIONS[precision].ftype)
     params.nthread = n_threads or 0

@@ -64,9 +64,14 @@ from typing import Any
 import numpy as np
 
 from edgekd import artifact, targets
+from edgekd.export import onnx_graph as g
+from edgekd.export import onnx_parity, parity
 from edgekd.export.base import ExportConfig, ExportError, Registered
+from edgekd.export.family import family_problems
 from edgekd.export.parity import Tolerance, loosened
+from edgekd.io import atomic_write_json
 from edgekd.models.dims import TextDims
+from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
 
 # ---- per-architecture facts ---------------------------------------------------------------
 
@@ -230,8 +235,6 @@ class OnnxExporter(Registered):
 
     def check(self, vlm, config: ExportConfig) -> None:
         """Refuse unsupported architectures, options and missing packages, all at once."""
-        from edgekd.export.family import family_problems
-
         problems = family_problems(vlm.config, "onnx")
         problems += _option_problems(config.options, config.eval_data)
         for module, extra in (("onnx", "onnx"), ("onnxruntime", "onnx"), ("onnxscript", "onnx")):
@@ -248,8 +251,6 @@ class OnnxExporter(Registered):
         One graph at a time (trace, convert, save, release), so peak memory is the model plus
         one graph's copies, not three.
         """
-        from edgekd.export import onnx_graph as g
-
         options = {**OPTIONS, **config.options}
         n_layers = vlm.config.text_config.num_hidden_layers
         files, facts, head = {}, {}, ""
@@ -276,9 +277,6 @@ class OnnxExporter(Registered):
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
         """Compare the artifact with PyTorch (:mod:`edgekd.export.parity`, plus the onnx
         checks of :mod:`edgekd.export.onnx_parity`)."""
-        from edgekd.export import onnx_parity, parity
-        from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
-
         options = {**OPTIONS, **config.options}
         tol = tolerance(config.precision, options)
         backend = OnnxRuntimeBackend(out, verify=False)  # manifest.json is written after this
@@ -426,8 +424,6 @@ def _trace(vlm, spec: GraphSpec, n_layers: int, opset: int):
     """``torch.onnx.export`` (dynamo) of one graph; returns the ``onnx.ModelProto``."""
     import torch
 
-    from edgekd.export import onnx_graph as g
-
     module = _modules(vlm)[spec.component].eval()
     with torch.no_grad(), g.quiet(), _gqa_attention(opset):
         program = torch.onnx.export(
@@ -495,8 +491,6 @@ def _convert(
     ``refs`` (int8/int4 with tied embeddings): the shared table's external references; the
     embedding and the lm_head then read it instead of each quantizing its own copy.
     """
-    from edgekd.export import onnx_graph as g
-
     if component == "vision":
         vision = vision_precision(precision, options)
         if vision == "int8":
@@ -560,8 +554,6 @@ def _tied_table(vlm):
     """
     import torch
 
-    from edgekd.export import onnx_graph as g
-
     embed = vlm.language_model.get_input_embeddings().weight
     head = vlm.lm_head
     if getattr(head, "bias", None) is not None or head.weight.shape != embed.shape:
@@ -574,8 +566,6 @@ def _tied_table(vlm):
 
 def _check_tied_head(vlm, model, head: str) -> None:
     """The traced lm_head multiplies by the embedding table (transposed), or the export stops."""
-    from edgekd.export import onnx_graph as g
-
     embed = vlm.language_model.get_input_embeddings().weight.detach().float().cpu().numpy()
     if not np.array_equal(g.head_weight(model, head), embed.T):
         raise ExportError(
@@ -586,8 +576,6 @@ def _check_tied_head(vlm, model, head: str) -> None:
 
 def _graph_facts(model, baked: list[str], head: str) -> dict[str, Any]:
     """What the manifest records of the converted decoder (read before saving it)."""
-    from edgekd.export import onnx_graph as g
-
     left = g.float_weights(model, 100_000)
     ops = ("MatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul")
     return {
@@ -601,8 +589,6 @@ def _graph_facts(model, baked: list[str], head: str) -> dict[str, Any]:
 def _components(
     precision, options, files, out: Path, decoder_facts, shared: bool = False
 ) -> dict[str, Any]:
-    from edgekd.export import onnx_graph as g
-
     plan = asdict(PLANS[precision])
     plan["vision"] = VISION_PLANS[vision_precision(precision, options)]
     if shared:
@@ -639,8 +625,6 @@ def _components(
 
 def _write_onnx_config(vlm, out: Path, n_layers: int) -> None:
     """edgekd's description of the graphs and ids, read by its onnxruntime backend."""
-    from edgekd.io import atomic_write_json
-
     dims = TextDims.from_config(vlm.config.text_config)
     pre = artifact.preprocessing(vlm)
     context = dims.context

@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 
 from edgekd.export.base import ExportConfig, ParityError
+from edgekd.io import safe_join
+from edgekd.models.dims import TextDims
+from edgekd.runtime.prompt import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +165,6 @@ def _numpy(x) -> np.ndarray:
 def cases(vlm, config: ExportConfig, n: int | None = None, seed: int = 0) -> list[Case]:
     """``n`` (default ``n_parity_prompts``) cases: ``eval_data``'s first samples when given,
     else :func:`synthetic_image` pictures (seeds ``seed, seed + 1, ...``) with QUESTIONS."""
-    from edgekd.runtime.prompt import encode_prompt
-
     n = max(int(n or config.n_parity_prompts), 1)
     if config.eval_data is not None:
         pairs = _eval_pairs(Path(config.eval_data), n)
@@ -199,7 +200,6 @@ def _eval_pairs(path: Path, n: int) -> list[tuple[Any, str]]:
     from PIL import Image
 
     from edgekd.data import load_llava_json
-    from edgekd.io import safe_join
 
     pairs = []
     for sample in load_llava_json(path)[:n]:
@@ -284,7 +284,6 @@ def greedy_samples(vlm, backend, parity_cases: Sequence[Case], max_new_tokens: i
 def eval_dataset(vlm, config: ExportConfig):
     """``config.eval_data`` (its first ``eval_limit`` samples) as the model's dataset."""
     from edgekd.data import LlavaDataset, load_llava_json
-    from edgekd.models.dims import TextDims
 
     data = Path(config.eval_data)
     samples = load_llava_json(data)[: config.eval_limit]

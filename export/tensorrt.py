@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from edgekd import artifact, targets
-from edgekd.export.base import ExportConfig, ExportError, Registered
+from edgekd.export import parity
+from edgekd.export.base import ExportConfig, ExportError, Registered, get_exporter
 from edgekd.export.onnx import VISION_INT8_COSINE, VISION_INT8_MAX_DROP
-from edgekd.export.parity import Tolerance, loosened
+from edgekd.export.parity import Tolerance, eval_dataset, loosened
 from edgekd.export.tensorrt_build import (
     Profiles,
     ShapeRange,
@@ -43,8 +44,10 @@ from edgekd.export.tensorrt_build import (
     onnx_nodes,
 )
 from edgekd.export.tensorrt_parity import sample_inputs, vision_engine_parity
+from edgekd.io import atomic_write_json
 from edgekd.models.dims import TextDims, image_tokens
-from edgekd.runtime.tensorrt import INSTALL_HINT
+from edgekd.runtime import tensorrt as trt_runtime
+from edgekd.runtime.tensorrt import INSTALL_HINT, import_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +292,6 @@ def vision_calibration_batches(vlm, config: ExportConfig, n: int) -> list[dict[s
     The images after the first ``eval_limit`` samples come first (the accuracy check scores
     those), then, if the file has too few, the scored ones.
     """
-    from edgekd.export.parity import eval_dataset
-
     dataset = eval_dataset(vlm, dataclasses.replace(config, eval_limit=None))
     scored = min(config.eval_limit or len(dataset), len(dataset))
     batches = []
@@ -397,17 +398,10 @@ def resolve_options(
     return resolved, problems
 
 
-def import_tensorrt():
-    """``import tensorrt``, or ExportError (one line) saying how to get it (no GPU needed)."""
-    from edgekd.runtime.tensorrt import import_tensorrt as _import
-
-    return _import(ExportError, need_gpu=False)
-
-
 def environment_problem() -> str | None:
     """Why TensorRT cannot build here (no package, wrong major version, no CUDA GPU), or None."""
     try:
-        trt = import_tensorrt()
+        trt = import_tensorrt(ExportError, need_gpu=False)
     except ExportError as e:
         return str(e)
     version = str(getattr(trt, "__version__", "0"))
@@ -435,8 +429,6 @@ class TensorRTExporter(Registered):
 
     def check(self, vlm, config: ExportConfig) -> None:
         """Refuse early: every problem (the environment's first) in one ExportError line."""
-        from edgekd.export.base import get_exporter
-
         problems = []
         if config.precision not in self.precisions:
             problems.append(
@@ -461,10 +453,9 @@ class TensorRTExporter(Registered):
 
     def export(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
         """Write ``onnx/`` (graphs and processor), the three engines and ``engines.json``."""
-        from edgekd.export.base import get_exporter
         from edgekd.profiles import load_device_profile
 
-        trt = import_tensorrt()
+        trt = import_tensorrt(ExportError, need_gpu=False)
         opts = resolve_options(config.precision, config.options)[0]
         profile = load_device_profile(config.profile)
         shapes = engine_shapes(profile, vlm)
@@ -514,12 +505,10 @@ class TensorRTExporter(Registered):
         """The engines against PyTorch: the shared checks of :mod:`edgekd.export.parity`."""
         import torch
 
-        from edgekd.export import parity
-        from edgekd.runtime.tensorrt import TensorRTBackend
-
         opts = resolve_options(config.precision, config.options)[0]
         tol = opts.tolerance
-        backend = TensorRTBackend(out, verify=False)  # manifest.json is written after validate
+        # manifest.json is written after validate
+        backend = trt_runtime.TensorRTBackend(out, verify=False)
         checks = {}
         if opts.vision_precision == "int8" and config.eval_data is not None:
             checks["vision_accuracy"] = lambda: parity.check_vision_accuracy(
@@ -599,8 +588,6 @@ def _onnx_paths(onnx_dir: Path) -> dict[str, Path]:
 
 def _write_engines_json(out: Path, trt, profile: str, vlm, engines: dict[str, Any]) -> None:
     import torch
-
-    from edgekd.io import atomic_write_json
 
     major, minor = torch.cuda.get_device_capability(0)
     device = {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgekd.export.parity import cases, compare
+from edgekd.runtime.tensorrt import EngineRunner, load_engines
 
 
 def sample_inputs(vlm, config, n: int | None = None, offset: int = 0) -> list[dict]:
@@ -35,8 +36,6 @@ def sample_inputs(vlm, config, n: int | None = None, offset: int = 0) -> list[di
 def vision_engine_parity(vlm, engine_path: Path, samples: Sequence[dict]) -> dict[str, float]:
     """Worst visual-token parity of one vision engine file over the samples' images."""
     import torch
-
-    from edgekd.runtime.tensorrt import EngineRunner, load_engines
 
     (engine,), keep = load_engines([engine_path])
     runner = EngineRunner(engine, label=engine_path.name)

@@ -8,3 +8,5 @@
   GEMM throughput (used by ``edgekd bench`` and the benchmarks too);
 * ``memory.py``: measured peak memory of a training step, to check the training plan against.
 """
+
+GB = 1e9  # the plans report decimal gigabytes, as device data sheets do

@@ -44,12 +44,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekd.errors import ModelError
+from edgekd.io import checkpoint_dir, is_hub_id
+from edgekd.models.checkpoint import load_config
+from edgekd.models.dims import TextDims
+from edgekd.plan import GB
 
 if TYPE_CHECKING:
     from edgekd.models import VLM
     from edgekd.profiles import DeviceProfile
 
-GB = 1e9
 STAGES = ("language_model", "vision_tower", "projector")
 INT4_BITS = 4.5  # 4-bit weights + one fp16 scale per block of 32
 SCALE_BYTES = 2  # fp16 scales (int8: one per output row)
@@ -302,7 +305,7 @@ def _facts_by_name(name: str) -> ModelFacts:
 
 def meta_vlm(name: str) -> VLM:
     """A preset, or a checkpoint's config (no weights read), as a VLM on the meta device."""
-    from edgekd.models import SHAPES, build_vlm
+    from edgekd.models import SHAPES, build_vlm  # torch
 
     if name in SHAPES:
         return build_vlm(name, device="meta")
@@ -313,9 +316,7 @@ def _meta_vlm_from_checkpoint(src: str) -> VLM:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from edgekd.io import checkpoint_dir, is_hub_id
     from edgekd.models import SHAPES, VLM
-    from edgekd.models.checkpoint import load_config
 
     local = Path(src).expanduser()
     if local.is_dir():
@@ -338,7 +339,6 @@ def facts_from_vlm(vlm: VLM, name: str) -> ModelFacts:
     lm = _stats(vlm.language_model.parameters())
     if not tied:
         lm = _add(lm, _stats([vlm.lm_head.weight]))
-    from edgekd.models.dims import TextDims
 
     text, vision = vlm.config.text_config, vlm.config.vision_config
     dims = TextDims.from_config(text)

@@ -44,18 +44,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import statistics
-import struct
 import time
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
+from edgekd import artifact, targets
 from edgekd.errors import EdgeKDError
 from edgekd.io import checkpoint_dir
 from edgekd.models.dims import TextDims
+from edgekd.plan import GB
 
-GB = 1e9
-# element sizes by dtype name (safetensors, torch, onnx-genai, TensorRT spellings)
+# bytes per element by dtype name (safetensors, torch, onnx-genai, TensorRT spellings)
 DTYPE_BYTES = {
     "F64": 8,
     "F32": 4,
@@ -65,10 +68,17 @@ DTYPE_BYTES = {
     "I32": 4,
     "I16": 2,
     "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
     "U8": 1,
     "BOOL": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F6_E2M3": 0.75,  # sub-byte types are stored packed
+    "F6_E3M2": 0.75,
+    "F4": 0.5,
     "float64": 8,
     "float32": 4,
     "fp32": 4,
@@ -320,8 +330,6 @@ def text_dims_of(model_dir: str | Path) -> tuple[TextDims, str]:
     Raises:
         RooflineError: neither an artifact nor a checkpoint.
     """
-    from edgekd import artifact
-
     root = Path(model_dir)
     if (root / artifact.MANIFEST).is_file():
         loaded = artifact.load(root)
@@ -360,8 +368,6 @@ def decode_bytes_per_token(model_dir: str | Path, context: int) -> dict[str, Any
     Raises:
         RooflineError: ``model_dir`` is neither, or ``context`` is negative.
     """
-    from edgekd import artifact, targets
-
     if context < 0:
         raise RooflineError(f"context must be >= 0, got {context}")
     root = Path(model_dir)
@@ -399,22 +405,16 @@ def _checkpoint_dir(root: Path) -> Path | None:
     return d if d is not None and any(d.glob("*.safetensors")) else None
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
 def _torch(root: Path) -> tuple[int, int, bool]:
     config = json.loads((root / "config.json").read_text())
     text = config.get("text_config", config)
     tensors: dict[str, tuple[str, int]] = {}
     for f in sorted(root.glob("*.safetensors")):
-        for name, info in _safetensors_header(f).items():
-            start, end = info["data_offsets"]
-            tensors[name] = (info["dtype"], end - start)
+        with safe_open(f, framework="numpy") as st:  # the header only: no tensor is read
+            for name in st.keys():
+                view = st.get_slice(name)
+                dtype = view.get_dtype()
+                tensors[name] = (dtype, int(math.prod(view.get_shape()) * DTYPE_BYTES[dtype]))
     embed = [n for n in tensors if n.endswith("embed_tokens.weight")]
     heads = [n for n in tensors if n.endswith("lm_head.weight")]
     tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))

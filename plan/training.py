@@ -65,12 +65,17 @@ from typing import TYPE_CHECKING, Literal
 from edgekd.distill import methods
 from edgekd.distill.methods import logit_method
 from edgekd.errors import ModelError
+from edgekd.models.dims import TextDims
+from edgekd.plan import GB
+from edgekd.plan.inference import fit_verdict, meta_vlm, reserve_gb
+from edgekd.profiles import load_device_profile
+from edgekd.profiles.schema import LossConfig
 
 if TYPE_CHECKING:
     from edgekd.models import VLM
     from edgekd.profiles import DeviceProfile
 
-GB = 1e9
+_LOSS = LossConfig()  # a recipe's loss defaults
 Strategy = Literal["none", "ddp", "fsdp", "deepspeed-zero3"]
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed-zero3")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
@@ -119,7 +124,7 @@ class TrainSetup:
     gradient_checkpointing: bool = True
     train_vision_tower: bool = True
     method: str = "switch-kd"
-    loss_chunk: int = 256  # Objective.chunk_size
+    loss_chunk: int = _LOSS.chunk_size  # a recipe's loss.chunk_size
     gradient_accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
@@ -171,8 +176,6 @@ class TrainPlan:
 
     @property
     def verdict(self) -> str:
-        from edgekd.plan.inference import fit_verdict
-
         return fit_verdict(self.margin_gb, " per process")
 
     @property
@@ -185,11 +188,9 @@ class TrainPlan:
 
 def model_shape(model: str | VLM) -> ModelShape:
     """A :class:`ModelShape` of a preset, a checkpoint (config only) or a loaded VLM."""
-    from edgekd.models import VLM
+    from edgekd.models import VLM  # torch
 
     if isinstance(model, str):
-        from edgekd.plan.inference import meta_vlm
-
         vlm, name = meta_vlm(model), model
     elif isinstance(model, VLM):
         vlm, name = model, type(model.model).__name__
@@ -202,7 +203,6 @@ def model_shape(model: str | VLM) -> ModelShape:
     if not tied:
         lm += vlm.lm_head.weight.numel()
     lm_mm = lm - (0 if tied else embedding.numel())
-    from edgekd.models.dims import TextDims
 
     dims = TextDims.from_config(text)
     named = dict(vlm.model.named_parameters())
@@ -290,9 +290,6 @@ def plan_train(
         ModelError: a bad setup value, or a method that needs a teacher without one.
         ProfileError: an unknown profile.
     """
-    from edgekd.plan.inference import reserve_gb
-    from edgekd.profiles import load_device_profile
-
     device = profile if not isinstance(profile, str) else load_device_profile(profile)
     s = student if isinstance(student, ModelShape) else model_shape(student)
     t = None
@@ -467,5 +464,5 @@ def setup_from_recipe(
         else gradient_checkpointing,
         train_vision_tower=bool(t.train_vision_tower),
         method=method,
-        loss_chunk=recipe.loss.model_dump().get("chunk_size", 256),
+        loss_chunk=recipe.loss.chunk_size,
     )

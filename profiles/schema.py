@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from edgekd import targets
 from edgekd.distill import methods
 from edgekd.distill.methods import logit_method
 from edgekd.errors import EdgeKDError
@@ -317,6 +318,12 @@ class LossConfig(_Block):
         description="switch-kd's loss between logits for L_Align and L_VSD: dbild (the paper) "
         "or kd (forward KL at T = 1, an ablation).",
     )
+    chunk_size: int = Field(
+        256,
+        ge=1,
+        description="Supervised positions per chunk of the distillation losses; bounds their "
+        "fp32 temporaries to a few (chunk_size, vocabulary) tensors. Changes memory, not values.",
+    )
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -486,8 +493,6 @@ class RecipeProfile(_Model):
 
 def _target_problems(kind: str, name: str) -> list[tuple[str, str]]:
     """``preferred_target`` must be a registered target that runs on this kind of device."""
-    from edgekd import targets
-
     if name not in targets.TARGETS:
         valid = ", ".join(targets.names())
         return [("preferred_target", f"unknown target '{name}'; valid: {valid}")]

@@ -26,6 +26,7 @@ from edgekd.runtime.base import BackendError
 if TYPE_CHECKING:
     from edgekd.runtime.base import Backend
 
+from edgekd import artifact, targets
 from edgekd.targets import DEVICES
 
 
@@ -55,8 +56,6 @@ def load_backend(
             a target that cannot run on ``device``.
         ArtifactError: a missing, malformed, truncated, modified or unlisted artifact file.
     """
-    from edgekd import artifact, targets
-
     if device not in DEVICES:
         raise BackendError(f"unknown device '{device}'; valid: {', '.join(DEVICES)}")
     known = {o for t in targets.TARGETS.values() for o in t.backend_options}

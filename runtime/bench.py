@@ -35,14 +35,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing as mp
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from edgekd import artifact
-from edgekd.io import checkpoint_dir
+from edgekd.envinfo import snapshot
+from edgekd.io import atomic_write_json, checkpoint_dir
+from edgekd.models.checkpoint import check_weights, load_config, require_chat_template
+from edgekd.outputs import DataRoot, output_guard
 from edgekd.runtime.bench_config import (  # noqa: F401 - the bench's API lives here
     BenchConfig,
     BenchConfigError,
@@ -51,6 +59,7 @@ from edgekd.runtime.bench_config import (  # noqa: F401 - the bench's API lives 
 )
 from edgekd.runtime.bench_host import check_fit, prefill_roofline, resolve_host, roofline
 from edgekd.runtime.bench_measure import bench_model, jsonable
+from edgekd.runtime.report import print_table, write_report
 
 
 def model_specs(config: BenchConfig) -> list[dict[str, Any]]:
@@ -93,8 +102,6 @@ def check_checkpoints(specs: list[dict]) -> None:
         ModelError: a missing chat template, a malformed config.json, unreadable weights or a
             config that does not fit them (see :mod:`edgekd.models.checkpoint`).
     """
-    from edgekd.models.checkpoint import check_weights, load_config, require_chat_template
-
     for spec in specs:
         folder = checkpoint_dir(spec["path"]) if spec["kind"] == "torch" else None
         if folder is not None:
@@ -103,10 +110,6 @@ def check_checkpoints(specs: list[dict]) -> None:
 
 
 def _run_isolated(spec, settings, items) -> dict:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         try:
             return pool.submit(bench_model, spec, settings, items).result()
@@ -148,15 +151,9 @@ def run_bench(config: BenchConfig, console=None, show_table: bool = True) -> dic
         the input (before anything runs) or with a model run.
         OutputError, OutputExistsError: the output cannot be written (see the guard).
     """
-    from rich.console import Console
-
-    from edgekd.outputs import output_guard
-    from edgekd.runtime.report import print_table, write_report
-
     console = console or Console()
     config.validate()
     items = load_items(config.data, config.image_root, config.limit)
-    from edgekd.outputs import DataRoot
 
     roots = {str(Path(it["image"]).parent) for it in items if it["image"]}
     roots |= {str(config.image_root)} if config.image_root else set()
@@ -185,9 +182,6 @@ def _partial_dir(output: Path) -> Path:
 
 def _measure(config: BenchConfig, items: list[dict], output: Path, console) -> dict[str, Any]:
     """Every model measured (finished ones kept in the partial folder), as the report's data."""
-    from edgekd.envinfo import snapshot
-    from edgekd.io import atomic_write_json
-
     specs = model_specs(config)
     verify_artifacts(specs)
     check_checkpoints(specs)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekd import artifact
-from edgekd.errors import EdgeKDError
+from edgekd.errors import DataError, EdgeKDError
 from edgekd.io import is_hub_id
 from edgekd.targets import DEVICES
 
@@ -96,7 +96,6 @@ def load_items(data: str | Path, image_root=None, limit: int | None = None) -> l
             first one), paths leaving the image root, a multi-turn sample, or a limit below 1.
     """
     from edgekd.data.samples import checked_samples
-    from edgekd.errors import DataError
 
     samples, images = checked_samples(data, image_root, limit)  # bad images fail here
     items = []

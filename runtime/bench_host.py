@@ -12,6 +12,17 @@ from typing import Any
 
 from edgekd import artifact
 from edgekd.io import checkpoint_dir
+from edgekd.plan.inference import reserve_gb
+from edgekd.plan.roofline import (
+    RooflineError,
+    decode_bytes_per_token,
+    measure_bandwidth,
+    measure_gemm,
+    prefill_bound,
+    roofline_tok_s,
+    text_dims_of,
+)
+from edgekd.runtime import devices
 from edgekd.runtime.bench_config import BenchConfig, BenchError
 
 GB = 1e9
@@ -37,9 +48,7 @@ def resolve_host(config: BenchConfig) -> Host:
     host = Host(config.device, power_mode=config.power_mode)
     profile_name = config.profile
     if config.device == "jetson":
-        from edgekd.runtime.devices import require_jetson
-
-        board = require_jetson()
+        board = devices.require_jetson()
         host.jetson = board.to_dict()
         profile_name = profile_name or board.profile
         if profile_name is None:
@@ -66,8 +75,6 @@ def resolve_host(config: BenchConfig) -> Host:
     elif config.power_mode is not None:
         raise BenchError("--power-mode needs a device profile: pass --profile NAME")
     elif config.device == "cpu":
-        from edgekd.plan.roofline import measure_bandwidth
-
         bw = measure_bandwidth(threads=config.threads or min(2, os.cpu_count() or 1))
         host.bandwidth_gbps = float(bw["best_gbps"])
         host.bandwidth_source = "measured here (STREAM-like read, best of repeats)"
@@ -101,9 +108,6 @@ def check_fit(specs: list[dict], host: Host, context: int) -> dict[str, dict]:
     Raises:
         BenchError: a model does not fit, saying by how much.
     """
-    from edgekd.plan.inference import reserve_gb
-    from edgekd.plan.roofline import decode_bytes_per_token
-
     out = {}
     if host.profile is None:
         return out
@@ -125,8 +129,6 @@ def check_fit(specs: list[dict], host: Host, context: int) -> dict[str, dict]:
 
 def roofline(spec: dict, result: dict, host: Host) -> dict[str, Any]:
     """The decode bound of ``spec`` at the benchmark's mean context and the fraction achieved."""
-    from edgekd.plan.roofline import decode_bytes_per_token, roofline_tok_s
-
     lat = result["latency"]
     if host.bandwidth_gbps is None:
         return {"why": "no bandwidth: pass --profile for this device"}
@@ -150,8 +152,6 @@ def prefill_roofline(spec: dict, result: dict, host: Host, threads: int | None) 
     """The prompt's compute bound: its FLOPs at this machine's GEMM throughput (measured here,
     at the model's shape, in the arithmetic its precision computes in), and the ratio of the
     measured prefill (p50) to it. CPU only: a GPU's or Jetson's GEMM is not measured."""
-    from edgekd.plan.roofline import RooflineError, measure_gemm, prefill_bound, text_dims_of
-
     if host.device != "cpu":
         return {"why": "the GEMM throughput is measured on CPU only"}
     if spec["kind"] == artifact.CHECKPOINT and not Path(spec["path"]).exists():
@@ -161,9 +161,7 @@ def prefill_roofline(spec: dict, result: dict, host: Host, threads: int | None) 
         dims, precision = text_dims_of(spec["path"])
         shape = (tokens, dims.hidden, dims.intermediate)
         if dims.intermediate is not None and shape not in host.gemm:  # once per shape
-            host.gemm[shape] = measure_gemm(
-                *shape, threads=threads or min(2, os.cpu_count() or 1)
-            )
+            host.gemm[shape] = measure_gemm(*shape, threads=threads or min(2, os.cpu_count() or 1))
         bound = prefill_bound(
             dims,
             precision,

@@ -10,7 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.progress import Progress
+
 from edgekd import artifact
+from edgekd.images import open_rgb
+from edgekd.runtime import load_backend
+from edgekd.runtime import power as power_meters
 
 
 def _rss_mb() -> float:
@@ -62,7 +67,6 @@ def bench_model(spec: dict[str, Any], settings: dict[str, Any], items: list[dict
     """Measure one model (see :mod:`edgekd.runtime.bench`); returns its JSON-ready result."""
     if settings.get("threads"):
         os.environ.setdefault("OMP_NUM_THREADS", str(settings["threads"]))
-    from edgekd.runtime import load_backend
 
     device = settings["device"]
     peak_is_own = reset_peak_rss() or settings["isolate"]  # a fresh process: its own mark
@@ -107,9 +111,6 @@ def measure_latency(backend, items: list[dict], settings: dict[str, Any]):
     """Latency percentiles of ``settings["runs"]`` answers to the first question with an image
     (after ``warmup`` untimed ones), each exactly ``speed_tokens`` long, with the power drawn
     meanwhile; returns ``(latency, power, trace)`` (``trace``: the meter's samples, or None)."""
-    from edgekd.images import open_rgb
-    from edgekd.runtime.power import power_meter
-
     device = settings["device"]
     item = next((it for it in items if it["image"]), items[0])
     image = open_rgb(item["image"]) if item["image"] else None
@@ -119,7 +120,7 @@ def measure_latency(backend, items: list[dict], settings: dict[str, Any]):
 
     for _ in range(settings["warmup"]):
         once()
-    meter, why = power_meter(device)
+    meter, why = power_meters.power_meter(device)
     idle = (0.0, 0.0)
     if meter is not None:
         meter.start()
@@ -162,10 +163,7 @@ def measure_latency(backend, items: list[dict], settings: dict[str, Any]):
 def measure_accuracy(backend, items: list[dict], settings: dict[str, Any], label: str) -> dict:
     """Greedy answers (``max_new_tokens``) to every question, scored (exact and VQA-normalised
     match, per question type), with the predictions."""
-    from rich.progress import Progress
-
     from edgekd.evaluate import score
-    from edgekd.images import open_rgb
 
     rows = []
     with Progress(transient=True) as progress:

@@ -37,7 +37,7 @@ from edgekd.envinfo import contribute
 from edgekd.errors import require
 from edgekd.runtime import ggml_cpu
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
-from edgekd.runtime.prompt import pixels_to_uint8, render_template, split_at_image
+from edgekd.runtime.prompt import open_image, pixels_to_uint8, render_template, split_at_image
 from edgekd.targets import DecodeWeights
 
 GGUF_KV_BYTES = 2  # llama.cpp's default KV cache type (f16)
@@ -591,8 +591,6 @@ class LlamaCppBackend:
     def encode(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
         """llama.cpp's own token ids (image tokens expanded) and the pixel values the
         checkpoint's processor would make of the resized image."""
-        from edgekd.runtime.prompt import open_image
-
         image = open_image(image)
         pieces = self.session.prompt_pieces(prompt, image)
         n_image = int(self.pre["image_tokens_per_image"])

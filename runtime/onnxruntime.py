@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgekd import artifact, targets
+from edgekd.errors import require
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
 from edgekd.runtime.prompt import check_image_slots, encode_prompt
 from edgekd.targets import DecodeWeights
@@ -71,8 +72,6 @@ GPU_PROVIDERS = {"cuda": ("cuda",), "tensorrt": ("tensorrt", "cuda")}
 def open_backend(path, *, device: str, threads: int | None, ort_provider: str = "cuda"):
     """The onnx target's backend: the CPU provider on ``cpu``, else ``ort_provider`` (``cuda``,
     or ``tensorrt``: TensorRT's execution provider with CUDA for what it does not take)."""
-    from edgekd.errors import require
-
     require("onnxruntime", "onnx", BackendError, "the onnxruntime backend")
     if ort_provider not in GPU_PROVIDERS:
         raise BackendError(

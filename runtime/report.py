@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich import box
+from rich.table import Table
+
 from edgekd.io import atomic_write_json, atomic_write_text
 
 COLUMNS = (
@@ -214,9 +217,6 @@ SCREEN_CAPTION = (
 def print_table(report: dict[str, Any], console) -> None:
     """The main table on screen (rich); unmeasured columns are left out, and the runtime
     column on terminals narrower than 100 characters."""
-    from rich import box
-    from rich.table import Table
-
     env = report["environment"]
     rows = []
     for r in report["results"]:

@@ -20,6 +20,7 @@ KV cache), then one token per step with ``present.*`` fed back as ``past_key_val
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -265,8 +266,6 @@ class TensorRTBackend:
 
     def _on_stream(self):
         """Run torch work on the engines' CUDA stream (no stream: the current one)."""
-        import contextlib
-
         import torch
 
         return (

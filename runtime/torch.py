@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from edgekd.evaluate import stop_token_ids
+from edgekd.models.vlm import VLM
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
 from edgekd.runtime.prompt import check_image_slots, encode_prompt
 
@@ -70,9 +72,6 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", dtype: str = "float32") -> None:
-        from edgekd.evaluate import stop_token_ids
-        from edgekd.models.vlm import VLM
-
         self.device = _check_device(device)
         self.checkpoint = str(checkpoint)
         self.vlm = VLM.from_pretrained(checkpoint, dtype=dtype, device=self.device)

@@ -331,7 +331,8 @@ def test_malformed_set_and_option_values(cli, tiny_checkpoint, tmp_path):
         (("--device", "tpu"), ("--device 'tpu'", "auto, cpu, cuda")),
         (("--set", "distributed.strategy=fsdp"), ("distributed.strategy fsdp", "CUDA")),
         (
-            ("--set", "distributed.strategy=ddp", "--set", "distributed.num_processes=2"),
+            ("--set", "distributed.strategy=ddp", "--set", "distributed.num_processes=2",
+             "--per-device-batch-size", "16"),  # fmt: skip
             ("num_processes is 2", "torchrun --nproc_per_node 2"),
         ),
     ],

@@ -70,3 +70,22 @@ def test_the_bench_options_default_as_the_library_does():
             continue
         expected = field.default
         assert default == expected or (default is None and name == "name"), (name, default)
+
+
+def test_the_objective_and_the_losses_default_as_the_recipe_does():
+    from edgekd.distill import losses
+    from edgekd.distill.objective import Objective
+    from edgekd.profiles.schema import LossConfig
+
+    recipe = LossConfig()
+    shared = [f for f in dataclasses.fields(Objective) if f.name in LossConfig.model_fields]
+    assert len(shared) >= 9  # weights, temperature, t2_scale, top_n, k clamp, logit_loss, chunk
+    for f in shared:
+        assert f.default == getattr(recipe, f.name), f.name
+    # the softened losses run at the recipe's settings; kd and rkl at T = 1 by definition
+    for fn in (losses.dbild, losses.bild, losses.forward_kl, losses.reverse_kl):
+        for name, param in inspect.signature(fn).parameters.items():
+            if name in LossConfig.model_fields and not (
+                name == "temperature" and "kl" in fn.__name__
+            ):
+                assert param.default == getattr(recipe, name), (fn.__name__, name)

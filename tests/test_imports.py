@@ -5,7 +5,12 @@ is a circle all the same: it only waits for the first call to bite, and it makes
 The graph is read from the source (``ast``) of every module of the installed layout
 (``edgekd/``, ``distill/``, ``export/``, ``runtime/``, ``profiles/``, ``plan/`` as
 ``edgekd.*``); ``from edgekd.a import b`` counts as importing ``edgekd.a.b`` and the package
-``edgekd.a`` itself, so a submodule reaching back through its package's name is a circle.
+``edgekd.a`` itself, so a submodule reaching back through its package's name is a circle; a
+name a package loads lazily (``edgekd.models``' ``_NAMES``) counts as its submodule.
+
+The second rule keeps function-local imports honest: an import inside a function is there only
+to keep a heavy or optional package (torch, onnxruntime, llama_cpp, ...) out of the modules that
+do not need it, ``edgekd --help`` first. One that keeps nothing out belongs at the top.
 """
 
 from __future__ import annotations
@@ -33,25 +38,114 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imported(name: str, path: Path, known: set[str]) -> set[str]:
-    """The edgekd modules ``name`` (at ``path``) imports anywhere in its body."""
+# Optional extras, and core packages that take tens of milliseconds or more to import.
+HEAVY = frozenset(
+    {
+        "torch", "transformers", "accelerate", "deepspeed", "tokenizers", "huggingface_hub",
+        "onnx", "onnxruntime", "onnxscript", "optimum", "llama_cpp", "tensorrt", "polygraphy",
+        "pynvml", "matplotlib", "gguf", "easy_vqa", "numpy", "PIL", "jinja2", "pydantic", "yaml",
+    }
+)  # fmt: skip
+LOADS_TORCH = ("safetensors.torch",)  # a light package's module that imports torch
+
+
+def heavy_unit(target: str) -> str | None:
+    """What importing ``target`` loads that HEAVY names: the package and the first level below
+    it (``transformers.trainer_utils`` is more than ``import transformers`` loads), or None."""
+    if target.startswith(LOADS_TORCH):
+        return "torch"
+    parts = target.split(".")
+    return ".".join(parts[:2]) if parts[0] in HEAVY else None
+
+
+def covered(unit: str, loaded: set[str]) -> bool:
+    """Whether ``unit`` is loaded already: it, or a module below it, is in ``loaded``."""
+    return any(c == unit or c.startswith(unit + ".") for c in loaded)
+
+
+# Local on purpose, for another reason than weight.
+LOCAL_BY_DESIGN = {
+    ("edgekd.runtime.ggml_cpu", "fcntl"): "POSIX only; the loader also ships in the wheel",
+}
+# A command loads the stage it runs when it runs: `edgekd --help` loads no stage at all.
+COMMAND_LAYER = "edgekd.cli"
+STAGES = ("edgekd.distill", "edgekd.export", "edgekd.runtime", "edgekd.plan", "edgekd.models",
+          "edgekd.data", "edgekd.profiles", "edgekd.evaluate")  # fmt: skip
+
+
+def by_design(importer: str, targets: list[str]) -> bool:
+    """Whether a local import is there for another reason than weight (see above)."""
+    if any((importer, t.split(".")[0]) in LOCAL_BY_DESIGN for t in targets):
+        return True
+    in_command_layer = importer == COMMAND_LAYER or importer.startswith(COMMAND_LAYER + ".")
+    module = targets[0]  # the statement's module (``from X import a``: X)
+    return in_command_layer and any(module == s or module.startswith(s + ".") for s in STAGES)
+
+
+def lazy_names(found: dict[str, Path]) -> dict[str, str]:
+    """``package.name`` -> ``package.module`` for the names a package's ``_NAMES`` loads lazily."""
+    out = {}
+    for package, path in found.items():
+        if path.name != "__init__.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "_NAMES":
+                for attr, module in ast.literal_eval(node.value).items():
+                    out[f"{package}.{attr}"] = f"{package}.{module}"
+    return out
+
+
+def _statement_targets(name: str, path: Path, node: ast.stmt, lazy: dict[str, str]) -> list[str]:
+    """Dotted names one import statement of module ``name`` (at ``path``) loads."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    names: list[str] = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + ([node.module] if node.module else []))
-            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    base = node.module or ""
+    if node.level:
+        parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(parent + ([node.module] if node.module else []))
+    members = [f"{base}.{alias.name}" for alias in node.names]
+    return [base] + [lazy.get(m, m) for m in members]
+
+
+def _known(target: str, known: set[str]) -> str:
+    """The module ``target`` is, or (``from pkg import name``) its package; '' if not edgekd."""
+    while target and target not in known:
+        target = target.rpartition(".")[0]
+    return target
+
+
+def imports(name: str, path: Path, lazy: dict[str, str]) -> tuple[list, list]:
+    """Module ``name``'s import statements: (at import time, inside functions). Imports under
+    ``if TYPE_CHECKING:`` are left out: they never run."""
+    top: list[ast.stmt] = []
+    local: list[ast.stmt] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                (local if in_function else top).append(child)
+            deeper = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            visit(child, in_function or deeper)
+
+    visit(ast.parse(path.read_text()), False)
+    return top, local
+
+
+def imported(
+    name: str, path: Path, known: set[str], lazy: dict[str, str] | None = None
+) -> set[str]:
+    """The edgekd modules ``name`` (at ``path``) imports anywhere in its body."""
+    lazy = lazy or {}
     edges = set()
-    for target in names:  # the module itself, or (``from pkg import name``) its package
-        while target and target not in known:
-            target = target.rpartition(".")[0]
-        if target and target != name:
-            edges.add(target)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for target in _statement_targets(name, path, node, lazy):
+                module = _known(target, known)
+                if module and module != name:
+                    edges.add(module)
     return edges
 
 
@@ -104,7 +198,8 @@ def test_the_checker_finds_a_circle():
 
 def test_no_module_of_edgekd_imports_itself_in_a_circle():
     found = modules()
-    graph = {name: imported(name, path, set(found)) for name, path in found.items()}
+    lazy = lazy_names(found)
+    graph = {name: imported(name, path, set(found), lazy) for name, path in found.items()}
     assert sum(len(v) for v in graph.values()) > 100  # the graph was read
     # a package and one of its own submodules importing each other is the package pattern
     found_circles = [
@@ -113,3 +208,93 @@ def test_no_module_of_edgekd_imports_itself_in_a_circle():
         if not (len(c) == 2 and (c[0].startswith(c[1] + ".") or c[1].startswith(c[0] + ".")))
     ]
     assert found_circles == [], "import circles: " + "; ".join(found_circles)
+
+
+def heavy_at_import(found: dict[str, Path], lazy: dict[str, str]) -> dict[str, set[str]]:
+    """Per module: the HEAVY packages importing it loads (its top-level imports, transitively,
+    and its parent packages')."""
+    known = set(found)
+    edges: dict[str, set[str]] = {}
+    own: dict[str, set[str]] = {}
+    for name, path in found.items():
+        edges[name], own[name] = set(), set()
+        for node in imports(name, path, lazy)[0]:
+            for target in _statement_targets(name, path, node, lazy):
+                if unit := heavy_unit(target):
+                    own[name].add(unit)
+                module = _known(target, known)
+                if module and module != name:
+                    edges[name].add(module)
+        parts = name.split(".")
+        edges[name] |= {".".join(parts[:i]) for i in range(1, len(parts))} & known
+    out = {}
+    for name in found:
+        seen, todo, heavy = set(), [name], set()
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                heavy |= own[module]
+                todo += edges[module]
+        out[name] = heavy
+    return out
+
+
+def test_the_heavy_closure_follows_lazy_names(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text('_NAMES = {"Model": "model"}')
+    (tmp_path / "pkg" / "model.py").write_text("import torch")
+    (tmp_path / "pkg" / "light.py").write_text("from pkg import Model")
+    found = {m: tmp_path / "pkg" / f for m, f in (("pkg", "__init__.py"), ("pkg.model", "model.py"),
+             ("pkg.light", "light.py"))}  # fmt: skip
+    heavy = heavy_at_import(found, lazy_names(found))
+    assert heavy == {"pkg": set(), "pkg.model": {"torch"}, "pkg.light": {"torch"}}
+
+
+def test_a_submodule_of_a_heavy_package_is_its_own_weight():
+    assert heavy_unit("transformers.trainer_utils.x") == "transformers.trainer_utils"
+    assert heavy_unit("safetensors.torch") == "torch" and heavy_unit("safetensors") is None
+    assert covered("torch", {"torch.nn"}) and not covered("torch.profiler", {"torch"})
+
+
+def test_function_local_imports_keep_something_heavy_out():
+    """An import inside a function must load a HEAVY package its module does not load already;
+    anything else goes at the top of the module."""
+    found = modules()
+    lazy = lazy_names(found)
+    heavy = heavy_at_import(found, lazy)
+    known = set(found)
+    needless = []
+    for name, path in sorted(found.items()):
+        for node in imports(name, path, lazy)[1]:
+            targets = _statement_targets(name, path, node, lazy)
+            loads = {unit for t in targets if (unit := heavy_unit(t))}
+            for target in targets:
+                module = _known(target, known)
+                if module and module != name:
+                    loads |= heavy[module]
+            kept_out = {unit for unit in loads if not covered(unit, heavy[name])}
+            if not kept_out and not by_design(name, targets):
+                needless.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert needless == [], "imports that keep nothing heavy out, move them up:\n" + "\n".join(
+        needless
+    )
+
+
+def test_the_benchmarks_import_names_that_exist():
+    """benchmarks/ is not run by the suite; a name it imports from edgekd must still exist."""
+    import importlib
+
+    missing = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edgekd")):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        missing.append(f"{path.name}:{node.lineno}: {node.module}.{alias.name}")
+    assert missing == []

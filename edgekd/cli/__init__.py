@@ -28,6 +28,7 @@ from rich.markup import escape
 from edgekd.cli import stages, tools  # noqa: F401 - registers the commands on the app
 from edgekd.cli.app import DEBUG, DEBUG_ENV, app, err_console
 from edgekd.errors import EdgeKDError
+from edgekd.io import disk_full
 
 try:  # typer 0.2x ships its own copy of click
     from typer._click import exceptions as click_errors
@@ -56,8 +57,6 @@ def error_line(exc: BaseException) -> str | None:
     if isinstance(exc, EdgeKDError):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
-        from edgekd.io import disk_full
-
         path = exc.filename or "a file"
         full = disk_full(exc, path)
         return str(full) if full is not None else f"cannot access '{path}': {exc.strerror}"

@@ -23,11 +23,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from edgekd.export import ExportConfig, export
+from edgekd.io import atomic_write_json
+from edgekd.profiles import load_recipe
+from edgekd.runtime.bench import BenchConfig, run_bench
+from edgekd.runtime.report import print_table
+
 TEACHER_SIZE, STUDENT_SIZE = "small", "tiny"
 # The setting of docs/results.md (seed 0): easy-vqa's open-ended questions, where a tiny model
 # cannot answer from the question text alone; a teacher trained long, students trained briefly.
 QUESTION_TYPES = ("color", "shape")
-TEACHER_STEPS, STUDENT_STEPS, BATCH, LR = 2000, 300, 32, 1e-3
+RECIPE = "easyvqa-cpu"  # batch, learning rate, loss settings and the students' 300 steps
+TEACHER_STEPS = 2000  # the teacher trains longer than the recipe's students
+STUDENT_STEPS: int | None = None  # None: the recipe's max_steps
+BATCH: int | None = None  # None: the recipe's batch
 EVAL_LIMIT = 600
 EXPORTS = (
     ("onnx", "fp32"),
@@ -50,21 +59,26 @@ class Stage:
 
 
 def _train(
-    root: Path, method: str, student: Path, teacher: Path | None, steps: int, console: Console
+    root: Path,
+    method: str,
+    student: Path,
+    teacher: Path | None,
+    steps: int | None,
+    console: Console,
 ) -> Callable[[Path], object]:
     def stage(out: Path) -> object:
         from edgekd.distill.run import DistillJob, has_checkpoint, run
 
-        overrides = {
-            "training.max_steps": steps,
-            "training.global_batch_size": BATCH,
-            "training.per_device_batch_size": BATCH,
-            "training.learning_rate": LR,
-            "training.train_vision_tower": True,
-        }
+        # every run trains its vision tower (sft too), so that only the objective differs
+        overrides: dict[str, object] = {"training.train_vision_tower": True}
+        if steps is not None:
+            overrides["training.max_steps"] = steps
+        if BATCH is not None:
+            overrides["training.global_batch_size"] = BATCH
+            overrides["training.per_device_batch_size"] = BATCH
         job = DistillJob(
             output=out,
-            recipe="easyvqa-cpu",
+            recipe=RECIPE,
             method=method,
             student=str(student),
             teacher=str(teacher) if teacher else None,
@@ -89,6 +103,7 @@ def demo_stages(root: Path, console: Console) -> list[Stage]:
     data = root / "data" / "easy-vqa"
     t_init, s_init = root / "models" / "teacher-init", root / "models" / "student-init"
     teacher = root / "runs" / "teacher"
+    steps = STUDENT_STEPS or load_recipe(RECIPE).training.max_steps
     return [
         Stage("data", data, lambda out: write_easy_vqa(out), "easy-vqa as LLaVA-format JSON"),
         Stage(
@@ -115,13 +130,13 @@ def demo_stages(root: Path, console: Console) -> list[Stage]:
             _stage_dir(
                 _train(root, "switch-kd", s_init, teacher / "model", STUDENT_STEPS, console)
             ),
-            f"switch-kd from the teacher, {STUDENT_STEPS} steps",
+            f"switch-kd from the teacher, {steps} steps",
         ),
         Stage(
             "student-sft",
             root / "runs" / "sft" / "model",
             _stage_dir(_train(root, "sft", s_init, None, STUDENT_STEPS, console)),
-            f"sft (reference), {STUDENT_STEPS} steps",
+            f"sft (reference), {steps} steps",
         ),
         Stage(
             "accuracy",
@@ -149,8 +164,6 @@ def demo_stages(root: Path, console: Console) -> list[Stage]:
 
 def _export(root: Path, target: str, precision: str) -> Callable[[Path], object]:
     def stage(out: Path) -> object:
-        from edgekd.export import ExportConfig, export
-
         config = ExportConfig(
             checkpoint=str(root / "runs" / "switch-kd" / "model"),
             target=target,
@@ -166,8 +179,6 @@ def _export(root: Path, target: str, precision: str) -> Callable[[Path], object]
 
 
 def _bench(root: Path, out: Path, console: Console) -> object:
-    from edgekd.runtime.bench import BenchConfig, run_bench
-
     models = {
         "switch-kd (torch)": root / "runs" / "switch-kd" / "model",
         "sft (torch)": root / "runs" / "sft" / "model",
@@ -204,8 +215,7 @@ def _stage_dir(train: Callable[[Path], object]) -> Callable[[Path], object]:
 
 def _accuracy(root: Path, out: Path) -> dict:
     from edgekd.evaluate import evaluate
-    from edgekd.io import atomic_write_json
-    from edgekd.models import VLM
+    from edgekd.models import VLM  # torch
 
     test = _split(root, "test")
     models = {
@@ -286,8 +296,6 @@ def _print_tables(root: Path, rows: list[dict], console: Console) -> None:
     console.print(acc)
     bench = root / "report" / "bench"
     if (bench / "bench.json").is_file():
-        from edgekd.runtime.report import print_table
-
         print_table(json.loads((bench / "bench.json").read_text()), console)
         console.print(f"accuracy: {report}")
         console.print(f"report: {bench / 'bench.md'} (bench.json, bench.png)")

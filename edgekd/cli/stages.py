@@ -304,51 +304,102 @@ def demo(
     run_demo(output, console=console)
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was typed on the command line (not its default). By name: typer
+    may carry its own copy of click's ParameterSource enum."""
+    return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+
+
+TRAIN_PANEL = "Distillation run (with --train)"
+INFERENCE_PANEL = "Inference (without --train)"
+TRAIN_ONLY = ("recipe", "teacher", "student", "strategy", "gpus", "seq_len", "precision",
+              "gradient_checkpointing")  # fmt: skip
+INFERENCE_ONLY = ("model", "context", "power_mode")
+
+
 @app.command("plan")
 def plan_command(
+    ctx: typer.Context,
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")],
     model: Annotated[
         str | None,
-        typer.Option(help="Preset (qwen2-0.5b-siglip-so400m), checkpoint dir or hub id."),
+        typer.Option(
+            help="Preset (qwen2-0.5b-siglip-so400m), checkpoint dir or hub id.",
+            rich_help_panel=INFERENCE_PANEL,
+        ),
     ] = None,
-    context: Annotated[int, typer.Option(help="Tokens held in the KV cache per sequence.")] = 2048,
+    context: Annotated[
+        int,
+        typer.Option(
+            help="Tokens held in the KV cache per sequence.", rich_help_panel=INFERENCE_PANEL
+        ),
+    ] = 2048,
     batch: Annotated[
         int | None,
         typer.Option(help="Sequences decoded together (--train: per GPU; default: the recipe's)."),
     ] = None,
     power_mode: Annotated[
-        str | None, typer.Option(help="nvpmodel mode (default: the profile's).")
+        str | None,
+        typer.Option(
+            help="nvpmodel mode (default: the profile's).", rich_help_panel=INFERENCE_PANEL
+        ),
     ] = None,
     train: Annotated[
         bool, typer.Option("--train", help="Plan a distillation run instead of inference.")
     ] = False,
-    recipe: Annotated[str, typer.Option(help="--train: recipe name or YAML file.")] = (
-        "tinyllava-3b-to-0.5b"
-    ),
+    recipe: Annotated[
+        str, typer.Option(help="Recipe name or YAML file.", rich_help_panel=TRAIN_PANEL)
+    ] = "tinyllava-3b-to-0.5b",
     teacher: Annotated[
-        str | None, typer.Option(help="--train: teacher preset or checkpoint (default: recipe's).")
+        str | None,
+        typer.Option(
+            help="Teacher preset or checkpoint (default: the recipe's).",
+            rich_help_panel=TRAIN_PANEL,
+        ),
     ] = None,
     student: Annotated[
-        str | None, typer.Option(help="--train: student preset or checkpoint (default: recipe's).")
+        str | None,
+        typer.Option(
+            help="Student preset or checkpoint (default: the recipe's).",
+            rich_help_panel=TRAIN_PANEL,
+        ),
     ] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="--train: none, ddp, fsdp, deepspeed-zero3.")
+        str | None,
+        typer.Option(help="none, ddp, fsdp, deepspeed-zero3.", rich_help_panel=TRAIN_PANEL),
     ] = None,
-    gpus: Annotated[int | None, typer.Option(help="--train: processes, one per GPU.")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="--train: tokens per sequence.")] = None,
+    gpus: Annotated[
+        int | None, typer.Option(help="Processes, one per GPU.", rich_help_panel=TRAIN_PANEL)
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per sequence.", rich_help_panel=TRAIN_PANEL)
+    ] = None,
     precision: Annotated[
-        str | None, typer.Option(help="--train: fp32, bf16-mixed (GPU default), bf16.")
+        str | None,
+        typer.Option(help="fp32, bf16-mixed (GPU default), bf16.", rich_help_panel=TRAIN_PANEL),
     ] = None,
     gradient_checkpointing: Annotated[
         bool | None,
         typer.Option(
             "--gradient-checkpointing/--no-gradient-checkpointing",
-            help="--train: recompute activations (default: the recipe's).",
+            help="Recompute activations (default: the recipe's).",
+            rich_help_panel=TRAIN_PANEL,
         ),
     ] = None,
 ) -> None:
     """Will a model fit a device, and how fast can it decode? With --train: will a
     distillation run fit its GPUs, and how fast can a step be? (memory parts, roofline)"""
+    stray = [
+        "--" + name.replace("_", "-")
+        for name in (INFERENCE_ONLY if train else TRAIN_ONLY)
+        if _given(ctx, name)
+    ]
+    if stray:
+        plan_of = (
+            "an inference plan: leave out --train" if train else "a training plan: add --train"
+        )
+        verb = "applies" if len(stray) == 1 else "apply"
+        raise OptionError(f"{', '.join(stray)} only {verb} to {plan_of}")
     from edgekd.profiles import load_device_profile
 
     device = load_device_profile(profile)  # a bad name fails before torch is imported

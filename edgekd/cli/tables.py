@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edgekd.plan import GB
+
 
 def _fmt(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
@@ -43,8 +45,6 @@ def print_export(manifest: dict, target: str, precision: str, output: Path, cons
 def print_train_plan(recipe_name: str, result, console: Console) -> None:
     """``edgekd plan --train``: the setup, the memory parts against the usable memory, the
     verdict and the step roofline."""
-    from edgekd.plan.training import GB
-
     s = result.setup
     console.print(
         f"{recipe_name}: {result.teacher} -> {result.student} on {s.processes} x "
@@ -76,8 +76,6 @@ def print_train_plan(recipe_name: str, result, console: Console) -> None:
 
 def print_inference_plan(result, context: int, batch: int, console: Console) -> None:
     """``edgekd plan``: per precision, memory parts, fit, margin and the decode roofline."""
-    from edgekd.plan.inference import GB
-
     mode = f", {result.power_mode}" if result.power_mode else ""
     table = Table(
         title=f"{result.model} on {result.profile}{mode}: context {context}, batch {batch}; "

@@ -17,6 +17,7 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,6 @@ def _write_split(root: Path, split: str, rows: list[tuple], image_paths: dict) -
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("easy-vqa")
     except PackageNotFoundError:

@@ -21,7 +21,7 @@ from typing import Any
 from edgekd.chat import IMAGE_PLACEHOLDER
 from edgekd.errors import DataError
 from edgekd.images import check_images
-from edgekd.io import safe_join
+from edgekd.io import atomic_write_text, safe_join
 
 ROLES = {
     "human": "user",
@@ -57,8 +57,6 @@ def subset_by_type(path: str | os.PathLike, question_types: Sequence[str]) -> Pa
     Written once next to ``path`` (atomically) and reused; image paths stay valid because the
     subset lives in the same folder.
     """
-    from edgekd.io import atomic_write_text
-
     src = Path(path)
     dst = src.with_name(f"{src.stem}.{'-'.join(question_types)}.json")
     if not dst.exists():

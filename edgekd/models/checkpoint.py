@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from edgekd.errors import ModelError
 from edgekd.io import checkpoint_dir, first_line, is_hub_id
+from edgekd.models.hub import resolve_source
 
 SUPPORTED_MODEL_TYPES = ("llava",)
 LLAVA15_ARCHITECTURE = "LlavaLlamaForCausalLM"  # the original LLaVA code base's checkpoints
@@ -36,7 +40,6 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
         return str(checkpoint_dir(local) or local)
     if not is_hub_id(src):  # a path written as a local one fails here, without the network
         raise ModelError(f"checkpoint '{src}' not found; pass a directory or a hub id (org/name)")
-    from edgekd.models.hub import resolve_source
 
     # the hub's snapshot (data files, never code), failing in one line where it is unreachable
     return str(resolve_source(src).path)
@@ -151,8 +154,6 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def _weights_numel(files: list[Path]) -> int | None:
-    from safetensors import SafetensorError, safe_open
-
     if not files:
         return None
     total = 0
@@ -193,8 +194,6 @@ def _without_zero3_init():
     Under ZeRO-3 every ``from_config`` partitions and re-initialises parameters, which a model
     on the meta device (built only to count its parameters) cannot take.
     """
-    from contextlib import nullcontext
-
     from transformers import modeling_utils
 
     return getattr(modeling_utils, "set_zero3_state", nullcontext)()

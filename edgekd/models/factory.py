@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from edgekd.errors import ModelError
+from edgekd.models.checkpoint import resolve_checkpoint
 from edgekd.models.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN, train_tokenizer
 from edgekd.models.vlm import VLM
+from edgekd.outputs import output_guard
 
 
 @dataclass(frozen=True)
@@ -296,8 +298,6 @@ def corpus_texts(llava_json: str | Path) -> list[str]:
 def _shared_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    from edgekd.models.checkpoint import resolve_checkpoint
-
     src = resolve_checkpoint(path)  # a missing local folder fails here, not on the hub
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
@@ -330,8 +330,6 @@ def create_checkpoint(
     Returns:
         Parameter counts per stage (see :func:`count_parameters`).
     """
-    from edgekd.outputs import output_guard
-
     get_shape(size)
     # checked and locked before minutes of work, replaced only when the new checkpoint is whole
     with output_guard(out, overwrite=overwrite, inputs=[tokenizer_from, corpus]) as guard:

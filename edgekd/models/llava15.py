@@ -60,6 +60,8 @@ from edgekd.models.tinyllava_processor import (
     chat_template,
     load_tokenizer,
 )
+from edgekd.models.vlm import VLM, resolve_dtype
+from edgekd.outputs import output_guard
 
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # LLaVA -> transformers Llava
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
@@ -104,9 +106,6 @@ def convert_llava15(
         ModelError: not an original LLaVA checkpoint, an unsupported part, or tensors that do
             not fill the converted model exactly.
     """
-    from edgekd.models.vlm import VLM, resolve_dtype
-    from edgekd.outputs import output_guard
-
     resolve_dtype(dtype)
     inputs = [src] + ([vision_tower] if vision_tower is not None else [])
     with output_guard(out, overwrite=overwrite, inputs=inputs) as guard:

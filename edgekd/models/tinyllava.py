@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from edgekd.errors import ModelError
 from edgekd.io import sha256_file
@@ -91,6 +92,8 @@ from edgekd.models.tinyllava_processor import (
     build_processor,
     load_tokenizer,
 )
+from edgekd.models.vlm import VLM, resolve_dtype
+from edgekd.outputs import output_guard
 
 __all__ = [
     "QWEN2_BASE_SYSTEM",
@@ -177,9 +180,6 @@ def convert_tinyllava(
         ModelError: ``src`` is neither a directory nor a reachable hub id, is not a supported
             TinyLLaVA checkpoint, or its tensors do not fill the converted model exactly.
     """
-    from edgekd.models.vlm import resolve_dtype
-    from edgekd.outputs import output_guard
-
     resolve_dtype(dtype)  # a bad --dtype fails before any download
     # refuses out == src (and out inside or around it) before reading a byte of the source
     with output_guard(out, overwrite=overwrite, inputs=[src]) as guard:
@@ -193,8 +193,6 @@ def convert_tinyllava(
 
 def _convert(source: Source, dtype: str):
     """The converted ``VLM`` and the conversion manifest (nothing written)."""
-    from edgekd.models.vlm import VLM, resolve_dtype
-
     target_dtype = resolve_dtype(dtype)
     ckpt = read_checkpoint(source.path)
     strategy = check_supported(ckpt)
@@ -299,8 +297,6 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"weight file '{path}' is missing (named in the shard index)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
     except pickle.UnpicklingError:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import ModelError
+from edgekd.models.checkpoint import read_json
 
 IMAGE_TOKEN = "<image>"
 ASPECT_RATIOS = ("square", "pad")  # TinyLLaVA's image_aspect_ratio values a Llava can reproduce
@@ -208,8 +209,6 @@ def image_processor(path: Path, vision: dict, aspect_ratio: str | None):
 
 
 def _saved_preprocessing(path: Path, size: int) -> dict[str, Any]:
-    from edgekd.models.checkpoint import read_json
-
     pre = path / "preprocessor_config.json"
     if not pre.is_file():
         return {}

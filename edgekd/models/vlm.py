@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from edgekd.errors import ModelError
 from edgekd.models.checkpoint import (  # noqa: F401 - re-exported: the model layer's API
@@ -34,6 +35,7 @@ from edgekd.models.checkpoint import (  # noqa: F401 - re-exported: the model la
     pickle_refused,
     resolve_checkpoint,
 )
+from edgekd.outputs import guarded_dir
 
 _DTYPES = {
     "float32": torch.float32,
@@ -85,7 +87,6 @@ class VLM:
         Raises:
             ModelError: The path does not exist, is not a LLaVA-family checkpoint, or fails to load.
         """
-        from safetensors import SafetensorError
         from transformers import LlavaForConditionalGeneration
 
         src = resolve_checkpoint(path_or_id)
@@ -111,8 +112,6 @@ class VLM:
 
     def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a standard transformers checkpoint (safetensors) with its processor, atomically."""
-        from edgekd.outputs import guarded_dir
-
         with guarded_dir(out_dir, overwrite=overwrite) as tmp:
             self.write(tmp)
         return Path(out_dir)

@@ -106,6 +106,16 @@ def test_cli_plans_a_training_run(cli):
     ).one_line_error("strategy 'zero9' is unknown")  # fmt: skip
 
 
+def test_cli_refuses_the_other_plans_options(cli):
+    cli("plan", "--profile", "h100-80gb", "--model", STUDENT, "--gpus", "8").one_line_error(
+        "--gpus only applies to a training plan: add --train"
+    )
+    cli(
+        "plan", "--train", "--profile", "h100-80gb", "--teacher", TEACHER, "--student", STUDENT,
+        "--context", "4096", "--power-mode", "MAXN",
+    ).one_line_error("--context, --power-mode only apply to an inference plan")  # fmt: skip
+
+
 def test_tensor_memory_sees_allocations_and_phases():
     from edgekd.plan.memory import TensorMemory
 

@@ -857,7 +857,7 @@ def cpu_stand_ins(monkeypatch, onnx_graphs):
 
     fake = _fake_trt()
     cosines = {"vision": 1.0}
-    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_export, "import_tensorrt", lambda error, need_gpu=True: fake)
     monkeypatch.setattr(trt_export, "environment_problem", lambda: None)
     monkeypatch.setattr(
         trt_export, "vision_engine_parity", lambda *a: {"cosine_min": cosines["vision"]}
