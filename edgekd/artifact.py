@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgekd import targets
+from edgekd.chat import stop_token_ids
 from edgekd.envinfo import snapshot
 from edgekd.errors import EdgeKDError
 from edgekd.io import HUB_ID, atomic_write_json, checkpoint_dir, sha256_file
@@ -123,8 +124,6 @@ def checkpoint_hash(path: str | Path) -> str:
 
 def preprocessing(vlm) -> dict[str, Any]:
     """Tokenizer, chat template and image preprocessing a runtime needs to drive the artifact."""
-    from edgekd.evaluate import stop_token_ids
-
     ip = vlm.processor.image_processor
     size, shortest = ip.size, None
     if "height" in size:

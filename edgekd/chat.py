@@ -1,4 +1,5 @@
-"""The ``<image>`` placeholder of LLaVA text and how a turn becomes chat-template content."""
+"""The ``<image>`` placeholder of LLaVA text, how a turn becomes chat-template content, and the
+tokens that end a turn."""
 
 from __future__ import annotations
 
@@ -15,3 +16,16 @@ def content_items(text: str) -> list[dict[str, str]]:
         if piece:
             items.append({"type": "text", "text": piece})
     return items
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """EOS plus the chat template's end-of-turn token(s), as far as the vocabulary has them."""
+    ids = {tokenizer.eos_token_id}
+    vocab = tokenizer.get_vocab()
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+        if token in vocab:
+            ids.add(vocab[token])
+    if generation_config is not None and generation_config.eos_token_id is not None:
+        eos = generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)

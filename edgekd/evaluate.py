@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from edgekd.chat import stop_token_ids
 from edgekd.errors import DataError
 
 _NUMBERS = {
@@ -52,19 +53,6 @@ def prompts_and_references(dataset) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """EOS plus the chat template's end-of-turn token(s), as far as the vocabulary has them."""
-    ids = {tokenizer.eos_token_id}
-    vocab = tokenizer.get_vocab()
-    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
-        if token in vocab:
-            ids.add(vocab[token])
-    if generation_config is not None and generation_config.eos_token_id is not None:
-        eos = generation_config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if i is not None)
 
 
 @torch.no_grad()

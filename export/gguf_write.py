@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.chat import stop_token_ids
 from edgekd.errors import require
 from edgekd.export.base import ExportError
 from edgekd.export.family import (
@@ -326,8 +327,6 @@ def vocabulary(vlm) -> dict[str, Any]:
 
 
 def special_ids(vlm) -> dict[str, int]:
-    from edgekd.evaluate import stop_token_ids
-
     tok = vlm.tokenizer
     eos = tok.eos_token_id if tok.eos_token_id is not None else stop_token_ids(tok)[0]
     ids = {"eos": eos, "bos": tok.bos_token_id if tok.bos_token_id is not None else eos}

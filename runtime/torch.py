@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from edgekd.evaluate import stop_token_ids
+from edgekd.chat import stop_token_ids
 from edgekd.models.vlm import VLM
 from edgekd.runtime.base import BackendError, Generation, greedy_generate
 from edgekd.runtime.prompt import check_image_slots, encode_prompt

@@ -10,7 +10,9 @@ name a package loads lazily (``edgekd.models``' ``_NAMES``) counts as its submod
 
 The second rule keeps function-local imports honest: an import inside a function is there only
 to keep a heavy or optional package (torch, onnxruntime, llama_cpp, ...) out of the modules that
-do not need it, ``edgekd --help`` first. One that keeps nothing out belongs at the top.
+do not need it, or, in the command layer, to load a stage only when its command runs
+(``edgekd --help`` loads none). One that keeps nothing out belongs at the top. The third keeps
+the floors (docs/development.md): no module imports from a floor above its own.
 """
 
 from __future__ import annotations
@@ -298,3 +300,45 @@ def test_the_benchmarks_import_names_that_exist():
                     except ImportError:
                         missing.append(f"{path.name}:{node.lineno}: {node.module}.{alias.name}")
     assert missing == []
+
+
+# Floors, from the ground up (docs/development.md); a module imports from its floor or below.
+FLOORS = (
+    ("edgekd.errors", "edgekd.io", "edgekd.outputs", "edgekd.registry", "edgekd.envinfo",
+     "edgekd.targets", "edgekd.artifact", "edgekd.chat", "edgekd.images", "edgekd.models.dims"),
+    ("edgekd.models", "edgekd.data", "edgekd.profiles"),
+    ("edgekd.distill", "edgekd.export", "edgekd.runtime", "edgekd.plan", "edgekd.evaluate"),
+    ("edgekd.cli", "edgekd.__main__"),
+)  # fmt: skip
+UPWARD_BY_DESIGN = {
+    # the recipe schema validates method names and weights against the method registry, a
+    # module that imports nothing of edgekd but edgekd.registry
+    ("edgekd.profiles.schema", "edgekd.distill"),
+    ("edgekd.profiles.schema", "edgekd.distill.methods"),
+}
+
+
+def floor_of(module: str) -> int:
+    """The floor of ``module``: the one naming it or its nearest package (the longest match)."""
+    if module == "edgekd":  # the top package itself holds only its version
+        return 0
+    best = (-1, 0)
+    for level, names in enumerate(FLOORS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best[0]:
+                best = (len(name), level)
+    assert best[0] > 0, f"{module} is on no floor: add it to FLOORS"
+    return best[1]
+
+
+def test_every_module_imports_from_its_floor_or_below():
+    found = modules()
+    lazy = lazy_names(found)
+    upward = [
+        f"{name} -> {target}"
+        for name, path in sorted(found.items())
+        for target in sorted(imported(name, path, set(found), lazy))
+        if floor_of(target) > floor_of(name) and (name, target) not in UPWARD_BY_DESIGN
+    ]
+    assert upward == [], "imports from a higher floor: " + "; ".join(upward)
+    assert floor_of("edgekd.models.dims") == 0 and floor_of("edgekd.models.vlm") == 1
