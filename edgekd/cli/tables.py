@@ -155,6 +155,20 @@ def print_model(ckpt: str, vlm, parameters: dict[str, int], console: Console) ->
     console.print(table)
 
 
+def print_pruned(ckpt: str, out, record: dict[str, Any], console: Console) -> None:
+    """``edgekd models prune``: the layers kept per stack and the parameters before and after."""
+    kept = [
+        f"{stack} {', '.join(map(str, record[key]['kept']))} of {record[key]['of']}"
+        for stack, key in (("decoder layers", "text_layers"), ("vision layers", "vision_layers"))
+        if key in record
+    ]
+    p = record["parameters"]
+    console.print(
+        f"[green]✓[/green] {ckpt} -> {out}: {'; '.join(kept)} kept "
+        f"({p['before'] / 1e6:.2f}M -> {p['after'] / 1e6:.2f}M parameters)"
+    )
+
+
 def print_profiles(devices: dict[str, Any], recipes: dict[str, Any], console: Console) -> None:
     """The device profiles (memory, bandwidth, peak, target) and the recipes (method,
     strategy, description), by name."""

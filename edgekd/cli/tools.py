@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from edgekd.cli.app import Overwrite, console, convert_app, data_app, models_app, profiles_app
-from edgekd.cli.tables import print_converted, print_dataset, print_model, print_profiles
+from edgekd.cli.tables import (
+    print_converted,
+    print_dataset,
+    print_model,
+    print_profiles,
+    print_pruned,
+)
+from edgekd.errors import OptionError
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -131,6 +138,50 @@ def models_create(
         size, out, seed=seed, tokenizer_from=tokenizer, corpus=corpus, overwrite=overwrite
     )
     console.print(f"[green]✓[/green] {size} -> {out} ({info['total'] / 1e6:.2f}M parameters)")
+
+
+def _indices(text: str | None, option: str) -> list[int] | None:
+    """``"0,3,6"`` -> ``[0, 3, 6]``; OptionError (one line) for anything else."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise OptionError(f"{option} '{text}': comma-separated layer indices, e.g. 0,3,6") from None
+
+
+@models_app.command("prune")
+def models_prune(
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint directory or hub id (the teacher).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint directory.")],
+    keep_layers: Annotated[
+        str | None, typer.Option(help="Decoder layers to keep, e.g. 0,3,6,9 (0-based).")
+    ] = None,
+    layers: Annotated[
+        int | None, typer.Option(help="How many decoder layers to keep, evenly spaced.")
+    ] = None,
+    keep_vision_layers: Annotated[
+        str | None, typer.Option(help="Vision tower layers to keep (default: all).")
+    ] = None,
+    vision_layers: Annotated[
+        int | None, typer.Option(help="How many vision layers to keep, evenly spaced.")
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Cut a student from a checkpoint by keeping some of its layers (depth pruning); the
+    tokenizer, processor, embeddings, head and projector are kept as they are."""
+    from edgekd.models.prune import prune
+
+    record = prune(
+        ckpt,
+        output,
+        keep_layers=_indices(keep_layers, "--keep-layers"),
+        layers=layers,
+        keep_vision_layers=_indices(keep_vision_layers, "--keep-vision-layers"),
+        vision_layers=vision_layers,
+        overwrite=overwrite,
+    )
+    print_pruned(ckpt, output, record, console)
 
 
 @models_app.command("info")
