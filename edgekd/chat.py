@@ -29,3 +29,28 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
         eos = generation_config.eos_token_id
         ids.update(eos if isinstance(eos, list) else [eos])
     return sorted(i for i in ids if i is not None)
+
+
+# Prepended to a language model's own chat template: message contents given as item lists
+# (``content_items``, transformers' processors) become strings with ``<image>`` at each image
+# item, which templates written for text-only models expect. String contents pass unchanged.
+_ITEMS_TO_TEXT = (
+    "{%- set ns = namespace(messages=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set ns.messages = ns.messages + [m] -%}"
+    "{%- else -%}{%- set ns.text = '' -%}"
+    "{%- for item in m['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + '" + IMAGE_PLACEHOLDER + "' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': ns.text}] -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- set messages = ns.messages -%}"
+)
+
+
+def with_image_items(template: str) -> str:
+    """A text model's chat template that also renders image items as ``<image>``."""
+    if template.startswith(_ITEMS_TO_TEXT):
+        return template
+    return _ITEMS_TO_TEXT + template

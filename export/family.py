@@ -26,6 +26,13 @@ Facts read from llama.cpp (the sources vendored in llama-cpp-python 0.3.36):
   (tests/export/test_family.py writes a CLIP mmproj and checks exactly that shift; the mmproj
   tables below are ready for a llama.cpp that orders the class token first). The ONNX and
   TensorRT targets take CLIP towers.
+* DINOv2 towers are refused for GGUF too: the same llava graph (class token appended after the
+  patches), and it applies no LayerScale (``v.blk.N.ls1``/``ls2`` load but only ``build_vit``
+  graphs use them; the factors could be folded into ``attn_out``/``ffn_down``) and only
+  tanh-GELU (no key selects exact GELU for the ``mlp`` projector). ONNX and TensorRT take them,
+  LayerScale and class token as transformers computes them; the position table is the
+  checkpoint's, for its ``image_size`` (``edgekd models assemble`` resizes it once, to the
+  assembled resolution), so the graphs resample nothing per call.
 """
 
 from __future__ import annotations
@@ -113,6 +120,7 @@ _CLIP_TENSORS = {
     "pre_layrnorm.{p}": "v.pre_ln.{p}",
     "post_layernorm.{p}": None,
 }
+# DINOv2 (class token, LayerScale, exact GELU): no mmproj reproduces it, see DINOV2_GGUF_REFUSAL
 VISION_ARCHS: dict[str, VisionArch] = {
     a.model_type: a
     for a in (
@@ -128,8 +136,18 @@ VISION_ARCHS: dict[str, VisionArch] = {
             activations={"quick_gelu": False, "gelu": True},
             gguf_tensors=_CLIP_TENSORS,
         ),
+        VisionArch("dinov2", class_token=True, activations={}),
     )
 }
+# Read from clip.cpp's llava graph (tools/mtmd/models/llava.cpp in llama-cpp-python 0.3.36):
+# it appends the class token after the patches, never applies LayerScale (ls1/ls2 load but the
+# graph ignores them) and computes only tanh-GELU; the class-token shift is measured on CLIP.
+DINOV2_GGUF_REFUSAL = (
+    "vision tower 'dinov2': llama.cpp's clip (llama-cpp-python 0.3.36) puts the class token "
+    "after the patches and emits it in place of the first patch (measured on CLIP, same graph), "
+    "and its llava graph computes tanh-GELU where DINOv2 uses exact GELU, so no mmproj "
+    "reproduces this tower; export it with --target onnx or tensorrt"
+)
 PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh")  # clip's mlp projector is ggml_gelu
 STRATEGIES = ("default", "full")
 # mmproj keys: the rows edgekd's backend drops from clip's output, a factor folded into mm.2
@@ -222,8 +240,10 @@ def _text_problems(tc, arch: TextArch, target: str) -> list[str]:
 
 
 def _gguf_vision_problems(config, varch: VisionArch) -> list[str]:
-    problems = []
     vc = config.vision_config
+    if varch.model_type == "dinov2":
+        return [DINOV2_GGUF_REFUSAL]
+    problems = []
     if vc.hidden_act not in varch.activations:
         problems.append(
             f"vision activation '{vc.hidden_act}'; valid: {', '.join(varch.activations)}"

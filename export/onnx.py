@@ -36,8 +36,9 @@ and its parser refuses any key it does not know, so the description is edgekd's 
 rather than a ``genai_config.json`` that would not load.
 
 Precisions: fp32; fp16 (weights and compute, fp32 graph I/O, norms and softmax fp32); int8
-(dynamic, per-channel weights) and int4 (MatMulNBits, ``int4_block_size``, default 32) for the
-decoder, with the lm_head kept int8 and the embedding table int8 per row; the vision encoder
+(8-bit weights in blocks of ``int8_block_size``, default 32, see :data:`INT8_SCHEMES`) and int4
+(MatMulNBits, ``int4_block_size``, default 32) for the decoder, with the lm_head kept int8
+(per-token activation scales) and the embedding table int8 per row; the vision encoder
 stays fp32 in int8/int4 unless option ``vision_precision`` says otherwise (``int8``: see
 :data:`VISION_PLANS`; its answer accuracy is measured and enforced on ``--eval-data``).
 With tied embeddings the int8 table and its per-row scales are stored once, in
@@ -68,7 +69,22 @@ from edgekd.export import onnx_graph as g
 from edgekd.export import onnx_parity, parity
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.family import family_problems
-from edgekd.export.parity import Tolerance, loosened
+from edgekd.export.onnx_precision import (  # noqa: F401 - the precision plans, re-exported
+    GQA_OPSET,
+    INT8_SCHEMES,
+    OPTIONS,
+    PLANS,
+    SHARED_PLAN,
+    TOLERANCES,
+    VISION_INT8_COSINE,
+    VISION_INT8_MAX_DROP,
+    VISION_PLANS,
+    PrecisionPlan,
+    convert,
+    option_problems,
+    tolerance,
+    vision_precision,
+)
 from edgekd.io import atomic_write_json
 from edgekd.models.dims import TextDims
 from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
@@ -143,73 +159,6 @@ TRACE = {"batch_size": 2, "sequence_length": 3, "past_sequence_length": 5, "logi
 # fp32 differences come from summation order (measured ~1e-6 relative); an off-by-one decode
 # position on the tiny model is ~2e-3. int8/int4 keep the vision encoder fp32 unless the
 # vision_precision option says otherwise (then tolerance() adapts these).
-TOLERANCES = {
-    "fp32": Tolerance(1e-4, 0.99999, 1e-4, 0.99999, True, None),
-    "fp16": Tolerance(2e-2, 0.999, 2e-2, 0.999, True, None),
-    "int8": Tolerance(1e-4, 0.99999, None, 0.99, False, 0.03),
-    "int4": Tolerance(1e-4, 0.99999, None, 0.95, False, 0.05),
-}
-
-
-@dataclass(frozen=True)
-class PrecisionPlan:
-    """How each component is stored for one precision (recorded in the manifest)."""
-
-    vision: str
-    embed: str
-    decoder: str
-    lm_head: str
-
-
-PLANS = {
-    "fp32": PrecisionPlan("fp32", "fp32", "fp32", "fp32"),
-    # fp16 weights and compute; graph I/O (pixels, embeddings, logits, KV cache) stays fp32.
-    "fp16": PrecisionPlan(
-        "fp16 (fp32 I/O, norms/softmax fp32)",
-        "fp16 (fp32 output)",
-        "fp16 (fp32 I/O, norms/softmax fp32)",
-        "fp16",
-    ),
-    # SigLIP stays fp32: it is outside the language-model size budget and int8 ViTs lose accuracy.
-    "int8": PrecisionPlan(
-        "fp32",
-        "int8 per-row, fp32 scales",
-        "int8 dynamic (MatMulInteger, per-channel weights); norms/biases fp32",
-        "int8 per-channel (baked, untied)",
-    ),
-    "int4": PrecisionPlan(
-        "fp32",
-        "int8 per-row, fp32 scales",
-        "int4 weight-only (MatMulNBits, symmetric, block {block}, "
-        "accuracy_level {level}); norms/biases fp32",
-        "int8 per-channel (baked, untied)",
-    ),
-}
-# int8/int4 with tied embeddings: one int8 table + fp32 scales for the embedding and lm_head.
-SHARED_PLAN = {
-    "table": "int8 symmetric per vocab row, fp32 scales; [hidden, vocab] layout, stored once",
-    "embed": "int8 per-row, fp32 scales (the tied table in shared_embedding.data)",
-    "lm_head": "int8 per-channel (tied: the embedding's table in shared_embedding.data)",
-}
-# The vision encoder at another precision than the plan's (option ``vision_precision``):
-# ``int8`` runs the tower's MatMuls as the int8 decoder's (dynamic, per-channel weights), about
-# 2x faster than fp32 on CPU (docs/performance.md); its answer accuracy is measured on
-# ``--eval-data`` against the same artifact fed PyTorch's visual tokens and enforced
-# (:data:`VISION_INT8_MAX_DROP`), and its visual tokens get the looser cosine floor below.
-VISION_PLANS = {
-    "fp32": "fp32",
-    "fp16": "fp16 (fp32 I/O, norms/softmax fp32)",
-    "int8": "int8 dynamic (MatMulInteger, per-channel weights); norms, conv and biases fp32",
-}
-VISION_INT8_MAX_DROP = 0.01  # normalised-match points the int8 vision encoder may cost
-VISION_INT8_COSINE = 0.99  # per-token cosine floor of int8 visual tokens against PyTorch
-OPTIONS: dict[str, Any] = {
-    "int4_block_size": 32,
-    "int4_accuracy_level": 4,
-    "opset": 23,
-    "vision_precision": None,  # None: the precision plan's (fp16 for fp16, else fp32)
-}
-GQA_OPSET = 23  # ONNX Attention takes fewer key/value heads than query heads
 GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa attention at call time
 
 
@@ -236,7 +185,7 @@ class OnnxExporter(Registered):
     def check(self, vlm, config: ExportConfig) -> None:
         """Refuse unsupported architectures, options and missing packages, all at once."""
         problems = family_problems(vlm.config, "onnx")
-        problems += _option_problems(config.options, config.eval_data)
+        problems += option_problems(config.options, config.eval_data)
         for module, extra in (("onnx", "onnx"), ("onnxruntime", "onnx"), ("onnxscript", "onnx")):
             try:
                 __import__(module)
@@ -265,7 +214,7 @@ class OnnxExporter(Registered):
                 head = g.head_matmul(model)
                 if refs:
                     _check_tied_head(vlm, model, head)
-            model = _convert(spec.component, model, config.precision, options, head, refs)
+            model = convert(spec.component, model, config.precision, options, head, refs)
             if spec is DECODER:
                 facts = _graph_facts(model, baked, head)
             files[spec.component] = g.save(model, out / spec.file)
@@ -296,43 +245,6 @@ class OnnxExporter(Registered):
             )
         finally:
             backend.close()
-
-
-def _option_problems(options: dict[str, Any], eval_data=None) -> list[str]:
-    problems = []
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        problems.append(
-            f"unknown onnx option(s) {', '.join(unknown)}; valid: {', '.join(sorted(OPTIONS))}"
-        )
-    block = options.get("int4_block_size", OPTIONS["int4_block_size"])
-    if not isinstance(block, int) or not 16 <= block <= 256 or block & (block - 1):
-        problems.append(
-            f"int4_block_size {block!r} must be a power of two from 16 to 256 (onnxruntime's "
-            "MatMulNBits range), e.g. 32, 64, 128"
-        )
-    level = options.get("int4_accuracy_level", OPTIONS["int4_accuracy_level"])
-    if level is not None and level not in (0, 1, 2, 3, 4):
-        problems.append(f"int4_accuracy_level {level!r} must be 0-4 or None")
-    vision = options.get("vision_precision")
-    if vision is not None and vision not in VISION_PLANS:
-        problems.append(
-            f"vision_precision {vision!r} must be one of {', '.join(VISION_PLANS)} (default: "
-            "the precision's own plan)"
-        )
-    elif vision == "int8" and eval_data is None:
-        problems.append(
-            "vision_precision=int8 needs --eval-data: the exporter measures what the int8 "
-            "vision encoder costs in answers on it, and refuses more than "
-            f"{VISION_INT8_MAX_DROP * 100:g} point"
-        )
-    opset = options.get("opset", OPTIONS["opset"])
-    if not isinstance(opset, int) or not 17 <= opset <= GQA_OPSET:
-        problems.append(
-            f"opset {opset!r} must be from 17 (one LayerNormalization op per norm) to "
-            f"{GQA_OPSET} (the newest this exporter writes)"
-        )
-    return problems
 
 
 # ---- tracing ------------------------------------------------------------------------------
@@ -478,74 +390,6 @@ def _name_dims(model, spec: GraphSpec, n_layers: int) -> None:
 # ---- precisions ---------------------------------------------------------------------------
 
 
-def _convert(
-    component: str,
-    model,
-    precision: str,
-    options: dict[str, Any],
-    head: str,
-    refs: dict[str, Any] | None = None,
-):
-    """One traced graph to ``precision`` (see :data:`PLANS` for what each component keeps).
-
-    ``refs`` (int8/int4 with tied embeddings): the shared table's external references; the
-    embedding and the lm_head then read it instead of each quantizing its own copy.
-    """
-    if component == "vision":
-        vision = vision_precision(precision, options)
-        if vision == "int8":
-            return g.quantize_int8(model)
-        return g.to_fp16(model) if vision == "fp16" else model
-    if precision == "fp32":
-        return model
-    if precision == "fp16":
-        return g.to_fp16(model)
-    if component == "embed":
-        if refs:
-            g.share_tied_embedding(model, refs)
-        else:
-            g.quantize_gather_int8(model)
-        return model
-    if precision == "int8":
-        if not refs:
-            return g.quantize_int8(model)
-        model = g.quantize_int8(model, exclude=[head])
-    else:
-        model = g.quantize_int4(
-            model,
-            block_size=options["int4_block_size"],
-            accuracy_level=options["int4_accuracy_level"],
-            exclude=[head],
-        )
-        if not refs:
-            return g.quantize_int8(model, nodes=[head])  # the lm_head stays at 8 bits
-    g.share_tied_lm_head(model, head, refs)  # int8 per channel on the shared table
-    return model
-
-
-def vision_precision(precision: str, options: dict[str, Any]) -> str:
-    """The vision encoder's precision: option ``vision_precision``, else the plan's."""
-    chosen = options.get("vision_precision")
-    return chosen or ("fp16" if precision == "fp16" else "fp32")
-
-
-def tolerance(precision: str, options: dict[str, Any]) -> Tolerance:
-    """The parity limits of an export: the precision's, with the int8 vision floor when the
-    vision encoder is int8 (its answer accuracy is checked on its own, see ``validate``)."""
-    tol = TOLERANCES[precision]
-    vision = vision_precision(precision, options)
-    if vision == "fp16" and precision != "fp16":  # the fp16 limits for what the tower feeds
-        tol = loosened(tol, TOLERANCES["fp16"], token_exact=False)
-    if vision == "int8":
-        # image prompts' logits and greedy tokens now carry the int8 tower's error too: the
-        # int8 floors for them, and the answers on the eval set (required) are the gate
-        tol = loosened(
-            tol, TOLERANCES["int8"], vision_max_rel=None, vision_cosine=VISION_INT8_COSINE,
-            token_exact=False,
-        )  # fmt: skip
-    return tol
-
-
 def _tied_table(vlm):
     """``(q_T [hidden, vocab] int8, scale [vocab] fp32)`` of a tied embedding, else ``None``.
 
@@ -598,7 +442,11 @@ def _components(
         for spec in GRAPHS
     }
     components["decoder"]["precision"] = plan["decoder"].format(
-        block=options["int4_block_size"], level=options["int4_accuracy_level"]
+        block=options["int4_block_size"],
+        level=options["int4_accuracy_level"],
+        int8=INT8_SCHEMES[options["int8_scheme"]].format(
+            block=options["int8_block_size"], level=options["int8_accuracy_level"]
+        ),
     )
     components["decoder"].update({"lm_head": plan["lm_head"], **decoder_facts})
     if shared:  # one file, one component; embed and decoder reference it

@@ -426,55 +426,76 @@ def head_weight(model, head: str) -> np.ndarray:
 
 
 def share_tied_lm_head(model, head: str, refs: dict[str, Any]) -> None:
-    """Replace the float lm_head MatMul ``head`` by dynamic int8 on the shared table.
+    """Replace the float lm_head MatMul ``head`` by per-token int8 on the shared table."""
+    _add_refs(model, refs)
+    _int8_head(model, head, SHARED_TABLE, SHARED_SCALE)
+    prune(model)
 
-    The subgraph ``quantize_dynamic`` writes for a per-channel int8 MatMul (so onnxruntime
-    fuses it into DynamicQuantizeMatMul): ``DynamicQuantizeLinear(x)``,
-    ``MatMulInteger(x_q, W_q_T, x_zp, 0)``, ``Cast`` and ``Mul(x_scale * scale)``.
+
+def quantize_head_int8(model, head: str) -> None:
+    """The float lm_head MatMul ``head`` to per-channel int8 weights (its own table) with
+    per-token int8 activations."""
+    from onnx import numpy_helper
+
+    q, scale = quantize_rows_int8(head_weight(model, head).T)  # per vocab row
+    table, scales = f"{head}.int8_T", f"{head}.scale"
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ascontiguousarray(q.T), table),
+            numpy_helper.from_array(scale, scales),
+        ]
+    )
+    _int8_head(model, head, table, scales)
+    prune(model)
+
+
+def _int8_head(model, head: str, table: str, scales: str) -> None:
+    """``MatMul(x, W)`` -> int8 ``x`` with one scale per token (symmetric, max|x|/127) times
+    the int8 ``table`` ([hidden, vocab]) with one scale per vocab column.
+
+    Per-token scales, not the one scale per tensor of onnxruntime's dynamic quantization: a real
+    language model's final hidden states differ in size between positions, and one scale for
+    all of them rounds the smaller ones away (measured on SmolLM2-135M, docs/performance.md).
     """
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = list(model.graph.node)
     i = next(k for k, n in enumerate(nodes) if n.name == head)
-    node = nodes[i]
-    x, out = node.input[0], node.output[0]
-    vocab = int(refs[SHARED_SCALE].dims[0])
-    zp = f"{SHARED_TABLE}.zero_point"
-    model.graph.initializer.append(numpy_helper.from_array(np.zeros(vocab, np.int8), zp))
-    _add_refs(model, refs)
+    x, out = nodes[i].input[0], nodes[i].output[0]
+    p = f"{head}_pt"
+    consts = {
+        f"{p}.qmax": np.array(127.0, np.float32),
+        f"{p}.offset": np.array(128.0, np.float32),
+        f"{p}.zp": np.array(128, np.uint8),
+        f"{p}.tiny": np.array(1e-30, np.float32),
+        f"{p}.axes": np.array([-1], np.int64),
+    }
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    reduce = (
+        helper.make_node("ReduceMax", [f"{p}.abs", f"{p}.axes"], [f"{p}.max"], name=f"{p}_max")
+        if opset >= 18
+        else helper.make_node("ReduceMax", [f"{p}.abs"], [f"{p}.max"], name=f"{p}_max", axes=[-1])
+    )
     nodes[i : i + 1] = [
+        helper.make_node("Abs", [x], [f"{p}.abs"], name=f"{p}_abs"),
+        reduce,
+        helper.make_node("Div", [f"{p}.max", f"{p}.qmax"], [f"{p}.s0"], name=f"{p}_s0"),
+        helper.make_node("Max", [f"{p}.s0", f"{p}.tiny"], [f"{p}.s"], name=f"{p}_s"),
+        helper.make_node("Div", [x, f"{p}.s"], [f"{p}.xs"], name=f"{p}_div"),
+        helper.make_node("Round", [f"{p}.xs"], [f"{p}.xr"], name=f"{p}_round"),
+        # stored as uint8 around 128 (u8 x s8 is onnxruntime's fast MatMulInteger path)
+        helper.make_node("Add", [f"{p}.xr", f"{p}.offset"], [f"{p}.xu"], name=f"{p}_offset"),
+        helper.make_node("Cast", [f"{p}.xu"], [f"{p}.xq"], name=f"{p}_q", to=TensorProto.UINT8),
         helper.make_node(
-            "DynamicQuantizeLinear",
-            [x],
-            [f"{head}_x_q", f"{head}_x_scale", f"{head}_x_zp"],
-            name=f"{head}_dql",
+            "MatMulInteger", [f"{p}.xq", table, f"{p}.zp"], [f"{p}.acc"], name=f"{head}_quant"
         ),
-        helper.make_node(
-            "Mul",
-            [f"{head}_x_scale", SHARED_SCALE],
-            [f"{head}_quant_scales_mul:0"],
-            name=f"{head}_quant_scales_mul",
-        ),
-        helper.make_node(
-            "MatMulInteger",
-            [f"{head}_x_q", SHARED_TABLE, f"{head}_x_zp", zp],
-            [f"{out}_quantized"],
-            name=f"{head}_quant",
-        ),
-        helper.make_node(
-            "Cast",
-            [f"{out}_quantized"],
-            [f"{out}_cast"],
-            name=f"{head}_cast",
-            to=TensorProto.FLOAT,
-        ),
-        helper.make_node(
-            "Mul", [f"{out}_cast", f"{head}_quant_scales_mul:0"], [out], name=f"{head}_deq"
-        ),
+        helper.make_node("Cast", [f"{p}.acc"], [f"{p}.f"], name=f"{p}_cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{p}.f", f"{p}.s"], [f"{p}.fs"], name=f"{p}_mul_x"),
+        helper.make_node("Mul", [f"{p}.fs", scales], [out], name=f"{head}_deq"),
     ]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    prune(model)
 
 
 def quantize_int8(model, *, nodes: list[str] | None = None, exclude: list[str] | None = None):
@@ -504,13 +525,17 @@ def quantize_int8(model, *, nodes: list[str] | None = None, exclude: list[str] |
         return load(dst)
 
 
-def quantize_int4(model, *, block_size: int, accuracy_level: int | None, exclude: list[str]):
-    """Weight-only int4 (MatMulNBits, symmetric, ``block_size`` weights per fp32 scale)."""
+def quantize_nbits(
+    model, *, bits: int, block_size: int, accuracy_level: int | None, exclude: list[str]
+):
+    """Weight-only int4 or int8 (MatMulNBits, symmetric, ``block_size`` weights per fp32
+    scale along the input dimension); ``accuracy_level`` 4 quantizes activations to int8 per
+    block at run time, 0 or None computes in fp32."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(
         model,
-        bits=4,
+        bits=bits,
         block_size=block_size,
         is_symmetric=True,
         accuracy_level=accuracy_level,

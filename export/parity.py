@@ -132,6 +132,29 @@ def compare(got, ref) -> dict[str, float]:
     }
 
 
+def next_token(got, ref) -> dict[str, float]:
+    """How far the next-token distributions moved (reported, not a gate): ``kl_mean`` and
+    ``kl_max`` of KL(PyTorch || artifact) per position, in nats, and ``top1``, the share of
+    positions whose most likely token is PyTorch's (the figures llama.cpp reports for quants)."""
+    got, ref = _numpy(got), _numpy(ref)
+    got, ref = got.reshape(-1, ref.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1])
+    ref = ref.astype(np.float64)
+    if not ref.size:
+        return {"kl_mean": 0.0, "kl_max": 0.0, "top1": 1.0}
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(got)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+    }
+
+
 def token_agreement(reference: Sequence[int], actual: Sequence[int]) -> float:
     """The common prefix of two greedy outputs over the reference's length (1.0 if both empty)."""
     n = 0
@@ -240,8 +263,9 @@ def check_logits(vlm, backend, case: Case, tol: Tolerance) -> dict[str, Any]:
         )
     got = _numpy(backend.prefill_logits(case.input_ids, case.pixel_values))
     text = case.input_ids[0] != vlm.image_token_id
-    numbers = compare(got.reshape(ref.shape)[0, text], _numpy(ref)[0, text])
-    return {"positions": int(text.sum()), **limits(numbers, tol.logits_max_rel, tol.logits_cosine)}
+    got, ref = got.reshape(ref.shape)[0, text], _numpy(ref)[0, text]
+    numbers = limits(compare(got, ref), tol.logits_max_rel, tol.logits_cosine)
+    return {"positions": int(text.sum()), **numbers, **next_token(got, ref)}
 
 
 def check_greedy(

@@ -358,6 +358,12 @@ class TrainingConfig(_Model):
     train_vision_tower: bool | None = Field(
         None, description="Train the student's vision tower; default true for switch-kd only."
     )
+    train_language_model: bool = Field(
+        True,
+        description="Train the student's language model (embeddings and head included); false "
+        "trains only the projector (and the vision tower if train_vision_tower): LLaVA's first "
+        "stage for a freshly assembled model.",
+    )
     vision_tower_init: Literal["student", "teacher"] = Field(
         "student",
         description="Where the student's vision tower starts: its own weights, or a copy of the "

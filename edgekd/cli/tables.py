@@ -169,6 +169,18 @@ def print_pruned(ckpt: str, out, record: dict[str, Any], console: Console) -> No
     )
 
 
+def print_assembled(out, record: dict[str, Any], console: Console) -> None:
+    """``edgekd models assemble``: the parts, the visual tokens and the parameters per stage."""
+    p = record["parameters"]
+    console.print(
+        f"[green]✓[/green] {record['vision']['model_type']} + {record['projector']} + "
+        f"{record['language']['model_type']} -> {out}: {record['image_size']} px, "
+        f"{record['visual_tokens']} visual tokens, <image> = id {record['image_token_id']}; "
+        f"{p['vision_tower'] / 1e6:.2f}M + {p['projector'] / 1e6:.2f}M (new) + "
+        f"{p['language_model'] / 1e6:.2f}M = {p['total'] / 1e6:.2f}M parameters"
+    )
+
+
 def print_profiles(devices: dict[str, Any], recipes: dict[str, Any], console: Console) -> None:
     """The device profiles (memory, bandwidth, peak, target) and the recipes (method,
     strategy, description), by name."""

@@ -9,6 +9,7 @@ import typer
 
 from edgekd.cli.app import Overwrite, console, convert_app, data_app, models_app, profiles_app
 from edgekd.cli.tables import (
+    print_assembled,
     print_converted,
     print_dataset,
     print_model,
@@ -182,6 +183,47 @@ def models_prune(
         overwrite=overwrite,
     )
     print_pruned(ckpt, output, record, console)
+
+
+@models_app.command("assemble")
+def models_assemble(
+    vision: Annotated[
+        str, typer.Option(help="Vision tower: a SigLIP, CLIP or DINOv2 checkpoint dir or hub id.")
+    ],
+    language: Annotated[
+        str, typer.Option(help="Language model: a causal LM checkpoint dir, hub id or .gguf file.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint directory.")],
+    projector: Annotated[str, typer.Option(help="Projector (new weights).")] = "mlp2x_gelu",
+    image_size: Annotated[
+        int | None, typer.Option(help="Input resolution, a multiple of the patch size.")
+    ] = None,
+    select: Annotated[
+        str, typer.Option(help="default: drop the tower's first token; full: keep all.")
+    ] = "default",
+    feature_layer: Annotated[
+        int, typer.Option(help="The tower's hidden_states index the projector reads.")
+    ] = -2,
+    seed: Annotated[int, typer.Option(help="Seeds the projector's initialisation.")] = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Build a LLaVA-style VLM from a pretrained vision tower and language model, with a new
+    projector (train it next: edgekd distill --method sft --set
+    training.train_language_model=false)."""
+    from edgekd.models.assemble import assemble
+
+    record = assemble(
+        vision,
+        language,
+        output,
+        projector=projector,
+        image_size=image_size,
+        select=select,
+        feature_layer=feature_layer,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    print_assembled(output, record, console)
 
 
 @models_app.command("info")

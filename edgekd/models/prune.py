@@ -117,6 +117,9 @@ def prune_vlm(
             )
         _keep(vlm.vision_tower, vision_keep, total, "vision tower")
         vision.num_hidden_layers = len(vision_keep)
+        if getattr(vision, "stage_names", None):  # a backbone config (DINOv2): one stage a layer
+            vision.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(vision_keep) + 1)]
+            vision.out_features = None  # the last stage, as a fresh config has it
         record["vision_layers"] = {"kept": vision_keep, "of": total}
     return record
 

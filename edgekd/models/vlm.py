@@ -173,7 +173,7 @@ class VLM:
         """Tokens one image has inside the vision tower: its patches, plus CLIP's class token."""
         vc = self.config.vision_config
         patches = (vc.image_size // vc.patch_size) ** 2
-        return patches + any(hasattr(m, "class_embedding") for m in self.vision_tower.modules())
+        return patches + has_class_token(self.vision_tower)
 
     def num_image_tokens(self) -> int:
         """Visual tokens one image becomes, as the processor expands ``<image>``.
@@ -205,18 +205,23 @@ class VLM:
         ``encoder.layers`` list.
         """
         tower = self.vision_tower
+        n = int(self.config.vision_config.num_hidden_layers)
         found = [
             (name, module)
             for name, module in tower.named_modules()
-            if name.endswith("encoder.layers") and isinstance(module, torch.nn.ModuleList)
-        ]
+            if isinstance(module, torch.nn.ModuleList) and len(module) == n
+            and name.rsplit(".", 1)[-1] in ("layers", "layer")
+        ]  # fmt: skip
         if len(found) != 1:
             return []
         name, layers = found[0]
-        base = name[: -len("encoder.layers")]  # "vision_model." or ""
+        base = name[: -len("encoder." + name.rsplit(".", 1)[-1])]  # "vision_model." or ""
         last = max(self.feature_layers())
-        unused = [f"{base}encoder.layers.{i}." for i in range(last, len(layers))]
-        unused += [f"{base}post_layernorm.", f"{base}head."]
+        unused = [f"{name}.{i}." for i in range(last, len(layers))]
+        # after the features: final norms (SigLIP/CLIP post_layernorm, DINOv2 layernorm), the
+        # pooling head; DINOv2's mask token serves masked pre-training only
+        unused += [f"{base}{m}" for m in ("post_layernorm.", "head.", "layernorm.")]
+        unused += [f"{base}embeddings.mask_token"]
         prefix = next(n for n, m in self.model.named_modules() if m is tower) + "."
         return [
             prefix + pname
@@ -325,6 +330,12 @@ class VLM:
         vocab = sorted(self.tokenizer.get_vocab().items())
         blob = json.dumps([vocab, self.image_token_id, self.vocab_size]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def has_class_token(tower: torch.nn.Module) -> bool:
+    """The tower prepends a learned class token (CLIP's ``class_embedding``, DINOv2's
+    ``cls_token``)."""
+    return any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in tower.modules())
 
 
 def check_compatible(teacher: VLM, student: VLM) -> None:

@@ -62,6 +62,16 @@ def test_switch_kd_trains_the_vision_tower_and_other_methods_do_not(job_factory,
         assert changed is moved, method
 
 
+def test_train_language_model_false_trains_the_projector_alone(job_factory, student_ckpt):
+    """LLaVA's first stage: only the projector moves (the tower is frozen for sft)."""
+    before = load_file(student_ckpt / "model.safetensors")
+    job = job_factory("sft", overrides={"training.train_language_model": False})
+    run(job)
+    after = load_file(job.output / "model" / "model.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("multi_modal_projector." in k for k in moved), sorted(moved)[:3]
+
+
 def test_linear_adapter_is_saved_apart(job_factory):
     job = job_factory("switch-kd", vsd_adapter="linear")
     run(job)

@@ -240,3 +240,34 @@ def test_llava_pad_preprocessing_matches_the_processor(tokenizer):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     plain = artifact.preprocessing(build_vlm("tiny", tokenizer=tokenizer))
     assert not plain["pad_to_square"] and pad_color(plain) is None
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory, tokenizer):
+    """A VLM assembled from a tiny DINOv2 tower (class token, LayerScale 2.5) and a Llama."""
+    from tiny_parts import tiny_assembled
+
+    return tiny_assembled(tmp_path_factory.mktemp("dinov2"), tokenizer)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_dinov2_towers_export_to_onnx_with_parity(dinov2, tmp_path, precision):
+    manifest = _export(dinov2, "onnx", precision, tmp_path / "onnx")
+    checks = manifest["parity"]["checks"]
+    assert manifest["parity"]["passed"] and checks["vision"]["pass"]
+    assert manifest["preprocessing"]["image_tokens_per_image"] == 16  # 16 patches, class dropped
+    if precision == "fp32":
+        import onnx
+
+        assert checks["greedy"]["prompts_exact"] == 2 and checks["vision"]["max_rel"] < 1e-4
+        # the table is the assembled resolution's: the graph resamples nothing per call
+        graph = onnx.load(str(tmp_path / "onnx" / "vision_encoder.onnx"))
+        assert not any(n.op_type in ("Resize", "Upsample") for n in graph.graph.node)
+
+
+def test_dinov2_is_refused_for_gguf_with_the_reason(dinov2):
+    from edgekd.models import VLM
+
+    problems = family_problems(VLM.from_pretrained(dinov2).config, "gguf")
+    assert len(problems) == 1 and "class token after the patches" in problems[0]
+    assert "exact GELU" in problems[0] and "--target onnx or tensorrt" in problems[0]

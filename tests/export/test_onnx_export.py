@@ -16,6 +16,7 @@ from edgekd.errors import ModelError, OutputExistsError
 from edgekd.export import ExportConfig, ExportError, ParityError, export, get_exporter
 from edgekd.export import onnx as onnx_export
 from edgekd.export import onnx_graph as g
+from edgekd.export.parity import Tolerance
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
@@ -325,7 +326,7 @@ def test_parity_failure_raises_with_numbers_and_leaves_nothing(
         return {}
 
     monkeypatch.setattr(onnx_export.OnnxExporter, "export", copy_export)
-    strict = onnx_export.Tolerance(0.0, 0.9, 0.0, 0.9, True, None)
+    strict = Tolerance(0.0, 0.9, 0.0, 0.9, True, None)
     monkeypatch.setitem(onnx_export.TOLERANCES, "fp32", strict)
     with pytest.raises(ParityError) as e:
         export(ExportConfig(str(tiny_checkpoint), "onnx", "fp32", tmp_path / "out"))
@@ -387,7 +388,8 @@ def test_untied_model_exports_its_own_int8_head_and_the_tied_one_is_smaller(
     )
     assert manifest["parity"]["passed"]
     assert not (out / g.SHARED_DATA).exists() and "shared_embedding" not in manifest["components"]
-    assert manifest["components"]["decoder"]["lm_head"] == "int8 per-channel (baked, untied)"
+    head = manifest["components"]["decoder"]["lm_head"]
+    assert head == "int8 per-channel, per-token int8 activations (baked, untied)"
     for f in (onnx_export.EMBED.file, onnx_export.DECODER.file):
         assert _external_refs(out / f) == {}
         ort.InferenceSession(str(out / f))

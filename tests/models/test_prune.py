@@ -125,3 +125,17 @@ def test_cli_prunes_and_refuses_bad_input_in_one_line(cli, tiny_checkpoint, tmp_
         "already exists"
     )
     assert not bad.exists()
+
+
+def test_a_dinov2_tower_prunes_and_reloads(tokenizer, tmp_path):
+    """DINOv2's config names one backbone stage per layer: pruning renames them."""
+    from tiny_parts import tiny_assembled
+
+    from edgekd.models.vlm import VLM as Loaded
+
+    ckpt = tiny_assembled(tmp_path, tokenizer)
+    prune(ckpt, tmp_path / "student", layers=1, vision_layers=2)
+    student = Loaded.from_pretrained(tmp_path / "student")
+    assert student.config.vision_config.num_hidden_layers == 2
+    assert student.config.vision_config.out_features == ["stage2"]
+    assert student.num_image_tokens() == Loaded.from_pretrained(ckpt).num_image_tokens()
