@@ -67,6 +67,7 @@ import numpy as np
 from edgekd import artifact, targets
 from edgekd.export import onnx_graph as g
 from edgekd.export import onnx_parity, parity
+from edgekd.export import onnx_tied as tied
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.family import family_problems
 from edgekd.export.onnx_precision import (  # noqa: F401 - the precision plans, re-exported
@@ -205,7 +206,7 @@ class OnnxExporter(Registered):
         files, facts, head = {}, {}, ""
         # Tied table at int8/int4: quantized once, written once, read by embed and lm_head.
         table = _tied_table(vlm) if config.precision in ("int8", "int4") else None
-        refs = g.write_shared_table(out / g.SHARED_DATA, *table) if table else None
+        refs = tied.write_shared_table(out / tied.SHARED_DATA, *table) if table else None
         del table
         for spec in GRAPHS:
             model = _trace(vlm, spec, n_layers, options["opset"])
@@ -411,7 +412,7 @@ def _tied_table(vlm):
 def _check_tied_head(vlm, model, head: str) -> None:
     """The traced lm_head multiplies by the embedding table (transposed), or the export stops."""
     embed = vlm.language_model.get_input_embeddings().weight.detach().float().cpu().numpy()
-    if not np.array_equal(g.head_weight(model, head), embed.T):
+    if not np.array_equal(tied.head_weight(model, head), embed.T):
         raise ExportError(
             f"the lm_head '{head}' of the traced decoder is not the tied embedding table; "
             "cannot share one int8 copy"
@@ -451,13 +452,13 @@ def _components(
     components["decoder"].update({"lm_head": plan["lm_head"], **decoder_facts})
     if shared:  # one file, one component; embed and decoder reference it
         components["shared_embedding"] = {
-            "files": [g.SHARED_DATA],
+            "files": [tied.SHARED_DATA],
             "precision": SHARED_PLAN["table"],
-            "tensors": [g.SHARED_TABLE, g.SHARED_SCALE],
+            "tensors": [tied.SHARED_TABLE, tied.SHARED_SCALE],
             "used_by": ["embed", "decoder"],
         }
         for name in ("embed", "decoder"):
-            components[name]["shares"] = g.SHARED_DATA
+            components[name]["shares"] = tied.SHARED_DATA
     tokenizer_files = sorted(
         p.name
         for p in out.iterdir()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgekd.export import onnx_graph as g
+from edgekd.export import onnx_tied as tied
 from edgekd.export.parity import Tolerance, loosened
 
 GQA_OPSET = 23  # ONNX Attention takes fewer key/value heads than query heads
@@ -168,7 +169,7 @@ def convert(
         return g.to_fp16(model)
     if component == "embed":
         if refs:
-            g.share_tied_embedding(model, refs)
+            tied.share_tied_embedding(model, refs)
         else:
             g.quantize_gather_int8(model)
         return model
@@ -183,9 +184,9 @@ def convert(
             exclude=[head],
         )
     if not refs:
-        g.quantize_head_int8(model, head)  # the lm_head stays at 8 bits
+        tied.quantize_head_int8(model, head)  # the lm_head stays at 8 bits
         return model
-    g.share_tied_lm_head(model, head, refs)  # int8 per channel on the shared table
+    tied.share_tied_lm_head(model, head, refs)  # int8 per channel on the shared table
     return model
 
 

@@ -16,6 +16,7 @@ from edgekd.errors import ModelError, OutputExistsError
 from edgekd.export import ExportConfig, ExportError, ParityError, export, get_exporter
 from edgekd.export import onnx as onnx_export
 from edgekd.export import onnx_graph as g
+from edgekd.export import onnx_tied as tied
 from edgekd.export.parity import Tolerance
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -348,16 +349,19 @@ def _external_refs(path):
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_tied_table_is_stored_once_and_shared(onnx_artifact, tiny_vlm, precision):
     root = onnx_artifact(precision)
-    data = root / g.SHARED_DATA
+    data = root / tied.SHARED_DATA
     assert data.is_file()
     embed = _external_refs(root / onnx_export.EMBED.file)
     decoder = _external_refs(root / onnx_export.DECODER.file)
-    shared = {g.SHARED_TABLE, g.SHARED_SCALE}
+    shared = {tied.SHARED_TABLE, tied.SHARED_SCALE}
     assert set(embed) == shared and set(decoder) == shared
     assert embed == decoder, "both graphs point at the same bytes"
     vocab, hidden = tiny_vlm.lm_head.weight.shape
-    assert embed[g.SHARED_TABLE][0] == g.SHARED_DATA and embed[g.SHARED_TABLE][2] == vocab * hidden
-    assert embed[g.SHARED_SCALE][2] == 4 * vocab
+    assert (
+        embed[tied.SHARED_TABLE][0] == tied.SHARED_DATA
+        and embed[tied.SHARED_TABLE][2] == vocab * hidden
+    )
+    assert embed[tied.SHARED_SCALE][2] == 4 * vocab
     assert data.stat().st_size == max(off + n for _, off, n in embed.values())
     # No second copy: neither graph holds a vocab x hidden matrix of its own.
     for f in (onnx_export.EMBED.file, onnx_export.DECODER.file):
@@ -366,8 +370,8 @@ def test_tied_table_is_stored_once_and_shared(onnx_artifact, tiny_vlm, precision
         assert max(int(np.prod(t.dims)) for t in own) < vocab * hidden
     assert (root / onnx_export.EMBED.file).stat().st_size < 4096
     components = json.loads((root / "manifest.json").read_text())["components"]
-    assert components["shared_embedding"]["files"] == [g.SHARED_DATA]
-    assert components["embed"]["shares"] == components["decoder"]["shares"] == g.SHARED_DATA
+    assert components["shared_embedding"]["files"] == [tied.SHARED_DATA]
+    assert components["embed"]["shares"] == components["decoder"]["shares"] == tied.SHARED_DATA
     assert "tied" in components["decoder"]["lm_head"]
 
 
@@ -387,7 +391,9 @@ def test_untied_model_exports_its_own_int8_head_and_the_tied_one_is_smaller(
         ExportConfig(str(ckpt), "onnx", "int8", out, n_parity_prompts=2, max_new_tokens=4)
     )
     assert manifest["parity"]["passed"]
-    assert not (out / g.SHARED_DATA).exists() and "shared_embedding" not in manifest["components"]
+    assert (
+        not (out / tied.SHARED_DATA).exists() and "shared_embedding" not in manifest["components"]
+    )
     head = manifest["components"]["decoder"]["lm_head"]
     assert head == "int8 per-channel, per-token int8 activations (baked, untied)"
     for f in (onnx_export.EMBED.file, onnx_export.DECODER.file):
@@ -399,7 +405,7 @@ def test_untied_model_exports_its_own_int8_head_and_the_tied_one_is_smaller(
     vocab, hidden = untied.lm_head.weight.shape
 
     def language(root):
-        names = (onnx_export.EMBED.file, onnx_export.DECODER.file, g.SHARED_DATA)
+        names = (onnx_export.EMBED.file, onnx_export.DECODER.file, tied.SHARED_DATA)
         return sum((root / n).stat().st_size for n in names if (root / n).exists())
 
     saved = language(out) - language(onnx_artifact("int8"))
