@@ -52,14 +52,12 @@ class Tower:
 
     Attributes:
         full: The model_type of the full (image-text) model holding it, if any.
-        prefix: Its weights' prefix inside the vision model (``vision_model.``).
         class_token: It prepends a class token (one more visual token).
         crop: Preprocessing resizes the shortest edge and centre-crops (else: a square resize).
         positions: Its position table's key, and whether it is an embedding table (2-D).
     """
 
     full: str | None
-    prefix: str
     class_token: bool
     crop: bool
     mean: list[float]
@@ -70,15 +68,15 @@ class Tower:
 
 TOWERS = {
     "siglip_vision_model": Tower(
-        "siglip", "vision_model.", False, False, [0.5] * 3, [0.5] * 3,
-        "vision_model.embeddings.position_embedding.weight", True,
+        "siglip", False, False, [0.5] * 3, [0.5] * 3,
+        "embeddings.position_embedding.weight", True,
     ),
     "clip_vision_model": Tower(
-        "clip", "vision_model.", True, True, CLIP_MEAN, CLIP_STD,
-        "vision_model.embeddings.position_embedding.weight", True,
+        "clip", True, True, CLIP_MEAN, CLIP_STD,
+        "embeddings.position_embedding.weight", True,
     ),
     "dinov2": Tower(
-        None, "", True, True, IMAGENET_MEAN, IMAGENET_STD, "embeddings.position_embeddings", False,
+        None, True, True, IMAGENET_MEAN, IMAGENET_STD, "embeddings.position_embeddings", False,
     ),
 }  # fmt: skip
 _FULL = {t.full: kind for kind, t in TOWERS.items() if t.full}
@@ -187,7 +185,7 @@ def load_tower(src: str | os.PathLike):
     if missing:
         raise ModelError(f"vision tower '{src}': {missing[0]} is missing from its weights")
     if model_type in _FULL:
-        state = {"vision_model." + k: v for k, v in model.vision_model.state_dict().items()}
+        state = dict(model.vision_model.state_dict())  # a SigLIP/CLIP vision model itself
     else:
         state = dict(model.state_dict())
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}

@@ -196,3 +196,31 @@ def test_cli_assembles_and_refuses_bad_parts_in_one_line(cli, tokenizer, tmp_pat
     cli(*args, "-o", bad, "--select", "cls").one_line_error("--select 'cls'; valid: default, full")
     assert not bad.exists()
     cli(*args, "-o", out).one_line_error("pass --overwrite")
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_a_full_image_text_model_gives_its_vision_half(tmp_path, tokenizer, kind):
+    """A SigLIP/CLIP image-text checkpoint: its vision model is the tower, at its own size and
+    at another (the 2-D position table resized as transformers resamples it per call)."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=SIZE, patch_size=PATCH,
+    )  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    cls, config = (SiglipModel, SiglipConfig) if kind == "siglip" else (CLIPModel, CLIPConfig)
+    torch.manual_seed(0)
+    full = cls(config(vision_config=vision, text_config=text)).eval()
+    full.save_pretrained(tmp_path / "full")
+    tiny_language("qwen2", tmp_path / "lm", tokenizer)
+    for size in (SIZE, 48):
+        out = tmp_path / f"vlm-{size}"
+        assemble(tmp_path / "full", tmp_path / "lm", out, image_size=size, select="full")
+        vlm = VLM.from_pretrained(out)
+        pixels = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            want = full.vision_model(pixels, interpolate_pos_encoding=size != SIZE)
+            got = vlm.vision_tower(pixels)
+        torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
+        assert vlm.num_image_tokens() == (size // PATCH) ** 2 + (kind == "clip")
