@@ -131,7 +131,8 @@ EXPORTS = {  # label -> (target, precision, options)
     "onnx int4": ("onnx", "int4", {}),
     "gguf f16": ("gguf", "f16", {}),
 }
-GGUF_LM = ("f16", "q8_0", "q4_k_m")  # SmolLM2 behind a tiny SigLIP tower (text parity)
+GPTQ_PRECISIONS = ("int4", "q4_0")
+GGUF_LM = ("f16", "q8_0", "q4_k_m", "q4_0")  # SmolLM2 behind a tiny SigLIP tower (text parity)
 
 
 def export_all(args, name: str, model: Path, exports: dict, with_eval: bool = True) -> dict:
@@ -141,6 +142,8 @@ def export_all(args, name: str, model: Path, exports: dict, with_eval: bool = Tr
     found = {}
     for label, (target, precision, options) in exports.items():
         out = args.work / "artifacts" / f"{name}-{label.replace(' ', '-').replace(',', '')}"
+        if precision in GPTQ_PRECISIONS:  # GPTQ calibrates on the training prompts
+            options = {**options, "calibration_data": str(split(args.work, "train"))}
         config = ExportConfig(
             checkpoint=str(model), target=target, precision=precision, output=out,
             overwrite=True, n_parity_prompts=4, options=options,

@@ -29,7 +29,14 @@ import numpy as np
 from edgekd import artifact
 from edgekd.export import parity
 from edgekd.export.base import ExportConfig, ExportError
-from edgekd.export.parity import Case, Tolerance, compare, limits, next_token, synthetic_image
+from edgekd.export.parity import (
+    Case,
+    Tolerance,
+    compare_logits,
+    limits,
+    next_token,
+    synthetic_image,
+)
 from edgekd.runtime.llamacpp import LlamaCppBackend
 from edgekd.runtime.prompt import split_at_image
 
@@ -115,7 +122,7 @@ def check_text_logits(vlm, backend: LlamaCppBackend, tol: Tolerance) -> dict[str
     with torch.no_grad():
         ref = vlm.language_logits(vlm.embed(torch.tensor([ids], device=vlm.device)))[0]
     got = backend.prefill_logits(np.asarray([ids], np.int64))[0]
-    numbers = limits(compare(got, ref), tol.logits_max_rel, tol.logits_cosine)
+    numbers = limits(compare_logits(got, ref), tol.logits_max_rel, tol.logits_cosine)
     return {"positions": len(ids), **numbers, **next_token(got, ref)}
 
 

@@ -8,7 +8,6 @@ missing from them is an :class:`ExportError`, never a silently incomplete file. 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.chat import stop_token_ids
 from edgekd.errors import require
 from edgekd.export.base import ExportError
 from edgekd.export.family import (
@@ -26,24 +24,32 @@ from edgekd.export.family import (
     text_arch,
     vision_arch,
 )
+from edgekd.export.gguf_vocab import (  # noqa: F401 - the tokenizer's facts, re-exported
+    PRE_TOKENIZERS,
+    chat_template,
+    pre_tokenizer_name,
+    special_ids,
+    tokenizer_model,
+    vocabulary,
+)
+from edgekd.export.gptq import weight_key
 from edgekd.models.dims import TextDims
 from edgekd.runtime.llamacpp import import_llama_cpp, quiet_llama_logs
 
 K_QUANT_ROW = 256  # llama.cpp's QK_K
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = (
-    1, 2, 3, 4, 5, 6
-)  # fmt: skip
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @dataclass(frozen=True)
 class Quant:
-    """A precision that llama.cpp's quantizer produces from an f32 GGUF."""
+    """A quantized precision: llama.cpp's quantizer makes it from an f32 GGUF (``ftype``), or
+    edgekd writes it itself from GPTQ blocks (``grid``, :mod:`edgekd.export.gptq`)."""
 
-    ftype: str  # llama_cpp constant
+    ftype: str | None  # llama_cpp constant; None: written by edgekd
     types: frozenset[str]  # tensor types that count as "quantized as asked"
     block: int  # row-size multiple the intended types need
+    grid: str | None = None  # GPTQ grid of the weight matrices (edgekd-written precisions)
+    file_type: int = 0  # general.file_type of edgekd-written files (llama_ftype)
 
 
 PRECISIONS: dict[str, Quant | None] = {
@@ -51,7 +57,12 @@ PRECISIONS: dict[str, Quant | None] = {
     "f16": None,
     "q8_0": Quant("LLAMA_FTYPE_MOSTLY_Q8_0", frozenset({"Q8_0"}), 32),
     "q4_k_m": Quant("LLAMA_FTYPE_MOSTLY_Q4_K_M", frozenset({"Q4_K", "Q5_K", "Q6_K"}), K_QUANT_ROW),
+    # GPTQ on the Q4_0 grid: the decoder's matrices Q4_0 (a type llama.cpp repacks for its x86
+    # kernels, ggml-cpu repack.cpp),
+    # the embedding (and the tied output) Q8_0, norms f32
+    "q4_0": Quant(None, frozenset({"Q4_0"}), 32, grid="ggml_q4_0", file_type=2),
 }
+Q4_0_BLOCK = 32  # weights per Q4_0 block: an fp16 scale and 16 bytes of 4-bit levels
 # ---- tensor names: HF (relative to the module) -> GGUF, declared as data -------------------
 _LM_TENSORS = {
     "embed_tokens.weight": "token_embd.weight",
@@ -83,18 +94,6 @@ _VISION_BLOCKS = {
     "encoder.layers.{i}.mlp.fc2.{p}": "v.blk.{i}.ffn_down.{p}",
 }
 _PROJECTOR_TENSORS = {"linear_1.{p}": "mm.0.{p}", "linear_2.{p}": "mm.2.{p}"}
-
-
-# llama.cpp pre-tokenizer per HF pre-tokenizer (tokenizer.json), checked by the round-trip test
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZERS = {"byte_level": "gpt-2", _QWEN2_REGEX: "qwen2", _LLAMA3_REGEX: "llama-bpe"}
 
 
 def _compile(table: dict[str, str | None]) -> list[tuple[re.Pattern, str | None]]:
@@ -142,66 +141,6 @@ def feature_layers(vlm) -> list[int]:
     return resolved
 
 
-def _tokenizer_json(tokenizer) -> dict[str, Any]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ExportError("the tokenizer is not a fast (tokenizers) tokenizer; GGUF needs its BPE")
-    return json.loads(backend.to_str())
-
-
-def tokenizer_model(tokenizer) -> dict[str, Any]:
-    """How llama.cpp reproduces this HF tokenizer (checked id for id by the exporter).
-
-    * byte-level BPE (GPT-2 style: Qwen2, Llama-3): ``{"model": "gpt2", "pre": ...}``, with
-      the merges and the pre-tokenizer that splits text the same way;
-    * SentencePiece-style BPE (``▁``-marked words, ``<0xXX>`` byte fallback: Llama-2, Vicuna,
-      TinyLlama, Mistral, Gemma): ``{"model": "llama", "add_space_prefix": ...}``, llama.cpp's
-      SPM tokenizer, which merges the pair whose result scores highest: each token scores
-      minus the rank of the merge that makes it, so merges apply in BPE's order.
-    """
-    tj = _tokenizer_json(tokenizer)
-    if tj["model"]["type"] == "BPE" and tj["model"].get("byte_fallback"):
-        return {"model": "llama", "add_space_prefix": _space_prefix(tj)}
-    return {"model": "gpt2", "pre": pre_tokenizer_name(tokenizer)}
-
-
-def _space_prefix(tj: dict[str, Any]) -> bool:
-    """Whether a SentencePiece-style tokenizer marks the first word with ``▁`` (Llama) or not
-    (Gemma), from its Metaspace pre-tokenizer or its Prepend/Replace normalizer."""
-    pre, norm = tj.get("pre_tokenizer") or {}, tj.get("normalizer") or {}
-    if pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581":  # ▁
-        return pre.get("prepend_scheme", "always") != "never"
-    steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
-    replaces = [s for s in steps if s.get("type") == "Replace" and s.get("content") == "▁"]
-    if replaces and not pre:
-        return any(s.get("type") == "Prepend" and s.get("prepend") == "▁" for s in steps)
-    raise ExportError(
-        "the SentencePiece-style tokenizer marks words in a way llama.cpp's SPM tokenizer "
-        f"does not (pre-tokenizer {pre.get('type')!r}, normalizer {norm.get('type')!r})"
-    )
-
-
-def pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` that splits text as this HF tokenizer does."""
-    tj = _tokenizer_json(tokenizer)
-    if tj["model"]["type"] != "BPE" or tj["model"].get("byte_fallback"):
-        raise ExportError(
-            "the tokenizer is neither a byte-level BPE nor a SentencePiece-style BPE with byte "
-            "fallback; GGUF export takes those two"
-        )
-    pre = tj.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        if pre.get("add_prefix_space"):
-            raise ExportError("ByteLevel add_prefix_space=True has no llama.cpp pre-tokenizer")
-        return PRE_TOKENIZERS["byte_level"]
-    if pre.get("type") == "Sequence":
-        splits = [p for p in pre["pretokenizers"] if p.get("type") == "Split"]
-        regex = splits[0]["pattern"].get("Regex") if len(splits) == 1 else None
-        if regex in PRE_TOKENIZERS:
-            return PRE_TOKENIZERS[regex]
-    raise ExportError(f"pre-tokenizer {pre.get('type')!r} has no known llama.cpp equivalent")
-
-
 LLAMA_CPP_USE = "the gguf target (quantization, validation)"  # names the use in its error
 
 
@@ -246,6 +185,63 @@ def lm_tensors(vlm, dtype: str) -> dict[str, np.ndarray]:
     return out
 
 
+def encode_q4_0(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """ggml ``block_q4_0`` rows (``[rows, blocks * 18]`` bytes) from levels ``q``
+    ``[rows, K]`` (0-15, the weight is ``(q - 8) * scale``) and ``scale`` ``[rows, K / 32]``:
+    per block the fp16 scale, then byte ``j`` = level ``j`` | level ``j + 16`` << 4."""
+    rows, k = q.shape
+    q = q.reshape(rows, k // Q4_0_BLOCK, Q4_0_BLOCK).astype(np.uint8)
+    half = Q4_0_BLOCK // 2
+    packed = q[..., :half] | (q[..., half:] << 4)
+    d = scale.astype(np.float16).reshape(rows, k // Q4_0_BLOCK, 1).view(np.uint8)
+    return np.concatenate([d, packed], axis=-1).reshape(rows, -1)
+
+
+def gptq_lm_tensors(vlm, blocks: dict[str, list[Any]]) -> dict[str, tuple[np.ndarray, Any]]:
+    """``{gguf name: (bytes, GGMLQuantizationType)}`` of the language model's quantized
+    tensors: each GPTQ'd matrix as Q4_0 (rows permuted like :func:`lm_tensors`), the embedding
+    and an untied lm_head as Q8_0 (llama.cpp's rule for the output matrix at Q4_0).
+
+    Raises:
+        ExportError: a matrix has no GPTQ blocks, or a row is not whole Q4_0 blocks.
+    """
+    gguf = import_gguf()
+    qt = gguf.GGMLQuantizationType
+    tc, arch = vlm.config.text_config, text_arch(vlm.config)
+    pending = {key: list(found) for key, found in blocks.items()}
+    out: dict[str, tuple[np.ndarray, Any]] = {}
+    linears = {f"{n}.weight" for n, m in vlm.language_model.named_modules() if _is_linear(m)}
+    for name, t in vlm.language_model.state_dict().items():
+        gname, _ = map_name(name, _LM_TENSORS)
+        if name not in linears:
+            continue
+        found = pending.get(weight_key(t.detach().float().cpu().numpy()))
+        if not found:
+            raise ExportError(f"no GPTQ blocks for {name}; the model changed during export")
+        block = found.pop(0)
+        if block.in_features % Q4_0_BLOCK or block.grid != "ggml_q4_0":
+            raise ExportError(f"{name}: rows of {block.in_features} are not whole Q4_0 blocks")
+        q, scale = block.q, block.scale
+        if arch.rope_interleaved and re.search(r"attn_[qk]\.", gname):
+            dims = TextDims.from_config(tc)
+            heads = dims.heads if ".attn_q." in gname else dims.kv_heads
+            q, scale = _permute_rope(q, heads), _permute_rope(scale, heads)
+        out[gname] = (encode_q4_0(q, scale), qt.Q4_0)
+    embed = vlm.language_model.get_input_embeddings().weight
+    tables = {"token_embd.weight": embed}
+    if vlm.lm_head.weight.data_ptr() != embed.data_ptr():
+        tables[_LM_HEAD["weight"]] = vlm.lm_head.weight
+    for gname, t in tables.items():
+        out[gname] = (gguf.quants.quantize(_array(t, "f32"), qt.Q8_0), qt.Q8_0)
+    return out
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear)
+
+
 def vision_tensors(vlm, dtype: str) -> tuple[dict[str, np.ndarray], int]:
     """mmproj tensors and the number of vision blocks written (up to the deepest feature layer)."""
     n_blocks = max(feature_layers(vlm))
@@ -287,72 +283,25 @@ def projector_scale(vlm) -> float:
     return float(vlm.config.text_config.hidden_size) ** -0.5
 
 
-def vocabulary(vlm) -> dict[str, Any]:
-    """Tokens, token types and merges (byte-level BPE) or scores (SentencePiece-style, see
-    :func:`tokenizer_model`), padded with ``[PAD{i}]`` to the embedding size."""
-    tok = vlm.tokenizer
-    n_tok, n_embd_rows = len(tok), vlm.vocab_size
-    if n_tok > n_embd_rows:
-        raise ExportError(f"the tokenizer has {n_tok} tokens but the embedding only {n_embd_rows}")
-    vocab = tok.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    missing = [i for i in range(n_tok) if i not in by_id]
-    if missing:
-        raise ExportError(f"token ids {missing[:5]} have no token; the vocabulary has gaps")
-    added = {i: a for i, a in tok.added_tokens_decoder.items()}
-    spm = tokenizer_model(tok)["model"] == "llama"
-    tokens, types = [], []
-    for i in range(n_tok):
-        tokens.append(by_id[i])
-        if i in added:
-            types.append(TOKEN_CONTROL if added[i].special else TOKEN_USER_DEFINED)
-        elif spm and _BYTE_TOKEN.fullmatch(by_id[i]):
-            types.append(TOKEN_BYTE)
-        elif spm and i == tok.unk_token_id:
-            types.append(TOKEN_UNKNOWN)
-        else:
-            types.append(TOKEN_NORMAL)
-    for i in range(n_tok, n_embd_rows):
-        tokens.append(f"[PAD{i}]")
-        types.append(TOKEN_UNUSED)
-    merges = _tokenizer_json(tok)["model"]["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    out = {"tokens": tokens, "types": types, "merges": merges, "n_tokenizer": n_tok}
-    if spm:
-        rank = {}
-        for r, m in enumerate(merges):
-            rank.setdefault(m.replace(" ", ""), r)
-        out["scores"] = [-float(rank.get(t, 0)) for t in tokens]
-    return out
+def write_lm(vlm, path: Path, dtype: str, blocks=None, file_type=None) -> dict[str, np.ndarray]:
+    """Write the language model (``dtype`` f32 or f16) with its tokenizer; returns its tensors.
 
-
-def special_ids(vlm) -> dict[str, int]:
-    tok = vlm.tokenizer
-    eos = tok.eos_token_id if tok.eos_token_id is not None else stop_token_ids(tok)[0]
-    ids = {"eos": eos, "bos": tok.bos_token_id if tok.bos_token_id is not None else eos}
-    ids["pad"] = tok.pad_token_id if tok.pad_token_id is not None else eos
-    im_end = tok.get_vocab().get("<|im_end|>")
-    if im_end is not None:
-        ids["eot"] = im_end
-    return ids
-
-
-def chat_template(vlm) -> str:
-    return getattr(vlm.processor, "chat_template", None) or vlm.tokenizer.chat_template or ""
-
-
-def write_lm(vlm, path: Path, dtype: str) -> dict[str, np.ndarray]:
-    """Write the language model (``dtype`` f32 or f16) with its tokenizer; returns its tensors."""
+    ``blocks`` (GPTQ, :func:`gptq_lm_tensors`): the matrices are written quantized from them,
+    and ``file_type`` names the file's precision.
+    """
     gguf = import_gguf()
     tc = vlm.config.text_config
     arch = text_arch(vlm.config).gguf_arch
     tensors = lm_tensors(vlm, dtype)
+    quantized = gptq_lm_tensors(vlm, blocks) if blocks is not None else {}
     vocab = vocabulary(vlm)
     head_dim = TextDims.from_config(tc).head_dim
     rope = getattr(tc, "rope_parameters", None) or {"rope_theta": getattr(tc, "rope_theta", 1e4)}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(str(getattr(vlm.config, "_name_or_path", "") or "edgekd-vlm"))
-    w.add_file_type(GGML_TYPE_F16 if dtype == "f16" else GGML_TYPE_F32)
+    if file_type is None:
+        file_type = GGML_TYPE_F16 if dtype == "f16" else GGML_TYPE_F32
+    w.add_file_type(file_type)
     w.add_context_length(tc.max_position_embeddings)
     w.add_embedding_length(tc.hidden_size)
     w.add_block_count(tc.num_hidden_layers)
@@ -388,7 +337,11 @@ def write_lm(vlm, path: Path, dtype: str) -> dict[str, np.ndarray]:
     if chat_template(vlm):
         w.add_chat_template(chat_template(vlm))
     for name, a in tensors.items():
-        w.add_tensor(name, a)
+        if name in quantized:
+            data, qtype = quantized[name]
+            w.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
     _finish(w)
     return tensors
 
@@ -475,11 +428,13 @@ def quant_report(table: dict[str, dict[str, Any]], precision: str) -> dict[str, 
     for info in table.values():
         counts[info["type"]] = counts.get(info["type"], 0) + 1
     q = PRECISIONS[precision]
+    # edgekd-written precisions keep the embedding (and an untied output) at Q8_0 by design
+    tables = ("token_embd.weight", _LM_HEAD["weight"]) if q is not None and q.grid else ()
     fallbacks, unquantized = {}, []
     for name, info in table.items():
         if len(info["shape"]) < 2 or q is None:
             continue
-        if info["type"] not in q.types:
+        if info["type"] not in q.types and name not in tables:
             fallbacks[name] = {"type": info["type"], "row_size": info["shape"][0]}
         if info["type"] in ("F32", "F16", "BF16"):
             unquantized.append(name)
@@ -492,6 +447,8 @@ def quant_report(table: dict[str, dict[str, Any]], precision: str) -> dict[str, 
             "tensors": fallbacks,
         }
         report["unquantized_matrices"] = unquantized
+    if tables:
+        report["q8_0_tables"] = [n for n in tables if n in table]
     return report
 
 

@@ -37,7 +37,8 @@ rather than a ``genai_config.json`` that would not load.
 
 Precisions: fp32; fp16 (weights and compute, fp32 graph I/O, norms and softmax fp32); int8
 (8-bit weights in blocks of ``int8_block_size``, default 32, see :data:`INT8_SCHEMES`) and int4
-(MatMulNBits, ``int4_block_size``, default 32) for the decoder, with the lm_head kept int8
+(MatMulNBits, ``int4_block_size``, default 32, weights chosen by GPTQ on calibration prompts:
+:mod:`edgekd.export.gptq`, option ``int4_method``) for the decoder, with the lm_head kept int8
 (per-token activation scales) and the embedding table int8 per row; the vision encoder
 stays fp32 in int8/int4 unless option ``vision_precision`` says otherwise (``int8``: see
 :data:`VISION_PLANS`; its answer accuracy is measured and enforced on ``--eval-data``).
@@ -55,29 +56,29 @@ copying it per query head (measured in docs/performance.md, "Runtime speed on CP
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekd import artifact, targets
+from edgekd.export import gptq, onnx_parity, parity
 from edgekd.export import onnx_graph as g
-from edgekd.export import onnx_parity, parity
 from edgekd.export import onnx_tied as tied
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.family import family_problems
 from edgekd.export.onnx_precision import (  # noqa: F401 - the precision plans, re-exported
     GQA_OPSET,
+    INT4_METHODS,
     INT8_SCHEMES,
     OPTIONS,
     PLANS,
     SHARED_PLAN,
     TOLERANCES,
     VISION_INT8_COSINE,
+    VISION_INT8_DYNAMIC,
     VISION_INT8_MAX_DROP,
     VISION_PLANS,
     PrecisionPlan,
@@ -86,94 +87,22 @@ from edgekd.export.onnx_precision import (  # noqa: F401 - the precision plans, 
     tolerance,
     vision_precision,
 )
+from edgekd.export.onnx_trace import (  # noqa: F401 - the graph specs, re-exported
+    DECODER,
+    EMBED,
+    GQA_ENV,
+    GRAPHS,
+    TRACE,
+    VISION,
+    GraphSpec,
+    _gqa_attention,
+    _trace,
+)
 from edgekd.io import atomic_write_json
 from edgekd.models.dims import TextDims
 from edgekd.runtime.onnxruntime import OnnxRuntimeBackend
 
-# ---- per-architecture facts ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """One ONNX graph of the artifact; ``{i}`` in a name expands to every decoder layer."""
-
-    component: str
-    file: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
-
-    def names(self, which: str, num_layers: int) -> list[str]:
-        return _expand(getattr(self, which), num_layers)
-
-    def axes(self, name: str) -> dict[int, str]:
-        return self.dynamic_axes.get(_template(name), {})
-
-
-VISION = GraphSpec(
-    "vision",
-    targets.ONNX_VISION,
-    ("pixel_values",),
-    ("image_features",),
-    {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
-)
-EMBED = GraphSpec(
-    "embed",
-    targets.ONNX_EMBED,
-    ("input_ids",),
-    ("inputs_embeds",),
-    {
-        "input_ids": {0: "batch_size", 1: "sequence_length"},
-        "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-    },
-)
-DECODER = GraphSpec(
-    "decoder",
-    targets.ONNX_DECODER,
-    (
-        "inputs_embeds",
-        "attention_mask",
-        "position_ids",
-        "logits_index",
-        "past_key_values.{i}.key",
-        "past_key_values.{i}.value",
-    ),
-    ("logits", "present.{i}.key", "present.{i}.value"),
-    {
-        "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-        "position_ids": {0: "batch_size", 1: "sequence_length"},
-        "logits_index": {0: "logits_length"},
-        "past_key_values.{i}.key": {0: "batch_size", 2: "past_sequence_length"},
-        "past_key_values.{i}.value": {0: "batch_size", 2: "past_sequence_length"},
-        "logits": {0: "batch_size", 1: "logits_length"},
-        "present.{i}.key": {0: "batch_size", 2: "total_sequence_length"},
-        "present.{i}.value": {0: "batch_size", 2: "total_sequence_length"},
-    },
-)
-GRAPHS = (VISION, EMBED, DECODER)
-
-# Trace sizes: distinct and >= 2, so torch.export neither specialises nor equates the axes.
-TRACE = {"batch_size": 2, "sequence_length": 3, "past_sequence_length": 5, "logits_length": 4}
-
-
-# fp32 differences come from summation order (measured ~1e-6 relative); an off-by-one decode
-# position on the tiny model is ~2e-3. int8/int4 keep the vision encoder fp32 unless the
-# vision_precision option says otherwise (then tolerance() adapts these).
-GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa attention at call time
-
-
-def _template(name: str) -> str:
-    parts = name.split(".")
-    return ".".join("{i}" if p.isdigit() else p for p in parts)
-
-
-def _expand(names: tuple[str, ...], num_layers: int) -> list[str]:
-    """Fixed names first, then the per-layer names interleaved layer by layer (k0, v0, k1, ...)."""
-    fixed = [n for n in names if "{i}" not in n]
-    per_layer = [n for n in names if "{i}" in n]
-    return fixed + [n.format(i=i) for i in range(num_layers) for n in per_layer]
-
+log = logging.getLogger(__name__)
 
 # ---- the exporter -------------------------------------------------------------------------
 
@@ -208,6 +137,7 @@ class OnnxExporter(Registered):
         table = _tied_table(vlm) if config.precision in ("int8", "int4") else None
         refs = tied.write_shared_table(out / tied.SHARED_DATA, *table) if table else None
         del table
+        blocks, calibration = _gptq_blocks(vlm, config, options)
         for spec in GRAPHS:
             model = _trace(vlm, spec, n_layers, options["opset"])
             if spec is DECODER:
@@ -215,14 +145,20 @@ class OnnxExporter(Registered):
                 head = g.head_matmul(model)
                 if refs:
                     _check_tied_head(vlm, model, head)
-            model = convert(spec.component, model, config.precision, options, head, refs)
+            model = convert(
+                spec.component, model, config.precision, options, head, refs,
+                blocks if spec is DECODER else None,
+            )  # fmt: skip
             if spec is DECODER:
                 facts = _graph_facts(model, baked, head)
             files[spec.component] = g.save(model, out / spec.file)
             del model
         vlm.processor.save_pretrained(out)
         _write_onnx_config(vlm, out, n_layers)
-        return _components(config.precision, options, files, out, facts, shared=bool(refs))
+        return _components(
+            config.precision, options, files, out, facts, shared=bool(refs),
+            calibration=calibration,
+        )  # fmt: skip
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
         """Compare the artifact with PyTorch (:mod:`edgekd.export.parity`, plus the onnx
@@ -248,147 +184,19 @@ class OnnxExporter(Registered):
             backend.close()
 
 
-# ---- tracing ------------------------------------------------------------------------------
-
-
-def _modules(vlm):
-    """torch wrappers with one forward per graph (built lazily: torch imports stay inside)."""
-    import torch
-    from transformers import DynamicCache
-
-    class Vision(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tower, self.projector = vlm.vision_tower, vlm.projector
-
-        def forward(self, pixel_values):
-            return vlm.project(vlm.vision_features(pixel_values))
-
-    class Embed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed_tokens = vlm.language_model.get_input_embeddings()
-
-        def forward(self, input_ids):
-            return self.embed_tokens(input_ids)
-
-    class Decoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model, self.lm_head = vlm.language_model, vlm.lm_head
-
-        def forward(
-            self, inputs_embeds, attention_mask, position_ids, logits_index, past_key_values
-        ):
-            cache = DynamicCache(config=vlm.config.text_config)
-            for i in range(len(past_key_values) // 2):
-                cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
-            out = self.model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-            # the lm_head runs only where logits are asked for: a prompt's last position when
-            # generating (a 150k-word head over every prompt token is a quarter of a prefill)
-            hidden = out.last_hidden_state.index_select(1, logits_index)
-            return (self.lm_head(hidden), *present)
-
-    return {"vision": Vision(), "embed": Embed(), "decoder": Decoder()}
-
-
-def _sample_inputs(vlm, spec: GraphSpec, n_layers: int):
-    import torch
-
-    b, seq, past = TRACE["batch_size"], TRACE["sequence_length"], TRACE["past_sequence_length"]
-    tc, vc = vlm.config.text_config, vlm.config.vision_config
-    if spec is VISION:
-        return (torch.randn(b, 3, vc.image_size, vc.image_size),)
-    if spec is EMBED:
-        return (torch.randint(0, vlm.vocab_size, (b, seq)),)
-    dims = TextDims.from_config(tc)
-    cache = [torch.randn(b, dims.kv_heads, past, dims.head_dim) for _ in range(2 * n_layers)]
-    mask = torch.ones(b, past + seq, dtype=torch.long)
-    positions = torch.arange(past, past + seq).expand(b, seq)
-    index = torch.arange(TRACE["logits_length"]) % seq
-    return (torch.randn(b, seq, tc.hidden_size), mask, positions, index, cache)
-
-
-def _dynamic_shapes(spec: GraphSpec, n_layers: int) -> tuple:
-    from torch.export import Dim
-
-    dims: dict[str, Any] = {}
-
-    def axes(name: str) -> dict[int, Any]:
-        return {k: dims.setdefault(v, Dim(v)) for k, v in spec.axes(name).items()}
-
-    # The per-layer inputs (the KV cache) are one list argument of the traced forward.
-    names = spec.names("inputs", n_layers)
-    n_fixed = sum("{i}" not in n for n in spec.inputs)
-    shapes: list[Any] = [axes(n) for n in names[:n_fixed]]
-    if n_fixed < len(names):
-        shapes.append([axes(n) for n in names[n_fixed:]])
-    return tuple(shapes)
-
-
-def _trace(vlm, spec: GraphSpec, n_layers: int, opset: int):
-    """``torch.onnx.export`` (dynamo) of one graph; returns the ``onnx.ModelProto``."""
-    import torch
-
-    module = _modules(vlm)[spec.component].eval()
-    with torch.no_grad(), g.quiet(), _gqa_attention(opset):
-        program = torch.onnx.export(
-            module,
-            _sample_inputs(vlm, spec, n_layers),
-            dynamo=True,
-            dynamic_shapes=_dynamic_shapes(spec, n_layers),
-            input_names=spec.names("inputs", n_layers),
-            output_names=spec.names("outputs", n_layers),
-            opset_version=opset,
-            optimize=True,
-            verbose=False,
-        )
-    model = program.model_proto
-    _name_dims(model, spec, n_layers)
-    g.strip_metadata(model)
-    g.name_nodes(model)
-    return model
-
-
-@contextlib.contextmanager
-def _gqa_attention(opset: int) -> Iterator[None]:
-    """From opset 23, trace attention with ``enable_gqa`` (no ``repeat_kv``).
-
-    transformers' sdpa attention repeats the key/value heads up to the query heads
-    (``repeat_kv``: an Expand of the whole cache, per layer and per step, in the graph) unless
-    ``TRANSFORMERS_SDPA_FORCE_GQA`` is set; then it passes ``enable_gqa=True`` and torch.onnx
-    writes one ``Attention`` op that reads the kv heads as they are. Below opset 23 that op does
-    not exist (torch.onnx would repeat the heads itself), so nothing changes there.
-    """
-    if opset < GQA_OPSET:
-        yield
-        return
-    previous = os.environ.get(GQA_ENV)
-    os.environ[GQA_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(GQA_ENV, None)
-        else:
-            os.environ[GQA_ENV] = previous
-
-
-def _name_dims(model, spec: GraphSpec, n_layers: int) -> None:
-    """Give graph I/O the declared axis names (torch names derived axes 'a + b')."""
-    for value in list(model.graph.input) + list(model.graph.output):
-        for axis, name in spec.axes(value.name).items():
-            value.type.tensor_type.shape.dim[axis].dim_param = name
-
-
 # ---- precisions ---------------------------------------------------------------------------
+
+
+def _gptq_blocks(vlm, config: ExportConfig, options: dict[str, Any]):
+    """int4 with ``int4_method=gptq``: the decoder's weight blocks and what calibrated them."""
+    if config.precision != "int4" or options["int4_method"] != "gptq":
+        return None, None
+    data, samples = options["calibration_data"], options["calibration_samples"]
+    prompts = gptq.calibration_prompts(vlm, config, data, samples)
+    source = "LLaVA-JSON" if data else "synthetic image"
+    log.info("GPTQ int4: calibrating on %d %s prompts", len(prompts), source)
+    blocks = gptq.quantize_language_model(vlm, prompts, bits=4, group=options["int4_block_size"])
+    return blocks, {**gptq.calibration_record(prompts, data, "zero_point"), "source_kind": source}
 
 
 def _tied_table(vlm):
@@ -432,10 +240,15 @@ def _graph_facts(model, baked: list[str], head: str) -> dict[str, Any]:
 
 
 def _components(
-    precision, options, files, out: Path, decoder_facts, shared: bool = False
+    precision, options, files, out: Path, decoder_facts, shared: bool = False, calibration=None
 ) -> dict[str, Any]:
     plan = asdict(PLANS[precision])
-    plan["vision"] = VISION_PLANS[vision_precision(precision, options)]
+    vision = vision_precision(precision, options)
+    plan["vision"] = VISION_PLANS[vision].format(
+        block=options["int8_block_size"], level=options["int8_accuracy_level"]
+    )
+    if vision == "int8" and options["int8_scheme"] == "dynamic":
+        plan["vision"] = VISION_INT8_DYNAMIC
     if shared:
         plan.update(embed=SHARED_PLAN["embed"], lm_head=SHARED_PLAN["lm_head"])
     components = {
@@ -445,11 +258,17 @@ def _components(
     components["decoder"]["precision"] = plan["decoder"].format(
         block=options["int4_block_size"],
         level=options["int4_accuracy_level"],
+        int4=INT4_METHODS[options["int4_method"]].format(
+            samples=(calibration or {}).get("samples"),
+            source=(calibration or {}).get("source_kind"),
+        ),
         int8=INT8_SCHEMES[options["int8_scheme"]].format(
             block=options["int8_block_size"], level=options["int8_accuracy_level"]
         ),
     )
     components["decoder"].update({"lm_head": plan["lm_head"], **decoder_facts})
+    if calibration:
+        components["decoder"]["calibration"] = calibration
     if shared:  # one file, one component; embed and decoder reference it
         components["shared_embedding"] = {
             "files": [tied.SHARED_DATA],

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.export.gptq import weight_key
+
 # Above this many bytes of weights a graph is saved with external data (protobuf stops at 2 GiB;
 # the graph structure and small constants need room too).
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -345,6 +347,73 @@ def quantize_nbits(
     with quiet():
         quantizer.process()
     return quantizer.model.model
+
+
+def pack_nbits(q: np.ndarray, zero: np.ndarray, bits: int, group: int):
+    """``MatMulNBits``' ``B`` ``[N, blocks, group * bits / 8]`` and ``zero_points`` from
+    levels ``q`` ``[N, K_padded]`` and ``zero`` ``[N, blocks]`` (4 bits: two per byte, low
+    nibble first)."""
+    n, k = q.shape
+    q = q.reshape(n, k // group, group).astype(np.uint8)
+    zero = zero.astype(np.uint8)
+    if bits == 8:
+        return q, zero
+    if zero.shape[1] % 2:
+        zero = np.pad(zero, ((0, 0), (0, 1)))
+    return q[..., 0::2] | (q[..., 1::2] << 4), zero[:, 0::2] | (zero[:, 1::2] << 4)
+
+
+def write_nbits(model, weights: dict[str, list[Any]], *, accuracy_level: int | None, exclude):
+    """Replace every ``MatMul`` with a 2-D constant weight (but ``exclude``) by ``MatMulNBits``
+    holding the precomputed blocks of that weight (:class:`edgekd.export.gptq.BlockQuantized`,
+    looked up by :func:`edgekd.export.gptq.weight_key` of the ``[out, in]`` weight).
+
+    Raises:
+        ValueError: a weight has no precomputed blocks (the graph is not of that model).
+    """
+    from onnx import helper, numpy_helper
+
+    name_nodes(model)
+    inits = _initializers(model)
+    pending = {key: list(blocks) for key, blocks in weights.items()}
+    replaced = 0
+    for i, node in enumerate(list(model.graph.node)):
+        if node.op_type != "MatMul" or node.name in exclude or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim != 2:
+            continue
+        found = pending.get(weight_key(w.T))
+        if not found:
+            raise ValueError(f"no quantized blocks for {node.name}'s weight {tuple(w.shape)}")
+        block = found.pop(0)
+        packed, zero = pack_nbits(block.q, block.zero, block.bits, block.group)
+        base = f"{node.input[1]}_nbits{block.bits}"
+        tensors = (
+            numpy_helper.from_array(packed, f"{base}_B"),
+            numpy_helper.from_array(block.scale.astype(np.float32), f"{base}_scales"),
+            numpy_helper.from_array(zero, f"{base}_zero_points"),
+        )
+        model.graph.initializer.extend(tensors)
+        attrs = {"K": int(w.shape[0]), "N": int(w.shape[1]), "bits": block.bits}
+        attrs["block_size"] = block.group
+        if accuracy_level is not None:
+            attrs["accuracy_level"] = accuracy_level
+        new = helper.make_node(
+            "MatMulNBits",
+            [node.input[0], *(t.name for t in tensors)],
+            list(node.output),
+            name=f"{node.name}_Q{block.bits}",
+            domain="com.microsoft",
+            **attrs,
+        )
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, new)
+        replaced += 1
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    prune(model)
+    return replaced
 
 
 def count_ops(model, *op_types: str) -> int:

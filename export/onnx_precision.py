@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from edgekd.export import gptq
 from edgekd.export import onnx_graph as g
 from edgekd.export import onnx_tied as tied
 from edgekd.export.parity import Tolerance, loosened
@@ -55,7 +56,7 @@ PLANS = {
     "int4": PrecisionPlan(
         "fp32",
         "int8 per-row, fp32 scales",
-        "int4 weight-only (MatMulNBits, symmetric, block {block}, "
+        "int4 weight-only (MatMulNBits, {int4}, block {block}, "
         "accuracy_level {level}); norms/biases fp32",
         "int8 per-channel, per-token int8 activations (baked, untied)",
     ),
@@ -68,15 +69,21 @@ SHARED_PLAN = {
     "shared_embedding.data)",
 }
 # The vision encoder at another precision than the plan's (option ``vision_precision``):
-# ``int8`` runs the tower's MatMuls as the int8 decoder's (dynamic, per-channel weights), about
-# 2x faster than fp32 on CPU (docs/performance.md); its answer accuracy is measured on
+# ``int8`` runs the tower's MatMuls as the int8 decoder's (8-bit weight blocks, activations int8
+# per block: DINOv2's per-tensor dynamic int8 cost 5 points of answers on the real model, where
+# the gate allows 1, docs/performance.md "Real weights"); its answer accuracy is measured on
 # ``--eval-data`` against the same artifact fed PyTorch's visual tokens and enforced
 # (:data:`VISION_INT8_MAX_DROP`), and its visual tokens get the looser cosine floor below.
 VISION_PLANS = {
     "fp32": "fp32",
     "fp16": "fp16 (fp32 I/O, norms/softmax fp32)",
-    "int8": "int8 dynamic (MatMulInteger, per-channel weights); norms, conv and biases fp32",
+    "int8": "int8 weight-only (MatMulNBits 8-bit, symmetric, block {block}, accuracy_level "
+    "{level}); norms, conv and biases fp32",
 }
+# with ``int8_scheme=dynamic`` the tower is quantized as the decoder then is
+VISION_INT8_DYNAMIC = (
+    "int8 dynamic (MatMulInteger, per-channel weights); norms, conv and biases fp32"
+)
 # The int8 decoder (option ``int8_scheme``). ``blockwise`` (default): 8-bit weights with one
 # scale per ``int8_block_size`` inputs, activations quantized to int8 per block at run time
 # (``int8_accuracy_level`` 4, onnxruntime's fast integer kernels; 0 computes in fp32, 8x slower
@@ -88,11 +95,22 @@ INT8_SCHEMES = {
     "accuracy_level {level})",
     "dynamic": "int8 dynamic (MatMulInteger, per-channel weights, one activation scale per tensor)",
 }
+# How int4 weights are chosen (option ``int4_method``). ``gptq`` (default): asymmetric blocks
+# chosen by GPTQ on calibration prompts (:mod:`edgekd.export.gptq`); round-to-nearest moved a
+# real LM's next-token distribution 0.4-0.8 nats and failed parity (docs/performance.md, "Real
+# weights"). ``rtn``: onnxruntime's round-to-nearest, symmetric, no calibration.
+INT4_METHODS = {
+    "gptq": "GPTQ asymmetric, calibrated on {samples} {source} prompts",
+    "rtn": "round-to-nearest symmetric",
+}
 VISION_INT8_MAX_DROP = 0.01  # normalised-match points the int8 vision encoder may cost
 VISION_INT8_COSINE = 0.99  # per-token cosine floor of int8 visual tokens against PyTorch
 OPTIONS: dict[str, Any] = {
     "int4_block_size": 32,
     "int4_accuracy_level": 4,
+    "int4_method": "gptq",
+    "calibration_data": None,  # LLaVA JSON for GPTQ's prompts; None: synthetic image prompts
+    "calibration_samples": gptq.CALIBRATION_SAMPLES,
     "int8_scheme": "blockwise",
     "int8_block_size": 32,
     "int8_accuracy_level": 4,
@@ -118,6 +136,10 @@ def option_problems(options: dict[str, Any], eval_data=None) -> list[str]:
         level = options.get(key, OPTIONS[key])
         if level is not None and level not in (0, 1, 2, 3, 4):
             problems.append(f"{key} {level!r} must be 0-4 or None")
+    method = options.get("int4_method", OPTIONS["int4_method"])
+    if method not in INT4_METHODS:
+        problems.append(f"int4_method {method!r}; valid: {', '.join(INT4_METHODS)}")
+    problems += gptq.calibration_problems(options)
     scheme = options.get("int8_scheme", OPTIONS["int8_scheme"])
     if scheme not in INT8_SCHEMES:
         problems.append(f"int8_scheme {scheme!r}; valid: {', '.join(INT8_SCHEMES)}")
@@ -152,16 +174,27 @@ def convert(
     options: dict[str, Any],
     head: str,
     refs: dict[str, Any] | None = None,
+    blocks: dict[str, list[Any]] | None = None,
 ):
     """One traced graph to ``precision`` (see :data:`PLANS` for what each component keeps).
 
     ``refs`` (int8/int4 with tied embeddings): the shared table's external references; the
     embedding and the lm_head then read it instead of each quantizing its own copy.
+    ``blocks``: precomputed weight blocks of the decoder's MatMuls (GPTQ, keyed by
+    :func:`edgekd.export.gptq.weight_key`), written as they are instead of rounded here.
     """
     if component == "vision":
         vision = vision_precision(precision, options)
-        if vision == "int8":
+        if vision == "int8" and options["int8_scheme"] == "dynamic":
             return g.quantize_int8(model)
+        if vision == "int8":  # the decoder's 8-bit blocks: one activation scale per block
+            return g.quantize_nbits(
+                model,
+                bits=8,
+                block_size=options["int8_block_size"],
+                accuracy_level=options["int8_accuracy_level"],
+                exclude=[],
+            )
         return g.to_fp16(model) if vision == "fp16" else model
     if precision == "fp32":
         return model
@@ -175,6 +208,9 @@ def convert(
         return model
     if precision == "int8" and options["int8_scheme"] == "dynamic":
         model = g.quantize_int8(model, exclude=[head])
+    elif blocks is not None:  # precomputed weight blocks (MatMulNBits)
+        level = options[f"{precision}_accuracy_level"]
+        g.write_nbits(model, blocks, accuracy_level=level, exclude=[head])
     else:  # int8 blockwise or int4: weight blocks (MatMulNBits)
         model = g.quantize_nbits(
             model,

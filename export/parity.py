@@ -107,9 +107,10 @@ Check = Callable[[], dict[str, Any]]  # a target's own check: numbers and "pass"
 
 
 # ---- numbers ------------------------------------------------------------------------------
-def compare(got, ref) -> dict[str, float]:
+def compare(got, ref, *, centered: bool = False) -> dict[str, float]:
     """``max_abs``, ``ref_abs_max``, ``max_rel``, ``cosine_min``, ``cosine_mean`` (rows: the
-    last axis).
+    last axis). ``centered``: the cosines of the rows minus their means (see
+    :func:`compare_logits`).
 
     Raises:
         ParityError: the shapes differ.
@@ -118,9 +119,7 @@ def compare(got, ref) -> dict[str, float]:
     if got.shape != ref.shape:
         raise ParityError(f"shape {tuple(got.shape)} differs from PyTorch's {tuple(ref.shape)}")
     got, ref = got.reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    dot = (got * ref).sum(-1)
-    norms = np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1)
-    cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+    cosine = _cosines(got, ref, centered)
     max_abs = float(np.abs(got - ref).max()) if got.size else 0.0
     ref_abs_max = float(np.abs(ref).max()) if ref.size else 0.0
     return {
@@ -130,6 +129,32 @@ def compare(got, ref) -> dict[str, float]:
         "cosine_min": float(cosine.min()) if cosine.size else 1.0,
         "cosine_mean": float(cosine.mean()) if cosine.size else 1.0,
     }
+
+
+def compare_logits(got, ref) -> dict[str, Any]:
+    """:func:`compare` for logits: the cosines are of each position's logits minus their mean.
+
+    The softmax ignores a constant added to a position's logits, and the raw cosine does not:
+    at a position whose logits average near 0 an offset alone drops it (SmolLM2, GGUF q8_0:
+    raw cosine 0.976 where the centered one is 0.997), while at one averaging 20 a real change
+    hides in the shared offset (raw 0.999 and 0.644 at two positions of one int4 model with
+    the same centered 0.942). The raw figure stays in the report as ``cosine_raw_min``.
+    """
+    numbers: dict[str, Any] = compare(got, ref, centered=True)
+    got, ref = _numpy(got), _numpy(ref)
+    raw = _cosines(got.reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1]), False)
+    numbers["cosine_raw_min"] = float(raw.min()) if raw.size else 1.0
+    return numbers
+
+
+def _cosines(got: np.ndarray, ref: np.ndarray, centered: bool) -> np.ndarray:
+    got, ref = got.astype(np.float64), ref.astype(np.float64)
+    if centered:
+        got = got - got.mean(-1, keepdims=True)
+        ref = ref - ref.mean(-1, keepdims=True)
+    dot = (got * ref).sum(-1)
+    norms = np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1)
+    return np.where(norms > 0, dot / np.maximum(norms, 1e-300), 1.0)
 
 
 def next_token(got, ref) -> dict[str, float]:
@@ -264,7 +289,7 @@ def check_logits(vlm, backend, case: Case, tol: Tolerance) -> dict[str, Any]:
     got = _numpy(backend.prefill_logits(case.input_ids, case.pixel_values))
     text = case.input_ids[0] != vlm.image_token_id
     got, ref = got.reshape(ref.shape)[0, text], _numpy(ref)[0, text]
-    numbers = limits(compare(got, ref), tol.logits_max_rel, tol.logits_cosine)
+    numbers = limits(compare_logits(got, ref), tol.logits_max_rel, tol.logits_cosine)
     return {"positions": int(text.sum()), **numbers, **next_token(got, ref)}
 
 

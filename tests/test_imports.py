@@ -313,8 +313,8 @@ FLOORS = (
 UPWARD_BY_DESIGN = {
     # the recipe schema validates method names and weights against the method registry, a
     # module that imports nothing of edgekd but edgekd.registry
-    ("edgekd.profiles.schema", "edgekd.distill"),
-    ("edgekd.profiles.schema", "edgekd.distill.methods"),
+    ("edgekd.profiles.recipe", "edgekd.distill"),
+    ("edgekd.profiles.recipe", "edgekd.distill.methods"),
 }
 
 

@@ -13,7 +13,7 @@ from edgekd.export.base import ExportConfig, ExportError
 from edgekd.export.gguf import GgufExporter
 from edgekd.runtime.llamacpp import import_llama_cpp
 
-PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m")
+PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m", "q4_0")
 
 
 def run_export(vlm, checkpoint, out, precision="f32", validate=True, **options):
@@ -96,7 +96,7 @@ def test_registered_with_its_precisions():
 
 def test_unknown_precision_lists_valid_ones(tiny_vlm, tmp_path):
     config = ExportConfig(checkpoint="x", target="gguf", precision="int3", output=tmp_path)
-    with pytest.raises(ExportError, match="valid: f32, f16, q8_0, q4_k_m"):
+    with pytest.raises(ExportError, match="valid: f32, f16, q8_0, q4_k_m, q4_0"):
         GgufExporter().check(tiny_vlm, config)
 
 
@@ -358,7 +358,7 @@ def test_mmproj_embeddings_match_pytorch(tiny_vlm, tmp_path, layer, ffn):
 
 
 # ---- quantization ---------------------------------------------------------------------------
-@pytest.mark.parametrize("precision", ["q8_0", "q4_k_m"])
+@pytest.mark.parametrize("precision", ["q8_0", "q4_k_m", "q4_0"])
 def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
     pytest.importorskip("llama_cpp")
     components, parity = run_export(wide_vlm, "wide", tmp_path / precision, precision)
@@ -370,6 +370,12 @@ def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
     assert lm["unquantized_matrices"] == []  # token_embd (the tied output) included
     if precision == "q8_0":
         assert set(matrices.values()) == {"Q8_0"} and lm["fallbacks"]["count"] == 0
+    elif precision == "q4_0":  # GPTQ's blocks, written by edgekd; the tied table Q8_0
+        assert matrices.pop("token_embd.weight") == "Q8_0" and lm["q8_0_tables"] == [
+            "token_embd.weight"
+        ]
+        assert set(matrices.values()) == {"Q4_0"} and lm["fallbacks"]["count"] == 0
+        assert lm["calibration"]["method"] == "gptq" and lm["calibration"]["samples"] == 32
     else:
         # rows of 256 take K-quants; ffn_down's 384-wide rows cannot and fall back
         assert {"Q4_K", "Q6_K"} & set(matrices.values())

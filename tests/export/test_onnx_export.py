@@ -256,9 +256,12 @@ def test_int8_vision_encoder_is_an_option_with_its_accuracy_checked(tiny_vlm, tm
     manifest = export(_int8_vision_config(tmp_path, tiny_vlm, out))
     vision = onnx.load(str(out / "vision_encoder.onnx"))
     decoder = onnx.load(str(out / "decoder_model_merged.onnx"))
-    assert any(n.op_type == "MatMulInteger" for n in vision.graph.node)
-    assert not any(n.op_type == "MatMulInteger" for n in decoder.graph.node)  # fp32 decoder
-    assert manifest["components"]["vision"]["precision"].startswith("int8 dynamic")
+    assert any(n.op_type == "MatMulNBits" for n in vision.graph.node)
+    assert not any(n.op_type == "MatMulNBits" for n in decoder.graph.node)  # fp32 decoder
+    weights = {t.name for t in vision.graph.initializer}
+    assert not any(n.op_type == "MatMul" and n.input[1] in weights for n in vision.graph.node)
+    plan = manifest["components"]["vision"]["precision"]
+    assert plan.startswith("int8 weight-only (MatMulNBits 8-bit, symmetric, block 32")
     assert manifest["components"]["decoder"]["precision"] == "fp32"
     checks = manifest["parity"]["checks"]
     measured = checks["vision_accuracy"]
