@@ -96,14 +96,12 @@ def config_problems(vlm, precision: str, options: dict[str, Any]) -> list[str]:
     problems += gptq.calibration_problems(options)
     quant = PRECISIONS.get(precision)
     if quant is not None and quant.grid is not None:
-        tc = cfg.text_config
-        widths = {"hidden_size": tc.hidden_size, "intermediate_size": tc.intermediate_size}
-        for name, width in widths.items():
-            if width % quant.block:
-                problems.append(
-                    f"{precision} needs rows of whole {quant.block}-weight blocks; the language "
-                    f"model's {name} is {width} (use q8_0, f16 or f32)"
-                )
+        odd = sorted({m.in_features for _, m in gptq.linears(vlm) if m.in_features % quant.block})
+        if odd:
+            problems.append(
+                f"{precision} needs rows of whole {quant.block}-weight blocks; the language "
+                f"model has matrices {odd} inputs wide (use q8_0, f16 or f32)"
+            )
     problems += family_problems(cfg, "gguf")
     try:
         feature_layers(vlm)

@@ -32,7 +32,7 @@ from edgekd.export.gguf_vocab import (  # noqa: F401 - the tokenizer's facts, re
     tokenizer_model,
     vocabulary,
 )
-from edgekd.export.gptq import weight_key
+from edgekd.export.gptq import linears, weight_key
 from edgekd.models.dims import TextDims
 from edgekd.runtime.llamacpp import import_llama_cpp, quiet_llama_logs
 
@@ -210,10 +210,10 @@ def gptq_lm_tensors(vlm, blocks: dict[str, list[Any]]) -> dict[str, tuple[np.nda
     tc, arch = vlm.config.text_config, text_arch(vlm.config)
     pending = {key: list(found) for key, found in blocks.items()}
     out: dict[str, tuple[np.ndarray, Any]] = {}
-    linears = {f"{n}.weight" for n, m in vlm.language_model.named_modules() if _is_linear(m)}
+    matrices = {f"{n}.weight" for n, _ in linears(vlm)}
     for name, t in vlm.language_model.state_dict().items():
         gname, _ = map_name(name, _LM_TENSORS)
-        if name not in linears:
+        if name not in matrices:
             continue
         found = pending.get(weight_key(t.detach().float().cpu().numpy()))
         if not found:
@@ -234,12 +234,6 @@ def gptq_lm_tensors(vlm, blocks: dict[str, list[Any]]) -> dict[str, tuple[np.nda
     for gname, t in tables.items():
         out[gname] = (gguf.quants.quantize(_array(t, "f32"), qt.Q8_0), qt.Q8_0)
     return out
-
-
-def _is_linear(module) -> bool:
-    import torch
-
-    return isinstance(module, torch.nn.Linear)
 
 
 def vision_tensors(vlm, dtype: str) -> tuple[dict[str, np.ndarray], int]:

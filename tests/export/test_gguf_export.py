@@ -432,3 +432,19 @@ def test_quantized_artifact_past_its_accuracy_drop_is_refused(
     with pytest.raises(ParityError, match=r"accuracy: samples 4, .*drop [-0-9.e]+, max_drop -1"):
         export(config)
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "eval"]
+
+
+def test_q4_0_refuses_matrices_that_are_not_whole_blocks(tiny_vlm):
+    """q4_0 is written block by block: a 40-wide input is refused before any work."""
+    from types import SimpleNamespace
+
+    from edgekd.export.gguf import config_problems
+
+    odd = SimpleNamespace(
+        config=tiny_vlm.config,
+        tokenizer=tiny_vlm.tokenizer,
+        model=SimpleNamespace(model=SimpleNamespace(language_model=torch.nn.Linear(40, 8))),
+    )
+    problems = config_problems(odd, "q4_0", {})
+    assert any("q4_0 needs rows of whole 32-weight blocks" in p and "[40]" in p for p in problems)
+    assert not any("32-weight" in p for p in config_problems(tiny_vlm, "q4_0", {}))
