@@ -177,7 +177,7 @@ def calibration_problems(options: dict[str, Any]) -> list[str]:
     if not 1 <= samples <= MAX_CALIBRATION_SAMPLES:
         problems.append(
             f"calibration_samples {options.get('calibration_samples')!r} must be an integer from "
-            f"1 to {MAX_CALIBRATION_SAMPLES} (GPTQ saturates long before; default "
+            f"1 to {MAX_CALIBRATION_SAMPLES} (default "
             f"{CALIBRATION_SAMPLES})"
         )
     data = options.get("calibration_data")
