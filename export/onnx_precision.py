@@ -70,8 +70,8 @@ SHARED_PLAN = {
 }
 # The vision encoder at another precision than the plan's (option ``vision_precision``):
 # ``int8`` runs the tower's MatMuls as the int8 decoder's (8-bit weight blocks, activations int8
-# per block: DINOv2's per-tensor dynamic int8 cost 5 points of answers on the real model, where
-# the gate allows 1, docs/performance.md "Real weights"); its answer accuracy is measured on
+# per block: on the real DINOv2 teacher per-tensor dynamic int8 cost 5 points of answers, the
+# blocks 3, docs/performance.md "Real weights"); its answer accuracy is measured on
 # ``--eval-data`` against the same artifact fed PyTorch's visual tokens and enforced
 # (:data:`VISION_INT8_MAX_DROP`), and its visual tokens get the looser cosine floor below.
 VISION_PLANS = {
