@@ -235,10 +235,7 @@ class GgufExporter(Registered):
             return None, None
         data = config.options.get("calibration_data")
         samples = config.options.get("calibration_samples", gptq.CALIBRATION_SAMPLES)
-        prompts = gptq.calibration_prompts(vlm, config, data, samples)
-        log.info("GPTQ %s: calibrating on %d prompts", config.precision, len(prompts))
-        blocks = gptq.quantize_language_model(vlm, prompts, bits=4, grid=quant.grid)
-        return blocks, gptq.calibration_record(prompts, data, quant.grid)
+        return gptq.calibrate(vlm, config, data, samples, grid=quant.grid)
 
     def validate(self, vlm, config: ExportConfig, out: Path) -> dict[str, Any]:
         tol = tolerance(TOLERANCES[config.precision], self.vision_precision(config), config.options)

@@ -32,9 +32,7 @@ from edgekd.export.base import ExportConfig, ExportError
 from edgekd.export.parity import (
     Case,
     Tolerance,
-    compare_logits,
-    limits,
-    next_token,
+    check_logits_numbers,
     synthetic_image,
 )
 from edgekd.runtime.llamacpp import LlamaCppBackend
@@ -122,8 +120,7 @@ def check_text_logits(vlm, backend: LlamaCppBackend, tol: Tolerance) -> dict[str
     with torch.no_grad():
         ref = vlm.language_logits(vlm.embed(torch.tensor([ids], device=vlm.device)))[0]
     got = backend.prefill_logits(np.asarray([ids], np.int64))[0]
-    numbers = limits(compare_logits(got, ref), tol.logits_max_rel, tol.logits_cosine)
-    return {"positions": len(ids), **numbers, **next_token(got, ref)}
+    return {"positions": len(ids), **check_logits_numbers(got, ref, tol)}
 
 
 def check_chat_handler(vlm, backend: LlamaCppBackend) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from edgekd.export.gguf_vocab import (  # noqa: F401 - the tokenizer's facts, re
     tokenizer_model,
     vocabulary,
 )
-from edgekd.export.gptq import linears, weight_key
+from edgekd.export.gptq import linears, take
 from edgekd.models.dims import TextDims
 from edgekd.runtime.llamacpp import import_llama_cpp, quiet_llama_logs
 
@@ -164,9 +164,17 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+def _rope_heads(vlm, gname: str) -> int | None:
+    """The heads whose rows :func:`_permute_rope` reorders in ``gname`` (q/k of an architecture
+    whose llama.cpp graph rotates interleaved pairs), else ``None``."""
+    if not text_arch(vlm.config).rope_interleaved or not re.search(r"attn_[qk]\.", gname):
+        return None
+    dims = TextDims.from_config(vlm.config.text_config)
+    return dims.heads if ".attn_q." in gname else dims.kv_heads
+
+
 def lm_tensors(vlm, dtype: str) -> dict[str, np.ndarray]:
     """Language-model tensors under their GGUF names (the tied head is not duplicated)."""
-    tc = vlm.config.text_config
     arch = text_arch(vlm.config)
     out: dict[str, np.ndarray] = {}
     for name, t in vlm.language_model.state_dict().items():
@@ -174,11 +182,8 @@ def lm_tensors(vlm, dtype: str) -> dict[str, np.ndarray]:
         if arch.norm_offset and gname.endswith("norm.weight"):
             t = t.float() + arch.norm_offset  # HF computes x * (offset + w); llama.cpp x * w
         a = _array(t, dtype)
-        if arch.rope_interleaved and re.search(r"attn_[qk]\.", gname):
-            dims = TextDims.from_config(tc)
-            heads = dims.heads if ".attn_q." in gname else dims.kv_heads
-            a = _permute_rope(a, heads)
-        out[gname] = a
+        heads = _rope_heads(vlm, gname)
+        out[gname] = _permute_rope(a, heads) if heads else a
     head = vlm.lm_head.weight
     if head.data_ptr() != vlm.language_model.get_input_embeddings().weight.data_ptr():
         out[_LM_HEAD["weight"]] = _array(head, dtype)
@@ -207,24 +212,21 @@ def gptq_lm_tensors(vlm, blocks: dict[str, list[Any]]) -> dict[str, tuple[np.nda
     """
     gguf = import_gguf()
     qt = gguf.GGMLQuantizationType
-    tc, arch = vlm.config.text_config, text_arch(vlm.config)
     pending = {key: list(found) for key, found in blocks.items()}
     out: dict[str, tuple[np.ndarray, Any]] = {}
     matrices = {f"{n}.weight" for n, _ in linears(vlm)}
     for name, t in vlm.language_model.state_dict().items():
-        gname, _ = map_name(name, _LM_TENSORS)
         if name not in matrices:
             continue
-        found = pending.get(weight_key(t.detach().float().cpu().numpy()))
-        if not found:
+        gname, _ = map_name(name, _LM_TENSORS)
+        block = take(pending, t.detach().float().cpu().numpy())
+        if block is None:
             raise ExportError(f"no GPTQ blocks for {name}; the model changed during export")
-        block = found.pop(0)
         if block.in_features % Q4_0_BLOCK or block.grid != "ggml_q4_0":
             raise ExportError(f"{name}: rows of {block.in_features} are not whole Q4_0 blocks")
         q, scale = block.q, block.scale
-        if arch.rope_interleaved and re.search(r"attn_[qk]\.", gname):
-            dims = TextDims.from_config(tc)
-            heads = dims.heads if ".attn_q." in gname else dims.kv_heads
+        heads = _rope_heads(vlm, gname)
+        if heads:  # rows permuted as lm_tensors permutes the float matrix
             q, scale = _permute_rope(q, heads), _permute_rope(scale, heads)
         out[gname] = (encode_q4_0(q, scale), qt.Q4_0)
     embed = vlm.language_model.get_input_embeddings().weight

@@ -189,15 +189,30 @@ def calibration_problems(options: dict[str, Any]) -> list[str]:
     return problems
 
 
-def calibration_record(prompts: Sequence[Any], data, grid: str) -> dict[str, Any]:
-    """What the manifest records of a GPTQ calibration."""
-    return {
+def calibrate(
+    vlm, config, data, samples: int, *, grid: str, group: int = 32
+) -> tuple[dict[str, list[BlockQuantized]], dict[str, Any]]:
+    """GPTQ of the language model on :func:`calibration_prompts`: its blocks, and what the
+    manifest records of the calibration."""
+    prompts = calibration_prompts(vlm, config, data, samples)
+    source = "LLaVA-JSON" if data else "synthetic image"
+    log.info("GPTQ %s: calibrating on %d %s prompts", config.precision, len(prompts), source)
+    blocks = quantize_language_model(vlm, prompts, bits=4, group=group, grid=grid)
+    record = {
         "method": "gptq",
         "grid": grid,
         "samples": len(prompts),
         "tokens": int(sum(p.input_ids.shape[1] for p in prompts)),
         "source": str(data) if data else "synthetic",
     }
+    return blocks, record
+
+
+def take(pending: dict[str, list[BlockQuantized]], weight: np.ndarray) -> BlockQuantized | None:
+    """The next unclaimed blocks of ``weight`` (``[out, in]``) from ``pending`` (a copy of
+    :func:`quantize_language_model`'s result: equal weights are handed out in module order)."""
+    found = pending.get(weight_key(weight))
+    return found.pop(0) if found else None
 
 
 def linears(vlm) -> list[tuple[str, Any]]:

@@ -191,12 +191,10 @@ def _gptq_blocks(vlm, config: ExportConfig, options: dict[str, Any]):
     """int4 with ``int4_method=gptq``: the decoder's weight blocks and what calibrated them."""
     if config.precision != "int4" or options["int4_method"] != "gptq":
         return None, None
-    data, samples = options["calibration_data"], options["calibration_samples"]
-    prompts = gptq.calibration_prompts(vlm, config, data, samples)
-    source = "LLaVA-JSON" if data else "synthetic image"
-    log.info("GPTQ int4: calibrating on %d %s prompts", len(prompts), source)
-    blocks = gptq.quantize_language_model(vlm, prompts, bits=4, group=options["int4_block_size"])
-    return blocks, {**gptq.calibration_record(prompts, data, "zero_point"), "source_kind": source}
+    return gptq.calibrate(
+        vlm, config, options["calibration_data"], options["calibration_samples"],
+        grid="zero_point", group=options["int4_block_size"],
+    )  # fmt: skip
 
 
 def _tied_table(vlm):
@@ -242,6 +240,7 @@ def _graph_facts(model, baked: list[str], head: str) -> dict[str, Any]:
 def _components(
     precision, options, files, out: Path, decoder_facts, shared: bool = False, calibration=None
 ) -> dict[str, Any]:
+    calibration = calibration or {}
     plan = asdict(PLANS[precision])
     vision = vision_precision(precision, options)
     plan["vision"] = VISION_PLANS[vision].format(
@@ -259,8 +258,8 @@ def _components(
         block=options["int4_block_size"],
         level=options["int4_accuracy_level"],
         int4=INT4_METHODS[options["int4_method"]].format(
-            samples=(calibration or {}).get("samples"),
-            source=(calibration or {}).get("source_kind"),
+            samples=calibration.get("samples"),
+            source="synthetic image" if calibration.get("source") == "synthetic" else "LLaVA-JSON",
         ),
         int8=INT8_SCHEMES[options["int8_scheme"]].format(
             block=options["int8_block_size"], level=options["int8_accuracy_level"]

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.export.gptq import weight_key
+from edgekd.export.gptq import take
 
 # Above this many bytes of weights a graph is saved with external data (protobuf stops at 2 GiB;
 # the graph structure and small constants need room too).
@@ -383,10 +383,9 @@ def write_nbits(model, weights: dict[str, list[Any]], *, accuracy_level: int | N
         w = numpy_helper.to_array(inits[node.input[1]])
         if w.ndim != 2:
             continue
-        found = pending.get(weight_key(w.T))
-        if not found:
+        block = take(pending, w.T)
+        if block is None:
             raise ValueError(f"no quantized blocks for {node.name}'s weight {tuple(w.shape)}")
-        block = found.pop(0)
         packed, zero = pack_nbits(block.q, block.zero, block.bits, block.group)
         base = f"{node.input[1]}_nbits{block.bits}"
         tensors = (

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.export.parity import Case, Tolerance, compare_logits, limits, next_token
+from edgekd.export.parity import Case, Tolerance, check_logits_numbers
 
 KV_STEPS = 6  # forced decode steps compared with a full forward
 FORCED_TEXT = " The answer is a small red circle in the middle of the picture."
@@ -51,8 +51,7 @@ def check_kv_cache(vlm, backend, case: Case, tol: Tolerance, steps: int = KV_STE
     with torch.no_grad():
         ref = vlm.forward_stages(full, torch.ones_like(full), images).numpy()[0, ids.shape[1] - 1 :]
     got = backend.incremental_logits(ids, pixels, forced)
-    numbers = limits(compare_logits(got, ref), tol.logits_max_rel, tol.logits_cosine)
-    return {"steps": steps, **numbers, **next_token(got, ref)}
+    return {"steps": steps, **check_logits_numbers(got, ref, tol)}
 
 
 def forced_tokens(tokenizer, steps: int) -> list[int]:

@@ -147,6 +147,13 @@ def compare_logits(got, ref) -> dict[str, Any]:
     return numbers
 
 
+def check_logits_numbers(got, ref, tol: Tolerance) -> dict[str, Any]:
+    """A logits check's numbers: :func:`compare_logits` against ``tol``'s logits limits, then
+    :func:`next_token`'s (reported, not gated)."""
+    numbers = limits(compare_logits(got, ref), tol.logits_max_rel, tol.logits_cosine)
+    return {**numbers, **next_token(got, ref)}
+
+
 def _cosines(got: np.ndarray, ref: np.ndarray, centered: bool) -> np.ndarray:
     got, ref = got.astype(np.float64), ref.astype(np.float64)
     if centered:
@@ -161,9 +168,9 @@ def next_token(got, ref) -> dict[str, float]:
     """How far the next-token distributions moved (reported, not a gate): ``kl_mean`` and
     ``kl_max`` of KL(PyTorch || artifact) per position, in nats, and ``top1``, the share of
     positions whose most likely token is PyTorch's (the figures llama.cpp reports for quants)."""
-    got, ref = _numpy(got), _numpy(ref)
-    got, ref = got.reshape(-1, ref.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1])
-    ref = ref.astype(np.float64)
+    ref = _numpy(ref).astype(np.float64)
+    got = _numpy(got).astype(np.float64).reshape(-1, ref.shape[-1])
+    ref = ref.reshape(-1, ref.shape[-1])
     if not ref.size:
         return {"kl_mean": 0.0, "kl_max": 0.0, "top1": 1.0}
 
@@ -289,8 +296,7 @@ def check_logits(vlm, backend, case: Case, tol: Tolerance) -> dict[str, Any]:
     got = _numpy(backend.prefill_logits(case.input_ids, case.pixel_values))
     text = case.input_ids[0] != vlm.image_token_id
     got, ref = got.reshape(ref.shape)[0, text], _numpy(ref)[0, text]
-    numbers = limits(compare_logits(got, ref), tol.logits_max_rel, tol.logits_cosine)
-    return {"positions": int(text.sum()), **numbers, **next_token(got, ref)}
+    return {"positions": int(text.sum()), **check_logits_numbers(got, ref, tol)}
 
 
 def check_greedy(

