@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from edgekd.errors import ModelError
 from edgekd.io import checkpoint_dir, is_hub_id
 from edgekd.models.checkpoint import load_config
-from edgekd.models.dims import TextDims
+from edgekd.models.dims import TextDims, vision_mlp_width
 from edgekd.plan import GB
 
 if TYPE_CHECKING:
@@ -359,7 +359,7 @@ def facts_from_vlm(vlm: VLM, name: str) -> ModelFacts:
         vocab=int(text.vocab_size),
         vision_tokens=(vision.image_size // vision.patch_size) ** 2,
         vision_hidden=int(vision.hidden_size),
-        vision_intermediate=int(vision.intermediate_size),
+        vision_intermediate=vision_mlp_width(vision),
     )
 
 

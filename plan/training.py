@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Literal
 from edgekd.distill import methods
 from edgekd.distill.methods import logit_method
 from edgekd.errors import ModelError
-from edgekd.models.dims import TextDims
+from edgekd.models.dims import TextDims, vision_mlp_width
 from edgekd.plan import GB
 from edgekd.plan.inference import fit_verdict, meta_vlm, reserve_gb
 from edgekd.profiles import load_device_profile
@@ -227,7 +227,7 @@ def model_shape(model: str | VLM) -> ModelShape:
         vocab=dims.vocab,
         vision_layers=int(vision.num_hidden_layers),
         vision_hidden=int(vision.hidden_size),
-        vision_intermediate=int(vision.intermediate_size),
+        vision_intermediate=vision_mlp_width(vision),
         vision_heads=int(vision.num_attention_heads),
         vision_tokens=vlm.vision_tokens(),
         vision_act_values=ACTIVATION_VALUES.get(str(vision.hidden_act), 2),

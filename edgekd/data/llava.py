@@ -39,6 +39,8 @@ from edgekd.errors import DataError, ModelError
 from edgekd.images import open_rgb
 
 IGNORE_INDEX = -100
+
+
 # ---- the dataset -----------------------------------------------------------------------------
 @dataclass
 class _Encoded:

@@ -30,8 +30,10 @@ from edgekd.chat import with_image_items
 from edgekd.errors import ModelError
 from edgekd.io import first_line
 from edgekd.models.checkpoint import read_json
+from edgekd.models.dims import CLASS_TOKEN_TOWERS, image_tokens
 from edgekd.models.factory import count_parameters
 from edgekd.models.hub import resolve_source
+from edgekd.models.llava15 import CLIP_MEAN, CLIP_STD
 from edgekd.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from edgekd.models.tinyllava_processor import bos_into_template
 from edgekd.models.tokenizer import IMAGE_TOKEN
@@ -39,8 +41,6 @@ from edgekd.models.vlm import VLM
 from edgekd.outputs import output_guard
 
 RECORD = "edgekd_assemble.json"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # --projector -> Llava's projector activation (linear, act, linear: LLaVA-1.5's mlp2x_gelu)
 PROJECTORS = {"mlp2x_gelu": "gelu"}
 SELECT = ("default", "full")
@@ -52,13 +52,11 @@ class Tower:
 
     Attributes:
         full: The model_type of the full (image-text) model holding it, if any.
-        class_token: It prepends a class token (one more visual token).
         crop: Preprocessing resizes the shortest edge and centre-crops (else: a square resize).
         positions: Its position table's key, and whether it is an embedding table (2-D).
     """
 
     full: str | None
-    class_token: bool
     crop: bool
     mean: list[float]
     std: list[float]
@@ -68,15 +66,15 @@ class Tower:
 
 TOWERS = {
     "siglip_vision_model": Tower(
-        "siglip", False, False, [0.5] * 3, [0.5] * 3,
+        "siglip", False, [0.5] * 3, [0.5] * 3,
         "embeddings.position_embedding.weight", True,
     ),
     "clip_vision_model": Tower(
-        "clip", True, True, CLIP_MEAN, CLIP_STD,
+        "clip", True, CLIP_MEAN, CLIP_STD,
         "embeddings.position_embedding.weight", True,
     ),
     "dinov2": Tower(
-        None, True, True, IMAGENET_MEAN, IMAGENET_STD, "embeddings.position_embeddings", False,
+        None, True, IMAGENET_MEAN, IMAGENET_STD, "embeddings.position_embeddings", False,
     ),
 }  # fmt: skip
 _FULL = {t.full: kind for kind, t in TOWERS.items() if t.full}
@@ -229,7 +227,7 @@ def resize_positions(table: torch.Tensor, tower: Tower, config, size: int) -> to
     """The position table for ``size`` px: the patch grid resampled bicubically (as
     transformers' ``interpolate_pos_encoding`` does per call), class rows kept."""
     rows = table if tower.table_2d else table[0]
-    cls = int(tower.class_token)
+    cls = int(config.model_type in CLASS_TOKEN_TOWERS)
     grid = rows[cls:]
     old = int(round(grid.shape[0] ** 0.5))
     if old * old != grid.shape[0]:
@@ -326,27 +324,30 @@ def _build(kind, vision_config, tower_state, lm, tokenizer, vision_dir, **choice
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     image_token_id = add_image_token(lm, tokenizer)
-    tower = TOWERS[kind]
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    tokens = patches + tower.class_token - (choice["select"] == "default")
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=lm.config,
         image_token_index=image_token_id,
-        image_seq_length=tokens,
         projector_hidden_act=PROJECTORS[choice["projector"]],
         vision_feature_layer=choice["feature_layer"],
         vision_feature_select_strategy=choice["select"],
         multimodal_projector_bias=True,
         tie_word_embeddings=tied,
     )
+    config.image_seq_length = image_tokens(config)
     torch.manual_seed(choice["seed"])
-    model = LlavaForConditionalGeneration(config).eval()
+    try:
+        model = LlavaForConditionalGeneration(config).eval()
+    except (AttributeError, KeyError, ValueError) as e:  # e.g. GPT-2: no embed_tokens to tie
+        raise ModelError(
+            f"transformers' Llava cannot host a '{lm.config.model_type}' language model "
+            f"({first_line(e)}); use a Llama, Qwen2 or Gemma-style causal LM"
+        ) from None
     _load(model.model.vision_tower, tower_state, "vision tower")
-    _load(model.model.language_model, lm.model.state_dict(), "language model")
+    _load(model.model.language_model, lm.base_model.state_dict(), "language model")
     if not tied:
-        model.lm_head.load_state_dict(lm.lm_head.state_dict())
+        model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
     model.tie_weights()
     return VLM(model, _processor(kind, vision_config, tokenizer, vision_dir, choice["select"]))
 
@@ -398,5 +399,5 @@ def _processor(kind: str, vision_config, tokenizer, vision_dir: Path, select: st
         vision_feature_select_strategy=select,
         chat_template=template,
         image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=int(tower.class_token),
+        num_additional_image_tokens=int(vision_config.model_type in CLASS_TOKEN_TOWERS),
     )

@@ -80,6 +80,15 @@ class TextDims:
 CLASS_TOKEN_TOWERS = ("clip_vision_model", "dinov2")
 
 
+def vision_mlp_width(vision: Any) -> int:
+    """The hidden width of a vision tower's MLP: DINOv2 sets it as ``mlp_ratio`` x hidden (its
+    config has no ``intermediate_size``), SigLIP and CLIP as ``intermediate_size``."""
+    ratio = getattr(vision, "mlp_ratio", None)
+    if ratio:
+        return int(vision.hidden_size * ratio)
+    return int(vision.intermediate_size)
+
+
 def image_tokens(config: Any) -> int:
     """Visual tokens one image becomes in a Llava config, as the processor expands ``<image>``:
     the tower's patches, plus its class token (CLIP, DINOv2), less the first token under the

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from tiny_parts import PATCH, SIZE, causal_lm, tiny_language, tiny_tower
+from tiny_parts import PATCH, SIZE, causal_lm, tiny_assembled, tiny_language, tiny_tower
 
 from edgekd.errors import ModelError
 from edgekd.models import VLM, build_vlm
@@ -57,7 +57,7 @@ def test_assembled_logits_equal_the_parts(tmp_path, tokenizer, tower_kind, lm_ki
         tmp_path / "tower", tmp_path / "lm", tmp_path / "vlm", select=select, feature_layer=layer
     )
     vlm = VLM.from_pretrained(tmp_path / "vlm")
-    class_token = TOWERS[vlm.config.vision_config.model_type].class_token
+    class_token = tower_kind in ("clip", "dinov2")  # SigLIP has none
     patches = (SIZE // PATCH) ** 2
     assert vlm.num_image_tokens() == patches + class_token - (select == "default")
     assert record["visual_tokens"] == vlm.num_image_tokens()
@@ -224,3 +224,28 @@ def test_a_full_image_text_model_gives_its_vision_half(tmp_path, tokenizer, kind
             got = vlm.vision_tower(pixels)
         torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
         assert vlm.num_image_tokens() == (size // PATCH) ** 2 + (kind == "clip")
+
+
+def test_a_dinov2_towers_mlp_width_is_its_ratio(tmp_path, tokenizer):
+    """DINOv2's MLP is mlp_ratio x hidden wide (its config has no intermediate_size): the
+    width the planners count is the width the tower has."""
+    from edgekd.models.dims import vision_mlp_width
+
+    vlm = VLM.from_pretrained(tiny_assembled(tmp_path, tokenizer, tower="dinov2"))
+    fc1 = vlm.vision_tower.encoder.layer[0].mlp.fc1
+    assert vision_mlp_width(vlm.config.vision_config) == fc1.out_features
+    siglip = VLM.from_pretrained(tiny_assembled(tmp_path / "s", tokenizer, tower="siglip"))
+    fc1 = siglip.vision_tower.encoder.layers[0].mlp.fc1
+    assert vision_mlp_width(siglip.config.vision_config) == fc1.out_features
+
+
+def test_a_language_model_llava_cannot_host_is_refused_in_one_line(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    tiny_tower("siglip", tmp_path / "tower")
+    with pytest.raises(ModelError, match="Llava cannot host a 'gpt2' language model") as e:
+        assemble(tmp_path / "tower", tmp_path / "lm", tmp_path / "vlm")
+    assert "\n" not in str(e.value) and not (tmp_path / "vlm").exists()
