@@ -91,17 +91,27 @@ COPY runtime ./runtime
 COPY profiles ./profiles
 COPY plan ./plan
 
+# llama-cpp-python is compiled first, from its release sdist with the llava graph's class-token
+# fix applied (runtime/llama_source.py, as the Makefile does; CLIP and DINOv2 mmproj files need
+# it), with CMAKE_ARGS above (GGML_CUDA); the linker flag lets its tools link against the CUDA
+# driver stub, since no driver is mounted during docker build.
+ARG LLAMA_CPP_VERSION=0.3.36
+RUN python3 -m pip download --no-cache-dir --no-deps --no-binary :all: \
+        "llama-cpp-python==${LLAMA_CPP_VERSION}" -d /tmp/llama \
+    && python3 runtime/llama_source.py \
+        "/tmp/llama/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz" /tmp/llama \
+    && CMAKE_ARGS="${CMAKE_ARGS} -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined" \
+        python3 -m pip install --no-cache-dir "/tmp/llama/llama_cpp_python-${LLAMA_CPP_VERSION}" \
+    && rm -rf /tmp/llama
+
 # onnx-gpu is the onnx extra with onnxruntime-gpu in place of onnxruntime (both write the same
-# package: install exactly one). gguf builds llama-cpp-python from source with CMAKE_ARGS above
-# (GGML_CUDA); the linker flag lets its tools link against the CUDA driver stub, since no driver
-# is mounted during docker build. polygraphy is the tensorrt extra without tensorrt itself,
+# package: install exactly one). gguf keeps the llama-cpp-python built above. polygraphy is the tensorrt extra without tensorrt itself,
 # which comes from the base image.
 # The check after it fails the build, not the first benchmark, when a GPU runtime is missing or
 # the CPU onnxruntime slipped in; it reads metadata and files only (no GPU during docker build).
 # DL3013: this installs the local project, whose dependencies are bounded in pyproject.toml.
 # hadolint ignore=DL3013
-RUN CMAKE_ARGS="${CMAKE_ARGS} -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined" \
-    python3 -m pip install --no-cache-dir ".[data,onnx-gpu,gguf,plot]" "polygraphy>=0.49" \
+RUN python3 -m pip install --no-cache-dir ".[data,onnx-gpu,gguf,plot]" "polygraphy>=0.49" \
     && python3 -c "import importlib.metadata as md, importlib.util as u, pathlib as p; \
         libs = lambda m: list(p.Path(u.find_spec(m).origin).parent.joinpath('lib').iterdir()); \
         assert u.find_spec('tensorrt'), 'tensorrt bindings missing from the base image'; \

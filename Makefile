@@ -22,7 +22,11 @@ EXTRAS ?= dev,onnx,gguf
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
   -DGGML_BACKEND_DIR:STRING=llama_cpp/lib
-LLAMA_KEY := $(shell printf '%s' '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+# The source compiled is the release sdist with one fix to llama.cpp's llava graph (the class
+# token ordered first, as CLIP and DINOv2 towers need; runtime/llama_source.py), so the key also
+# covers that file.
+LLAMA_KEY := $(shell { printf '%s' '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)'; \
+  cat runtime/llama_source.py; } | sha256sum | cut -c1-12)
 WHEELHOUSE ?= $(HOME)/.cache/edgekd/wheels/llama-cpp-python-$(LLAMA_KEY)
 LLAMA_PATCHED := $(VENV)/llama-wheel
 ifneq (,$(findstring gguf,$(EXTRAS)))
@@ -44,11 +48,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# compile llama.cpp into a wheel (12-18 min on 2 cores with every CPU variant), once per machine
+# compile llama.cpp (the sdist, its llava graph fixed) into a wheel, once per machine
+# (12-18 min on 2 cores with every CPU variant)
 $(WHEELHOUSE)/.built: | $(BIN)/python
-	mkdir -p $(WHEELHOUSE)
+	rm -rf $(WHEELHOUSE)/src && mkdir -p $(WHEELHOUSE)/src
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d $(WHEELHOUSE)/src
+	$(BIN)/python runtime/llama_source.py \
+	  $(WHEELHOUSE)/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz $(WHEELHOUSE)/src
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir \
-	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(WHEELHOUSE)
+	  $(WHEELHOUSE)/src/llama_cpp_python-$(LLAMA_CPP_VERSION) -w $(WHEELHOUSE)
+	rm -rf $(WHEELHOUSE)/src
 	touch $@
 
 # the compiled wheel with the CPU-variant loader added (seconds; redone when the loader changes)

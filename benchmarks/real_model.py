@@ -17,8 +17,12 @@ run cut short continues:
 5. ``students``: sft, kd and switch-kd from that one initialisation, per seed (the seed orders
    the data), same steps, batch, learning rate and trainable parameters (towers train).
 6. accuracy: greedy exact match on the first ``--eval-limit`` test questions, every model.
-7. ``exports``: the teacher and the seed-0 switch-kd student to ONNX fp32, int8 and int4, each
-   proving parity and its accuracy drop on the test questions; GGUF's answer for the tower.
+7. ``exports``: the teacher and the seed-0 switch-kd student to ONNX fp32, int8 and int4 and
+   GGUF f16, q8_0, q4_k_m and q4_0, each proving parity and its accuracy drop on the test
+   questions (DINOv2's mmproj needs a llama.cpp that orders the class token first: edgekd's
+   build; the exporter measures it). ``gguf smollm2``: the language model alone behind a tiny
+   SigLIP tower, text parity at every GGUF precision.
+8. ``bench``: every artifact of the student that passed, against the teacher.
 
 The paired differences between methods use the same statistics as ``distill_methods.py``.
 Wall time per stage is recorded; the environment snapshot goes with the numbers.
@@ -129,8 +133,9 @@ EXPORTS = {  # label -> (target, precision, options)
     "onnx int8": ("onnx", "int8", {}),
     "onnx int8, int8 vision": ("onnx", "int8", {"vision_precision": "int8"}),
     "onnx int4": ("onnx", "int4", {}),
-    "gguf f16": ("gguf", "f16", {}),
 }
+# the whole model in llama.cpp: DINOv2's mmproj needs the class token first (edgekd's build)
+GGUF_EXPORTS = {f"gguf {p}": ("gguf", p, {}) for p in ("f16", "q8_0", "q4_k_m", "q4_0")}
 GPTQ_PRECISIONS = ("int4", "q4_0")
 GGUF_LM = ("f16", "q8_0", "q4_k_m", "q4_0")  # SmolLM2 behind a tiny SigLIP tower (text parity)
 
@@ -168,8 +173,8 @@ def export_all(args, name: str, model: Path, exports: dict, with_eval: bool = Tr
 
 
 def gguf_lm(args) -> dict:
-    """SmolLM2 behind a tiny random SigLIP tower (llama.cpp has no exact DINOv2 graph): the
-    real language model's GGUF parity at every precision, without eval data."""
+    """SmolLM2 behind a tiny random SigLIP tower: the real language model's GGUF parity at
+    every precision on text, apart from any vision tower, without eval data."""
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -193,7 +198,10 @@ def gguf_lm(args) -> dict:
 def bench(args, stages: dict, teacher: Path, student: Path) -> dict:
     from edgekd.runtime.bench import BenchConfig, run_bench
 
-    artifacts = stages["exports switch-kd-seed0"]["result"]
+    artifacts = {
+        **stages["exports switch-kd-seed0"]["result"],
+        **stages["gguf switch-kd-seed0"]["result"],
+    }
     models = {"switch-kd student (torch)": student}
     models.update({
         f"switch-kd {label}": Path(entry["artifact"])
@@ -277,6 +285,10 @@ def main() -> None:
     if not args.no_exports:
         for name, path in (("teacher", teacher), ("switch-kd-seed0", models["switch-kd-seed0"])):
             timed(stages, f"exports {name}", lambda n=name, p=path: export_all(args, n, p, EXPORTS))
+            save()
+            timed(
+                stages, f"gguf {name}", lambda n=name, p=path: export_all(args, n, p, GGUF_EXPORTS)
+            )
             save()
         timed(stages, "gguf smollm2", lambda: gguf_lm(args))
         save()

@@ -20,19 +20,20 @@ Facts read from llama.cpp (the sources vendored in llama-cpp-python 0.3.36):
   tower without a class embedding, so it cannot drop a SigLIP tower's first *patch* as the
   ``default`` selection does: edgekd's llama.cpp backend drops it after the encoder
   (:data:`GGUF_DROP_KEY`; the projector is token-wise, so this is exact).
-* CLIP towers are refused for GGUF, by measurement: the clip.cpp in llama-cpp-python 0.3.36
-  appends ``v.class_embd`` *after* the patches (positions follow the sequence) and then drops
-  the first row, so it emits patches 2..N and the class token where the model has patches 1..N
-  (tests/export/test_family.py writes a CLIP mmproj and checks exactly that shift; the mmproj
-  tables below are ready for a llama.cpp that orders the class token first). The ONNX and
-  TensorRT targets take CLIP towers.
-* DINOv2 towers are refused for GGUF too: the same llava graph (class token appended after the
-  patches), and it applies no LayerScale (``v.blk.N.ls1``/``ls2`` load but only ``build_vit``
-  graphs use them; the factors could be folded into ``attn_out``/``ffn_down``) and only
-  tanh-GELU (no key selects exact GELU for the ``mlp`` projector). ONNX and TensorRT take them,
-  LayerScale and class token as transformers computes them; the position table is the
-  checkpoint's, for its ``image_size`` (``edgekd models assemble`` resizes it once, to the
-  assembled resolution), so the graphs resample nothing per call.
+* CLIP and DINOv2 towers carry a class token, which the llava graph of every llama-cpp-python
+  release up to 0.3.36 appends *after* the patches while its positions and kept rows assume it
+  first (llama.cpp issue #25814): it emits patches 2..N and the class token where the model has
+  patches 1..N. edgekd's build of llama-cpp-python has the one-line fix (PR #25844,
+  ``runtime/llama_source.py``), and the mmproj tables below order the class token first. Which
+  order the installed llama.cpp has is measured before a class-token tower is exported
+  (:mod:`edgekd.export.gguf_probe`), and a shifted llama.cpp is refused in one line.
+* DINOv2's LayerScale (``layer_scale1``/``layer_scale2``, per-channel factors after attention
+  and MLP, up to |7| in real towers) is folded into ``attn_out`` and ``ffn_down``: ``l * (W x +
+  b) = (l W) x + l b``, exact up to rounding, since the llava graph applies none (``ls1``/``ls2``
+  are read only by ``build_vit`` graphs). Its exact GELU runs as clip's tanh form, as CLIP's
+  ``gelu`` does. The position table is the checkpoint's, for its ``image_size`` (``edgekd
+  models assemble`` resizes it once, to the assembled resolution), so no graph resamples it per
+  call.
 """
 
 from __future__ import annotations
@@ -74,17 +75,22 @@ class VisionArch:
     """One HF vision tower (``vision_config.model_type``).
 
     Attributes:
-        class_token: The tower prepends a learned class token (CLIP).
+        class_token: The tower prepends a learned class token (CLIP, DINOv2).
         activations: ``hidden_act`` -> clip.cpp's ``clip.use_gelu`` (True: GELU, tanh form;
             False: quick GELU).
         gguf_tensors: The tower's own HF tensors (beyond the shared encoder blocks) -> their
             mmproj names (``None``: deliberately not written).
+        layer_scale: Per-channel scales (name suffix) -> the linear layer (suffix, in the same
+            block) whose output they multiply; folded into its weight and bias when written.
+        gguf_blocks: The encoder blocks' HF -> mmproj names, when not CLIP's and SigLIP's.
     """
 
     model_type: str
     class_token: bool
     activations: dict[str, bool]
     gguf_tensors: dict[str, str | None] = field(default_factory=dict)
+    layer_scale: dict[str, str] = field(default_factory=dict)
+    gguf_blocks: dict[str, str] | None = None
 
 
 TEXT_ARCHS: dict[str, TextArch] = {
@@ -120,7 +126,25 @@ _CLIP_TENSORS = {
     "pre_layrnorm.{p}": "v.pre_ln.{p}",
     "post_layernorm.{p}": None,
 }
-# DINOv2 (class token, LayerScale, exact GELU): no mmproj reproduces it, see DINOV2_GGUF_REFUSAL
+_DINOV2_TENSORS = {
+    "embeddings.cls_token": "v.class_embd",
+    "embeddings.mask_token": None,  # masked image modelling only
+    "embeddings.patch_embeddings.projection.{p}": "v.patch_embd.{p}",
+    "embeddings.position_embeddings": "v.position_embd.weight",
+    "encoder.layer.{i}.layer_scale1.lambda1": None,  # folded into attn_out
+    "encoder.layer.{i}.layer_scale2.lambda1": None,  # folded into ffn_down
+    "layernorm.{p}": None,  # after the last block: features are read before it
+}
+_DINOV2_BLOCKS = {
+    "encoder.layer.{i}.norm1.{p}": "v.blk.{i}.ln1.{p}",
+    "encoder.layer.{i}.attention.q_proj.{p}": "v.blk.{i}.attn_q.{p}",
+    "encoder.layer.{i}.attention.k_proj.{p}": "v.blk.{i}.attn_k.{p}",
+    "encoder.layer.{i}.attention.v_proj.{p}": "v.blk.{i}.attn_v.{p}",
+    "encoder.layer.{i}.attention.o_proj.{p}": "v.blk.{i}.attn_out.{p}",
+    "encoder.layer.{i}.norm2.{p}": "v.blk.{i}.ln2.{p}",
+    "encoder.layer.{i}.mlp.fc1.{p}": "v.blk.{i}.ffn_up.{p}",
+    "encoder.layer.{i}.mlp.fc2.{p}": "v.blk.{i}.ffn_down.{p}",
+}
 VISION_ARCHS: dict[str, VisionArch] = {
     a.model_type: a
     for a in (
@@ -136,18 +160,19 @@ VISION_ARCHS: dict[str, VisionArch] = {
             activations={"quick_gelu": False, "gelu": True},
             gguf_tensors=_CLIP_TENSORS,
         ),
-        VisionArch("dinov2", class_token=True, activations={}),
+        VisionArch(
+            "dinov2",
+            class_token=True,
+            activations={"gelu": True},
+            gguf_tensors=_DINOV2_TENSORS,
+            layer_scale={
+                "layer_scale1.lambda1": "attention.o_proj",
+                "layer_scale2.lambda1": "mlp.fc2",
+            },
+            gguf_blocks=_DINOV2_BLOCKS,
+        ),
     )
 }
-# Read from clip.cpp's llava graph (tools/mtmd/models/llava.cpp in llama-cpp-python 0.3.36):
-# it appends the class token after the patches, never applies LayerScale (ls1/ls2 load but the
-# graph ignores them) and computes only tanh-GELU; the class-token shift is measured on CLIP.
-DINOV2_GGUF_REFUSAL = (
-    "vision tower 'dinov2': llama.cpp's clip (llama-cpp-python 0.3.36) puts the class token "
-    "after the patches and emits it in place of the first patch (measured on CLIP, same graph), "
-    "and its llava graph computes tanh-GELU where DINOv2 uses exact GELU, so no mmproj "
-    "reproduces this tower; export it with --target onnx or tensorrt"
-)
 PROJECTOR_ACTS = ("gelu", "gelu_pytorch_tanh")  # clip's mlp projector is ggml_gelu
 STRATEGIES = ("default", "full")
 # mmproj keys: the rows edgekd's backend drops from clip's output, a factor folded into mm.2
@@ -240,23 +265,27 @@ def _text_problems(tc, arch: TextArch, target: str) -> list[str]:
 
 
 def _gguf_vision_problems(config, varch: VisionArch) -> list[str]:
+    """What clip.cpp's llava graph cannot compute of the tower (its class-token order is the
+    installed llama.cpp's, measured at export: :mod:`edgekd.export.gguf_probe`)."""
     vc = config.vision_config
-    if varch.model_type == "dinov2":
-        return [DINOV2_GGUF_REFUSAL]
     problems = []
     if vc.hidden_act not in varch.activations:
         problems.append(
             f"vision activation '{vc.hidden_act}'; valid: {', '.join(varch.activations)}"
         )
+    if varch.class_token and config.vision_feature_select_strategy == "full":
+        problems.append(
+            f"vision tower '{vc.model_type}' with the 'full' selection: clip's llava graph "
+            "always drops the class token; export it with 'default' or with --target onnx"
+        )
+    if getattr(vc, "use_swiglu_ffn", False):
+        problems.append(
+            f"vision tower '{vc.model_type}' with a SwiGLU MLP (use_swiglu_ffn): clip's llava "
+            "graph has a plain MLP; export it with --target onnx or tensorrt"
+        )
     if config.projector_hidden_act not in PROJECTOR_ACTS:
         problems.append(
             f"projector activation '{config.projector_hidden_act}'; clip's mlp projector "
             f"applies GELU; valid: {', '.join(PROJECTOR_ACTS)}"
-        )
-    if varch.class_token:
-        problems.append(
-            f"vision tower '{vc.model_type}': llama.cpp's clip (llama-cpp-python 0.3.36) puts "
-            "the class token after the patches and emits it in place of the first patch, so "
-            "no mmproj reproduces this tower; export it with --target onnx or tensorrt"
         )
     return problems

@@ -4,7 +4,8 @@
 (:mod:`edgekd.export.family`: ``qwen2``, ``llama`` for Llama and Mistral-style configs,
 ``gemma``) with a byte-level BPE vocabulary (``tokenizer.ggml.model = "gpt2"``), merges,
 special-token ids and the checkpoint's chat template. ``mmproj.gguf`` holds the vision tower
-(SigLIP, or CLIP with ``v.class_embd`` and ``v.pre_ln``) and the two-layer MLP projector in
+(SigLIP; CLIP with ``v.class_embd`` and ``v.pre_ln``; DINOv2 with ``v.class_embd`` and its
+LayerScale folded) and the two-layer MLP projector in
 llama.cpp's legacy image-encoder format (``general.architecture = "clip"``,
 ``clip.projector_type = "mlp"``), which llama-cpp-python's multimodal handler loads.
 
@@ -15,7 +16,8 @@ Facts this module relies on, read from the llama.cpp sources vendored in llama-c
   each ``L`` in ``clip.vision.feature_layer`` (non-negative, HF ``hidden_states[L]``); without
   that key it stops at ``block_count - 1``. ``v.post_ln`` is applied if present, so it is never
   written: HF's ``hidden_states`` are taken before SigLIP's ``post_layernorm``.
-* clip.cpp skips a real CLIP class token itself (``v.class_embd``), but with no class
+* clip.cpp skips a real class token itself (``v.class_embd``: CLIP, DINOv2; in the order the
+  installed llama.cpp is measured to have, :mod:`edgekd.export.gguf_probe`), but with no class
   embedding it keeps every patch (``patch_offset = 0``): it cannot drop a SigLIP tower's first
   patch, as the ``default`` strategy (TinyLLaVA's ``patch``) does. The projector is token-wise
   and the drop comes after the encoder, so clip's rows minus the first are the model's visual
@@ -48,7 +50,8 @@ from typing import Any
 
 from edgekd.export import gptq
 from edgekd.export.base import ExportConfig, ExportError, Registered
-from edgekd.export.family import family_problems, gguf_drop_rows, text_arch
+from edgekd.export.family import family_problems, gguf_drop_rows, text_arch, vision_arch
+from edgekd.export.gguf_probe import check_class_token_order
 from edgekd.export.gguf_validate import smoke_test, stock_feed, tolerance, validate
 from edgekd.export.gguf_write import (
     LLAMA_CPP_USE,
@@ -164,6 +167,14 @@ class GgufExporter(Registered):
             raise ExportError("gguf export refused: " + "; ".join(problems))
         import_gguf()
         import_llama_cpp(ExportError, LLAMA_CPP_USE)
+        self.class_token_order(vlm)
+
+    def class_token_order(self, vlm) -> dict[str, Any] | None:
+        """The installed llama.cpp's class-token order, for a tower that has one (measured
+        once per process; a shifted llama.cpp raises ExportError)."""
+        if not vision_arch(vlm.config).class_token:
+            return None
+        return check_class_token_order(vlm.config.vision_config.model_type)
 
     def vision_precision(self, config: ExportConfig) -> str:
         default = "f32" if config.precision == "f32" else "f16"
@@ -221,6 +232,7 @@ class GgufExporter(Registered):
                 "drop_first_tokens": gguf_drop_rows(vlm.config),
                 "projector_scale": projector_scale(vlm),
                 "blocks_written": n_blocks,
+                "llama_cpp_class_token": self.class_token_order(vlm),
                 "image_resample": int(getattr(vlm.processor.image_processor, "resample", 3)),
                 "n_tensors": len(v_table),
                 "bytes": (out / MMPROJ_FILE).stat().st_size,

@@ -33,7 +33,7 @@ from edgekd.export.gguf_vocab import (  # noqa: F401 - the tokenizer's facts, re
     vocabulary,
 )
 from edgekd.export.gptq import linears, take
-from edgekd.models.dims import TextDims
+from edgekd.models.dims import TextDims, vision_mlp_width
 from edgekd.runtime.llamacpp import import_llama_cpp, quiet_llama_logs
 
 K_QUANT_ROW = 256  # llama.cpp's QK_K
@@ -241,19 +241,24 @@ def gptq_lm_tensors(vlm, blocks: dict[str, list[Any]]) -> dict[str, tuple[np.nda
 def vision_tensors(vlm, dtype: str) -> tuple[dict[str, np.ndarray], int]:
     """mmproj tensors and the number of vision blocks written (up to the deepest feature layer)."""
     n_blocks = max(feature_layers(vlm))
-    vc = vlm.config.vision_config
-    table = {**vision_arch(vlm.config).gguf_tensors, **_VISION_BLOCKS}
+    vc, varch = vlm.config.vision_config, vision_arch(vlm.config)
+    table = {**varch.gguf_tensors, **(varch.gguf_blocks or _VISION_BLOCKS)}
+    state = fold_layer_scale(vlm.vision_tower.state_dict(), varch.layer_scale)
     out: dict[str, np.ndarray] = {}
-    for name, t in vlm.vision_tower.state_dict().items():
+    for name, t in state.items():
         # a tower may nest everything under vision_model.; the bare transformer does not
         gname, layer = map_name(name.removeprefix("vision_model."), table)
         if gname is None or (layer is not None and layer >= n_blocks):
             continue  # after the feature layer: never computed by the PyTorch model either
-        if vc.intermediate_size == vc.hidden_size and ".ffn_" in gname:
+        if vision_mlp_width(vc) == vc.hidden_size and ".ffn_" in gname:
             # clip.cpp swaps ffn_up/ffn_down of "legacy" files when ffn_down's rows equal n_embd,
             # which a square MLP always satisfies: store them swapped so the loader swaps back.
             gname = gname.replace("ffn_up", "ffn_tmp").replace("ffn_down", "ffn_up")
             gname = gname.replace("ffn_tmp", "ffn_down")
+        if gname == "v.class_embd":  # clip reads a vector; DINOv2 stores (1, 1, hidden)
+            t = t.reshape(vc.hidden_size)
+        elif gname == "v.position_embd.weight":  # a matrix; DINOv2's is (1, 1 + patches, hidden)
+            t = t.reshape(-1, vc.hidden_size)
         out[gname] = _array(t, dtype)
     scale = projector_scale(vlm)
     for name, t in vlm.projector.state_dict().items():
@@ -264,6 +269,21 @@ def vision_tensors(vlm, dtype: str) -> tuple[dict[str, np.ndarray], int]:
         for i, lin in (("0", vlm.projector.linear_1), ("2", vlm.projector.linear_2)):
             out[f"mm.{i}.bias"] = np.zeros(lin.out_features, dtype=np.float32)
     return out, n_blocks
+
+
+def fold_layer_scale(state: dict[str, Any], scales: dict[str, str]) -> dict[str, Any]:
+    """``state`` with each per-channel scale (``scales``: name suffix -> the linear layer it
+    follows, in the same block) multiplied into that layer's weight rows and bias; the scale
+    itself is kept (its mmproj name is ``None``)."""
+    state = dict(state)
+    for name in list(state):
+        for suffix, linear in scales.items():
+            if name.endswith(suffix):
+                scale, target = state[name].float(), name[: -len(suffix)] + linear
+                state[f"{target}.weight"] = state[f"{target}.weight"].float() * scale[:, None]
+                if f"{target}.bias" in state:
+                    state[f"{target}.bias"] = state[f"{target}.bias"].float() * scale
+    return state
 
 
 def projector_scale(vlm) -> float:
@@ -359,7 +379,7 @@ def write_mmproj(vlm, path: Path, dtype: str) -> tuple[dict[str, np.ndarray], in
     w.add_uint32(K.ClipVision.IMAGE_SIZE, vc.image_size)
     w.add_uint32(K.ClipVision.PATCH_SIZE, vc.patch_size)
     w.add_uint32(K.ClipVision.EMBEDDING_LENGTH, vc.hidden_size)
-    w.add_uint32(K.ClipVision.FEED_FORWARD_LENGTH, vc.intermediate_size)
+    w.add_uint32(K.ClipVision.FEED_FORWARD_LENGTH, vision_mlp_width(vc))
     w.add_uint32(K.ClipVision.PROJECTION_DIM, vlm.config.text_config.hidden_size)
     w.add_uint32(K.ClipVision.BLOCK_COUNT, n_blocks)
     w.add_uint32(K.ClipVision.Attention.HEAD_COUNT, vc.num_attention_heads)

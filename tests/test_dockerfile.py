@@ -200,3 +200,13 @@ def test_dockerignore_keeps_every_copied_path(dockerfile):
         assert (ROOT / src).exists(), src
         for pattern in patterns:
             assert not fnmatch.fnmatch(src, pattern.removeprefix("**/")), (src, pattern)
+
+
+def test_llama_cpp_is_compiled_with_the_class_token_fix_before_the_extras(dockerfile):
+    """The image's llama.cpp orders a tower's class token first, as the Makefile's does."""
+    _, stages = dockerfile
+    runs = stages["edgekd"].args("RUN")
+    fixed = next(i for i, r in enumerate(runs) if "runtime/llama_source.py" in r)
+    extras = next(i for i, r in enumerate(runs) if ".[data,onnx-gpu,gguf,plot]" in r)
+    assert fixed < extras and "--no-binary :all:" in runs[fixed]
+    assert "--allow-shlib-undefined" in runs[fixed]

@@ -24,6 +24,7 @@ ONNX_CASES = [
     if (tower, decoder, strategy) != ("siglip", "qwen2", "full")  # the shared onnx fixture
 ] + [("siglip", "mistral", "default")]
 GGUF_CASES = [("siglip", d, s) for d in ("qwen2", "llama", "mistral", "gemma") for s in STRATEGIES]
+GGUF_CASES += [("clip", "llama", "default"), ("clip", "qwen2", "default")]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,10 @@ def test_gguf_f16_exports_every_member_with_parity(checkpoint, tmp_path, tower, 
     parity, vision = manifest["parity"], manifest["components"]["vision"]
     assert parity["passed"] and parity["checks"]["greedy"]["prompts_exact"] == 2
     assert manifest["components"]["language_model"]["architecture"] == TEXT_ARCHS[decoder].gguf_arch
-    dropped = int(strategy == "default")
+    dropped = int(strategy == "default" and tower == "siglip")  # clip drops a class token itself
     assert vision["drop_first_tokens"] == dropped
+    order = vision["llama_cpp_class_token"]
+    assert order is None if tower == "siglip" else order["order"] == "first"
     assert parity["checks"]["vision"]["pass"]  # the backend's rows (after the drop) vs PyTorch
     mmproj = gguf.GGUFReader(str(out / "mmproj.gguf"))
     assert (mmproj.get_field(GGUF_DROP_KEY) is not None) == bool(dropped)
@@ -158,24 +161,53 @@ def test_gemma_is_written_as_llama_cpp_computes_it(checkpoint, tmp_path):
     assert float(field.parts[field.data[0]][0]) == pytest.approx(scale)
 
 
-def test_clip_is_refused_for_gguf_because_llama_cpp_shifts_its_rows(checkpoint, tmp_path):
-    """The measured reason for the refusal: clip.cpp emits patches 2..N and the class token
-    where the model has patches 1..N. When this fails, llama.cpp orders the class token first
-    and the refusal in edgekd.export.family can be lifted."""
+def test_the_installed_llama_cpp_orders_the_class_token_first(checkpoint, tmp_path):
+    """edgekd's llama-cpp-python build has the fix of llama.cpp PR #25844: clip's rows of a
+    CLIP tower are the model's patches in place (stock 0.3.36 measured -0.52 in place and 0.997
+    shifted by one on the probe's model)."""
     pytest.importorskip("llama_cpp")
     from export_helpers import mmproj_rows_and_reference
 
-    from edgekd.export.gguf import GgufExporter
+    from edgekd.export.gguf_probe import FIRST, class_token_order
     from edgekd.export.parity import compare
 
-    _, vlm = checkpoint("clip", "qwen2", "default")
-    config = ExportConfig("x", "gguf", "f16", tmp_path / "refused")
-    with pytest.raises(ExportError, match="class token after the patches.*--target onnx"):
-        GgufExporter().check(vlm, config)
+    found = class_token_order()
+    assert found["order"] == FIRST and found["cosine_in_place"] >= 0.999, found
+    assert found["cosine_shifted"] < 0.9
+    _, vlm = checkpoint("clip", "llama", "default")
     rows, ref = mmproj_rows_and_reference(vlm, tmp_path)
     assert rows.shape == ref.shape == (16, 64)
-    assert compare(rows, ref)["cosine_min"] < 0.9  # not the model's rows in place
-    assert compare(rows[:-1], ref[1:])["cosine_min"] > 0.99  # its next patch, position-shifted
+    assert compare(rows, ref)["cosine_min"] > 0.999
+
+
+def test_a_shifted_llama_cpp_is_refused_in_one_line(checkpoint, monkeypatch, tmp_path):
+    """The order is read from rows: a llama.cpp whose rows are the model's next patches (the
+    issue #25814 signature) refuses every class-token tower before anything is written."""
+    from edgekd.export import gguf_probe
+    from edgekd.export.gguf import GgufExporter
+
+    ref = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    cls = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    shifted = gguf_probe.order_from_rows(np.vstack([ref[1:], cls]), ref)
+    assert shifted["order"] == gguf_probe.SHIFTED and shifted["cosine_shifted"] > 0.999
+    noise = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)
+    assert gguf_probe.order_from_rows(noise, ref)["order"] == gguf_probe.UNKNOWN
+    assert gguf_probe.order_from_rows(ref, ref)["order"] == gguf_probe.FIRST
+    monkeypatch.setattr(
+        gguf_probe, "class_token_order", lambda: {**shifted, "library": "libmtmd.so"}
+    )
+    ckpt, vlm = checkpoint("clip", "qwen2", "default")
+    config = ExportConfig(str(ckpt), "gguf", "f16", tmp_path / "refused")
+    with pytest.raises(ExportError) as err:
+        GgufExporter().check(vlm, config)
+    message = str(err.value)
+    assert "\n" not in message and "issue #25814" in message and "make install" in message
+    assert "--target onnx or tensorrt" in message
+    with pytest.raises(ExportError, match="issue #25814"):
+        export(config)
+    assert not (tmp_path / "refused").exists()
+    _, siglip = checkpoint("siglip", "qwen2", "default")  # no class token: nothing to ask
+    assert GgufExporter().class_token_order(siglip) is None
 
 
 @pytest.mark.parametrize(
@@ -265,9 +297,52 @@ def test_dinov2_towers_export_to_onnx_with_parity(dinov2, tmp_path, precision):
         assert not any(n.op_type in ("Resize", "Upsample") for n in graph.graph.node)
 
 
-def test_dinov2_is_refused_for_gguf_with_the_reason(dinov2):
+@pytest.mark.parametrize("precision", ["f32", "f16"])
+def test_dinov2_towers_export_to_gguf_with_parity(dinov2, tmp_path, precision):
+    """Class token first (edgekd's llama.cpp), LayerScale folded into attn_out and ffn_down,
+    the exact GELU run as clip's tanh form: token-exact at f32, within f16's floor."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+
     from edgekd.models import VLM
 
-    problems = family_problems(VLM.from_pretrained(dinov2).config, "gguf")
-    assert len(problems) == 1 and "class token after the patches" in problems[0]
-    assert "exact GELU" in problems[0] and "--target onnx or tensorrt" in problems[0]
+    manifest = _export(dinov2, "gguf", precision, tmp_path / "gguf")
+    parity, vision = manifest["parity"], manifest["components"]["vision"]
+    assert parity["passed"] and parity["checks"]["vision"]["pass"], parity["checks"]
+    assert vision["tower"] == "dinov2" and vision["llama_cpp_class_token"]["order"] == "first"
+    assert vision["drop_first_tokens"] == 0  # clip drops the class token itself
+    if precision == "f32":
+        assert parity["checks"]["greedy"]["prompts_exact"] == 2
+        assert parity["checks"]["vision"]["cosine_min"] > 0.9999
+    tower = VLM.from_pretrained(dinov2).vision_tower
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / "mmproj.gguf"))
+    mm = {t.name: np.asarray(t.data, np.float32) for t in reader.tensors}
+    assert not any("ls1" in n or "ls2" in n for n in mm)
+    layer = tower.encoder.layer[0]
+    scale = layer.layer_scale2.lambda1.detach().numpy()
+    np.testing.assert_allclose(
+        mm["v.blk.0.ffn_down.weight"], layer.mlp.fc2.weight.detach().numpy() * scale[:, None],
+        rtol=1e-2 if precision == "f16" else 1e-6, atol=1e-3 if precision == "f16" else 1e-7,
+    )  # fmt: skip
+    assert mm["v.class_embd"].shape == (32,) and mm["v.position_embd.weight"].shape == (17, 32)
+
+
+def test_what_clips_llava_graph_cannot_run_of_a_dinov2_is_refused(dinov2, checkpoint):
+    """A SwiGLU MLP (DINOv2-giant), and a class token kept by the 'full' selection (clip's
+    graph always drops it; CLIP alike): one named problem each."""
+    import copy
+
+    from edgekd.models import VLM
+
+    config = copy.deepcopy(VLM.from_pretrained(dinov2).config)
+    assert family_problems(config, "gguf") == []
+    config.vision_config.use_swiglu_ffn = True
+    (problem,) = family_problems(config, "gguf")
+    assert "SwiGLU" in problem and "--target onnx or tensorrt" in problem
+    config.vision_config.use_swiglu_ffn = False
+    config.vision_feature_select_strategy = "full"
+    (problem,) = family_problems(config, "gguf")
+    assert "'full' selection" in problem and "always drops the class token" in problem
+    _, clip = checkpoint("clip", "qwen2", "full")
+    assert any("'full' selection" in p for p in family_problems(clip.config, "gguf"))
+    assert family_problems(clip.config, "onnx") == []

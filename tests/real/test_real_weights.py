@@ -108,19 +108,16 @@ def test_the_real_pair_exports_to_onnx_with_parity(real_vlm, tmp_path, precision
 
 
 @needs_both
-def test_smollm2_exports_to_gguf_f16_with_parity(tmp_path, tokenizer):
-    """The real language model behind a tiny SigLIP tower (DINOv2 has no exact mmproj):
-    llama.cpp's f16 reproduces it, its byte-level tokenizer included."""
+def test_the_real_pair_exports_to_gguf_f16_with_parity(real_vlm, tmp_path):
+    """DINOv2 (class token first in edgekd's llama.cpp, LayerScale up to |7| folded) and
+    SmolLM2 with its 49k byte-level vocabulary: llama.cpp's f16 reproduces the model."""
     pytest.importorskip("llama_cpp")
-    from tiny_parts import tiny_tower
-
     from edgekd.export import ExportConfig, export
-    from edgekd.models.assemble import assemble
 
-    tiny_tower("siglip", tmp_path / "tower")
-    assemble(tmp_path / "tower", pretrained.smollm2_gguf(), tmp_path / "vlm")
-    config = ExportConfig(
-        str(tmp_path / "vlm"), "gguf", "f16", tmp_path / "gguf", n_parity_prompts=2
-    )
+    out, _ = real_vlm
+    config = ExportConfig(str(out), "gguf", "f16", tmp_path / "gguf", n_parity_prompts=2)
     manifest = export(config)
-    assert manifest["parity"]["passed"], manifest["parity"]["checks"]
+    checks = manifest["parity"]["checks"]
+    assert manifest["parity"]["passed"], checks
+    assert checks["vision"]["cosine_min"] >= 0.995 and checks["tokenizer"]["identical"] == 7
+    assert manifest["components"]["vision"]["llama_cpp_class_token"]["order"] == "first"
