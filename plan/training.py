@@ -4,7 +4,8 @@
 strategy and a device profile. Sizes are decimal bytes. Symbols: ``N`` processes; ``S = N``
 for ``fsdp`` / ``deepspeed-zero3`` (sharded) and 1 for ``none`` / ``ddp`` (replicated);
 ``P`` parameters, ``P_tr`` the student's trainable ones (its vision tower past the feature
-layer never gets a gradient and is frozen; the whole tower when ``train_vision_tower`` is off);
+layer never gets a gradient and is frozen; the whole tower when ``train_vision_tower`` is off,
+the language model and its head when ``train_language_model`` is off);
 ``T = batch x seq_len`` tokens per process, one image per sequence.
 
 State, per parameter (``precision``):
@@ -92,6 +93,7 @@ class ModelShape:
     name: str
     params: int  # all, tied weights once
     lm_matmul_params: int  # decoder + output head (the embedding lookup costs no FLOPs)
+    lm_params: int  # the language model with its head (tied weights once)
     vision_params: int
     unused_vision_params: int  # past the feature layer
     largest_layer_params: int
@@ -123,6 +125,7 @@ class TrainSetup:
     precision: str = "bf16-mixed"
     gradient_checkpointing: bool = True
     train_vision_tower: bool = True
+    train_language_model: bool = True
     method: str = "switch-kd"
     loss_chunk: int = _LOSS.chunk_size  # a recipe's loss.chunk_size
     gradient_accumulation_steps: int = 1
@@ -216,6 +219,7 @@ def model_shape(model: str | VLM) -> ModelShape:
         name=name,
         params=sum(p.numel() for p in vlm.model.parameters()),
         lm_matmul_params=lm_mm,
+        lm_params=lm,
         vision_params=sum(p.numel() for p in vlm.vision_tower.parameters()),
         unused_vision_params=unused,
         largest_layer_params=max(layer_sizes, default=0),
@@ -302,6 +306,8 @@ def plan_train(
     # the switch route keeps activations only when its gradient has a tower to reach
     switch = methods.get(b.method).switch and t is not None and b.train_vision_tower
     frozen = s.unused_vision_params if b.train_vision_tower else s.vision_params
+    if not b.train_language_model:  # the projector alone (LLaVA's stage 1): no LM gradients
+        frozen += s.lm_params
     trainable = s.params - frozen
     tokens = b.batch * b.seq_len
     images = b.batch
@@ -357,7 +363,7 @@ def plan_train(
     # gradients outlive the backward when they accumulate over micro-steps, and ZeRO-3 keeps
     # its gradient partition; otherwise they appear as the activations are freed
     kept = b.gradient_accumulation_steps > 1 or b.strategy == "deepspeed-zero3"
-    head_grad = s.vocab * s.hidden * by["grad"] / n
+    head_grad = s.vocab * s.hidden * by["grad"] / n if b.train_language_model else 0.0
     backward_start = (
         parts["student activations"]
         + parts["switch-route activations"]
@@ -411,7 +417,9 @@ def step_flops(t: ModelShape | None, s: ModelShape, b: TrainSetup) -> dict[str, 
         return per_token * m.vision_tokens * images
 
     flops = {
-        "student": lm_forward(s) * (3 + extra)
+        # a frozen language model still passes gradients back to the projector: its input
+        # gradients (1x forward), not its weight gradients (another 1x)
+        "student": lm_forward(s) * ((3 if b.train_language_model else 2) + extra)
         + vision_forward(s) * ((3 + extra) if b.train_vision_tower else 1)
     }
     if t is not None:
@@ -463,6 +471,7 @@ def setup_from_recipe(
         if gradient_checkpointing is None
         else gradient_checkpointing,
         train_vision_tower=bool(t.train_vision_tower),
+        train_language_model=bool(t.train_language_model),
         method=method,
         loss_chunk=recipe.loss.chunk_size,
     )

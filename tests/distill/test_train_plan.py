@@ -168,3 +168,25 @@ def test_clip_and_llama_activation_counts_match_autograd():
     size = vision.image_size
     got = _per_layer(vision, lambda c: {"pixel_values": torch.randn(1, 3, size, size)})
     assert got == shape.vision_tokens * vision_layer_values(shape)
+
+
+def test_a_projector_only_stage_plans_gradients_for_the_projector_alone():
+    """LLaVA's stage 1 (``training.train_language_model: false``, tower frozen): gradients and
+    AdamW state for the projector only, activations kept (the gradient still passes through
+    the language model), one forward fewer through it."""
+    from edgekd.plan.inference import meta_vlm
+    from edgekd.plan.training import setup_from_recipe
+    from edgekd.profiles import load_device_profile, load_recipe
+
+    projector = sum(p.numel() for p in meta_vlm(STUDENT).projector.parameters())
+    full = TrainSetup(method="sft", train_vision_tower=False)
+    stage1 = TrainSetup(method="sft", train_vision_tower=False, train_language_model=False)
+    a = plan_train(None, STUDENT, "h100-80gb", full)
+    b = plan_train(None, STUDENT, "h100-80gb", stage1)
+    assert b.parts["student gradients"] == projector * 4  # bf16-mixed: fp32 gradients
+    assert b.parts["optimizer state"] == projector * 8
+    assert a.parts["student gradients"] > 100 * b.parts["student gradients"]
+    assert b.parts["student activations"] == a.parts["student activations"]
+    assert b.step_flops["student"] < a.step_flops["student"]
+    recipe = load_recipe("easyvqa-cpu", overrides={"training.train_language_model": False})
+    assert not setup_from_recipe(recipe, load_device_profile("cpu-x86_64")).train_language_model
