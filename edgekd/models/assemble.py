@@ -277,6 +277,12 @@ def check_gguf(path: Path) -> None:
 
     if not path.is_file():
         raise ModelError(f"GGUF file '{path}' not found")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(
+                f"'{path}' is not a GGUF file (no GGUF magic in its first bytes); --language "
+                "takes a checkpoint directory, a hub id or a .gguf file"
+            )
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, struct errors, IndexError...

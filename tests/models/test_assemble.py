@@ -127,6 +127,7 @@ def test_another_image_size_resizes_the_position_table_once(tmp_path, tokenizer)
         ("gguf_no_tokenizer", "has no tokenizer in its metadata"),
         ("gguf_truncated", "is not a complete GGUF file (truncated or corrupt"),
         ("gguf_garbage", "is not a complete GGUF file (truncated or corrupt"),
+        ("gguf_not_gguf", "is not a GGUF file (no GGUF magic in its first bytes)"),
         ("layer", "--feature-layer 9: the tower has 3 layers"),
         ("projector", "projector 'linear' is not built; valid: mlp2x_gelu"),
     ],
@@ -167,6 +168,10 @@ def _bad_gguf(tmp_path, tokenizer, case: str):
     if case == "gguf_garbage":
         path.write_bytes(b"GGUF" + b"\x00" * 64)
         return path
+    if case == "gguf_not_gguf":  # e.g. a safetensors file given as --language
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b"\x00" * 64)
+        return path
     if case == "gguf_truncated":
         write_lm(build_vlm("tiny", tokenizer=tokenizer, decoder="llama"), path, "f32")
         data = path.read_bytes()
@@ -189,7 +194,8 @@ def test_cli_assembles_and_refuses_bad_parts_in_one_line(cli, tokenizer, tmp_pat
     args = ("models", "assemble", "--vision", tmp_path / "tower", "--language", tmp_path / "lm")
     result = cli(*args, "-o", out, "--image-size", "48")
     assert result.code == 0, result.err
-    assert "dinov2 + mlp2x_gelu + llama" in result.out and "36 visual tokens" in result.out
+    said = " ".join(result.out.split())  # the console wraps long paths at its width
+    assert "dinov2 + mlp2x_gelu + llama" in said and "36 visual tokens" in said
     assert (out / RECORD).is_file()
     bad = tmp_path / "bad"
     cli(*args, "-o", bad, "--image-size", "50").one_line_error("--image-size 50")
