@@ -18,7 +18,8 @@ run cut short continues:
    the data), same steps, batch, learning rate and trainable parameters (towers train).
 6. accuracy: greedy exact match on the first ``--eval-limit`` test questions, every model.
 7. ``exports``: the teacher and the seed-0 switch-kd student to ONNX fp32, int8 and int4 and
-   GGUF f16, q8_0, q4_k_m and q4_0, each proving parity and its accuracy drop on the test
+   GGUF f16, bf16, q8_0, q4_k_m, iq4_nl and q4_0, each proving parity and its accuracy drop
+   on the test
    questions (DINOv2's mmproj needs a llama.cpp that orders the class token first: edgekd's
    build; the exporter measures it). ``gguf smollm2``: the language model alone behind a tiny
    SigLIP tower, text parity at every GGUF precision.
@@ -135,8 +136,10 @@ EXPORTS = {  # label -> (target, precision, options)
     "onnx int4": ("onnx", "int4", {}),
 }
 # the whole model in llama.cpp: DINOv2's mmproj needs the class token first (edgekd's build)
-GGUF_EXPORTS = {f"gguf {p}": ("gguf", p, {}) for p in ("f16", "q8_0", "q4_k_m", "q4_0")}
-GPTQ_PRECISIONS = ("int4", "q4_0")
+GGUF_EXPORTS = {
+    f"gguf {p}": ("gguf", p, {}) for p in ("f16", "bf16", "q8_0", "q4_k_m", "iq4_nl", "q4_0")
+}
+GPTQ_PRECISIONS = ("int4", "q4_0", "iq4_nl")
 GGUF_LM = ("f16", "q8_0", "q4_k_m", "q4_0")  # SmolLM2 behind a tiny SigLIP tower (text parity)
 
 

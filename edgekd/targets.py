@@ -149,7 +149,7 @@ register(
 register(
     Target(
         name="gguf",
-        precisions=("f32", "f16", "q8_0", "q4_k_m", "q4_0"),
+        precisions=("f32", "f16", "q8_0", "q4_k_m", "q4_0", "iq4_nl", "bf16"),
         files=(GGUF_MODEL, GGUF_MMPROJ),
         from_profile={"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "q4_k_m"},
         extra="gguf",

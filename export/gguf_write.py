@@ -61,8 +61,15 @@ PRECISIONS: dict[str, Quant | None] = {
     # kernels, ggml-cpu repack.cpp),
     # the embedding (and the tied output) Q8_0, norms f32
     "q4_0": Quant(None, frozenset({"Q4_0"}), 32, grid="ggml_q4_0", file_type=2),
+    # the other 4-bit type llama.cpp repacks for x86 (16 non-uniform levels, blocks of 32),
+    # from GPTQ on its grid as q4_0: llama.cpp's own IQ4_NL (no calibration) moved the real
+    # teacher's next-token distribution 0.39 nats (docs/performance.md, "Real weights")
+    "iq4_nl": Quant(None, frozenset({"IQ4_NL"}), 32, grid="ggml_iq4_nl", file_type=25),
+    # 16-bit with fp32's range; llama.cpp's x86 kernels multiply it natively (AVX512-BF16)
+    "bf16": Quant("LLAMA_FTYPE_MOSTLY_BF16", frozenset({"BF16"}), 1),
 }
-Q4_0_BLOCK = 32  # weights per Q4_0 block: an fp16 scale and 16 bytes of 4-bit levels
+Q4_0_BLOCK = 32  # weights per Q4_0 / IQ4_NL block: an fp16 scale and 16 bytes of 4-bit levels
+GGML_GRIDS = {"ggml_q4_0": "Q4_0", "ggml_iq4_nl": "IQ4_NL"}  # GPTQ grid -> the ggml type
 # ---- tensor names: HF (relative to the module) -> GGUF, declared as data -------------------
 _LM_TENSORS = {
     "embed_tokens.weight": "token_embd.weight",
@@ -81,7 +88,7 @@ _LM_TENSORS = {
     "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
-_LM_HEAD = {"weight": "output.weight"}  # omitted when tied: llama.cpp then reuses token_embd
+LM_HEAD = {"weight": "output.weight"}  # omitted when tied: llama.cpp then reuses token_embd
 # the encoder blocks every tower shares; each tower's own tensors are in family.VISION_ARCHS
 _VISION_BLOCKS = {
     "encoder.layers.{i}.layer_norm1.{p}": "v.blk.{i}.ln1.{p}",
@@ -186,14 +193,15 @@ def lm_tensors(vlm, dtype: str) -> dict[str, np.ndarray]:
         out[gname] = _permute_rope(a, heads) if heads else a
     head = vlm.lm_head.weight
     if head.data_ptr() != vlm.language_model.get_input_embeddings().weight.data_ptr():
-        out[_LM_HEAD["weight"]] = _array(head, dtype)
+        out[LM_HEAD["weight"]] = _array(head, dtype)
     return out
 
 
 def encode_q4_0(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """ggml ``block_q4_0`` rows (``[rows, blocks * 18]`` bytes) from levels ``q``
     ``[rows, K]`` (0-15, the weight is ``(q - 8) * scale``) and ``scale`` ``[rows, K / 32]``:
-    per block the fp16 scale, then byte ``j`` = level ``j`` | level ``j + 16`` << 4."""
+    per block the fp16 scale, then byte ``j`` = level ``j`` | level ``j + 16`` << 4.
+    ``block_iq4_nl`` is the same layout, ``q`` indexing its level table."""
     rows, k = q.shape
     q = q.reshape(rows, k // Q4_0_BLOCK, Q4_0_BLOCK).astype(np.uint8)
     half = Q4_0_BLOCK // 2
@@ -204,8 +212,9 @@ def encode_q4_0(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def gptq_lm_tensors(vlm, blocks: dict[str, list[Any]]) -> dict[str, tuple[np.ndarray, Any]]:
     """``{gguf name: (bytes, GGMLQuantizationType)}`` of the language model's quantized
-    tensors: each GPTQ'd matrix as Q4_0 (rows permuted like :func:`lm_tensors`), the embedding
-    and an untied lm_head as Q8_0 (llama.cpp's rule for the output matrix at Q4_0).
+    tensors: each GPTQ'd matrix as Q4_0 or IQ4_NL, its grid's type (rows permuted like
+    :func:`lm_tensors`), the embedding and an untied lm_head as Q8_0 (llama.cpp's rule for the
+    output matrix at Q4_0).
 
     Raises:
         ExportError: a matrix has no GPTQ blocks, or a row is not whole Q4_0 blocks.
@@ -222,17 +231,18 @@ def gptq_lm_tensors(vlm, blocks: dict[str, list[Any]]) -> dict[str, tuple[np.nda
         block = take(pending, t.detach().float().cpu().numpy())
         if block is None:
             raise ExportError(f"no GPTQ blocks for {name}; the model changed during export")
-        if block.in_features % Q4_0_BLOCK or block.grid != "ggml_q4_0":
-            raise ExportError(f"{name}: rows of {block.in_features} are not whole Q4_0 blocks")
+        kind = GGML_GRIDS.get(block.grid)
+        if block.in_features % Q4_0_BLOCK or kind is None:
+            raise ExportError(f"{name}: rows of {block.in_features} are not whole 32-blocks")
         q, scale = block.q, block.scale
         heads = _rope_heads(vlm, gname)
         if heads:  # rows permuted as lm_tensors permutes the float matrix
             q, scale = _permute_rope(q, heads), _permute_rope(scale, heads)
-        out[gname] = (encode_q4_0(q, scale), qt.Q4_0)
+        out[gname] = (encode_q4_0(q, scale), getattr(qt, kind))
     embed = vlm.language_model.get_input_embeddings().weight
     tables = {"token_embd.weight": embed}
     if vlm.lm_head.weight.data_ptr() != embed.data_ptr():
-        tables[_LM_HEAD["weight"]] = vlm.lm_head.weight
+        tables[LM_HEAD["weight"]] = vlm.lm_head.weight
     for gname, t in tables.items():
         out[gname] = (gguf.quants.quantize(_array(t, "f32"), qt.Q8_0), qt.Q8_0)
     return out
@@ -412,7 +422,7 @@ def _finish(w) -> None:
 
 
 def quantize(src: Path, dst: Path, precision: str, n_threads: int | None = None) -> None:
-    """``llama_model_quantize`` from an f32 GGUF to ``precision`` (q8_0, q4_k_m)."""
+    """``llama_model_quantize`` from an f32 GGUF to ``precision`` (q8_0, q4_k_m, iq4_nl, bf16)."""
     llama_cpp = import_llama_cpp(ExportError, LLAMA_CPP_USE)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, PRECISIONS[precision].ftype)
@@ -421,67 +431,3 @@ def quantize(src: Path, dst: Path, precision: str, n_threads: int | None = None)
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
         raise ExportError(f"llama_model_quantize to {precision} failed (code {rc})")
-
-
-# ---- reading back ----------------------------------------------------------------------------
-def tensor_table(path: Path) -> dict[str, dict[str, Any]]:
-    """Per tensor: GGML type name, shape (ggml order: row size first) and bytes."""
-    gguf = import_gguf()
-    reader = gguf.GGUFReader(str(path))
-    return {
-        t.name: {
-            "type": gguf.GGMLQuantizationType(int(t.tensor_type)).name,
-            "shape": [int(x) for x in t.shape],
-            "bytes": int(t.n_bytes),
-        }
-        for t in reader.tensors
-    }
-
-
-def quant_report(table: dict[str, dict[str, Any]], precision: str) -> dict[str, Any]:
-    """Type counts, and the weight matrices that fell back from the precision's intended types."""
-    counts: dict[str, int] = {}
-    for info in table.values():
-        counts[info["type"]] = counts.get(info["type"], 0) + 1
-    q = PRECISIONS[precision]
-    # edgekd-written precisions keep the embedding (and an untied output) at Q8_0 by design
-    tables = ("token_embd.weight", _LM_HEAD["weight"]) if q is not None and q.grid else ()
-    fallbacks, unquantized = {}, []
-    for name, info in table.items():
-        if len(info["shape"]) < 2 or q is None:
-            continue
-        if info["type"] not in q.types and name not in tables:
-            fallbacks[name] = {"type": info["type"], "row_size": info["shape"][0]}
-        if info["type"] in ("F32", "F16", "BF16"):
-            unquantized.append(name)
-    report = {"tensor_types": {n: i["type"] for n, i in table.items()}, "type_counts": counts}
-    if q is not None:
-        report["fallbacks"] = {
-            "count": len(fallbacks),
-            "reason": f"row size not a multiple of {q.block} (the block of "
-            f"{'/'.join(sorted(q.types))}); llama.cpp picked the type shown",
-            "tensors": fallbacks,
-        }
-        report["unquantized_matrices"] = unquantized
-    if tables:
-        report["q8_0_tables"] = [n for n in tables if n in table]
-    return report
-
-
-def check_written(path: Path, expected: dict[str, np.ndarray], what: str) -> dict[str, Any]:
-    """Guard against silently empty or partial files (the known 1 KB mmproj failure)."""
-    table = tensor_table(path)
-    missing = sorted(set(expected) - set(table))
-    if missing:
-        raise ExportError(
-            f"{path.name}: {len(missing)} {what} tensor(s) missing, e.g. {missing[:3]}"
-        )
-    payload = sum(i["bytes"] for i in table.values())
-    size = path.stat().st_size
-    expected_min = sum(a.size for a in expected.values()) // 8  # >= 1 bit per weight even at q4
-    if size < payload or payload < expected_min:
-        raise ExportError(
-            f"{path.name} is {size} bytes for {payload} bytes of tensor data (expected at least "
-            f"{expected_min}); the file is truncated or lost its tensors"
-        )
-    return table

@@ -10,10 +10,11 @@ inputs on calibration prompts), so the layer's *outputs* on those inputs stay cl
 The grid is the format's (:data:`GRIDS`): a scale and an integer zero point per block of
 ``group`` consecutive inputs for onnxruntime's ``MatMulNBits``, an fp16 scale and zero 8 for
 llama.cpp's Q4_0 (GPTQ makes up for the symmetric grid: on SmolLM2 both cost 0.014-0.016 nats
-where rounding cost 0.4-0.8). Columns are visited in the order of decreasing ``H[i, i]`` (the
-inputs that carry most energy first, "act-order"), while each block's scale and zero point are
-fixed up front from the original weights ("static groups"), so the blocks stay contiguous and
-any runtime reads them.
+where rounding cost 0.4-0.8), an fp16 scale times one of 16 non-uniform levels for its
+IQ4_NL (each column goes to the nearest level; :data:`CODEBOOKS`). Columns are visited in the
+order of decreasing ``H[i, i]`` (the inputs that carry most energy first, "act-order"), while
+each block's scale and zero point are fixed up front from the original weights ("static
+groups"), so the blocks stay contiguous and any runtime reads them.
 
 Hessians are accumulated from one forward pass per group of layers whose matrices fit
 :data:`HESSIAN_BYTES` (a 3B model's ``down_proj`` Hessians do not fit at once); layers sharing
@@ -64,6 +65,9 @@ class BlockQuantized:
     def dequantize(self) -> np.ndarray:
         """The float32 weight ``[out, in]`` this block data stands for."""
         scale = np.repeat(self.scale, self.group, axis=1)
+        if self.grid in CODEBOOKS:  # non-uniform levels: scale * book[q]
+            book = np.asarray(CODEBOOKS[self.grid], np.float32)
+            return (book[self.q] * scale)[:, : self.in_features]
         zero = np.repeat(self.zero.astype(np.float32), self.group, axis=1)
         return ((self.q.astype(np.float32) - zero) * scale)[:, : self.in_features]
 
@@ -94,12 +98,23 @@ def block_grid(w, bits: int, group: int, grid: str = "zero_point"):
         d = (signed / -(2 ** (bits - 1))).half().double()
         d = torch.where(d != 0, d, torch.ones_like(d))
         return d, torch.full_like(d, 2 ** (bits - 1))
+    if grid == "ggml_iq4_nl":  # d * book[q], d in fp16: the signed absmax lands on -127 exactly
+        idx = blocks.abs().argmax(-1, keepdim=True)
+        signed = blocks.gather(-1, idx).squeeze(-1)
+        d = (signed / CODEBOOKS[grid][0]).half().double()
+        d = torch.where(d != 0, d, torch.ones_like(d))
+        return d, torch.zeros_like(d)
     raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
 
 
 GRIDS = {
     "zero_point": "onnxruntime MatMulNBits: fp32 scale, integer zero point per block",
     "ggml_q4_0": "llama.cpp Q4_0: fp16 scale, zero 8, symmetric",
+    "ggml_iq4_nl": "llama.cpp IQ4_NL: fp16 scale times one of 16 non-uniform levels",
+}
+# grids whose levels are a table (the weight is scale * book[q]): ggml's kvalues_iq4nl
+CODEBOOKS = {
+    "ggml_iq4_nl": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
 }
 
 
@@ -136,15 +151,22 @@ def quantize_weight(
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     levels = torch.zeros_like(w)
     top = 2**bits - 1
+    book = torch.tensor(CODEBOOKS[grid], dtype=w.dtype) if grid in CODEBOOKS else None
+    mids = None if book is None else (book[1:] + book[:-1]) / 2
     for i1 in range(0, n, COLUMN_BLOCK):
         i2 = min(i1 + COLUMN_BLOCK, n)
         w1, err = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, dtype=w.dtype)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
-            level = (w1[:, i] / s + z).round().clamp(0, top)
+            if book is None:
+                level = (w1[:, i] / s + z).round().clamp(0, top)
+                value = (level - z) * s
+            else:  # the nearest table level
+                level = torch.bucketize(w1[:, i] / s, mids)
+                value = book[level] * s
             levels[:, i1 + i] = level
-            e = (w1[:, i] - (level - z) * s) / h1[i, i]
+            e = (w1[:, i] - value) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
             err[:, i] = e
         w[:, i2:] -= err @ hinv[i1:i2, i2:]

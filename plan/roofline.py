@@ -159,6 +159,8 @@ GEMM_PRECISION = {
     "q8_0": "int8",
     "int4": "int8",
     "q4_k_m": "int8",
+    "q4_0": "int8",
+    "iq4_nl": "int8",
 }
 
 

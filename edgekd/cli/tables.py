@@ -35,11 +35,34 @@ def print_export(manifest: dict, target: str, precision: str, output: Path, cons
     """The parity lines of an export and its one-line summary."""
     for line in parity_lines(manifest.get("parity", {})):
         console.print(line, highlight=False)
+    for line in type_lines(manifest.get("components", {}), precision):
+        console.print(line, highlight=False)
     size = sum(f["bytes"] for f in manifest["files"].values())
     console.print(
         f"[green]✓[/green] {target} {precision}: {len(manifest['files'])} files, "
         f"{size / 1e6:.1f} MB -> {output}"
     )
+
+
+def type_lines(components: dict, precision: str) -> list[str]:
+    """Per component that records them, the weight types actually written (share of the
+    weight matrices' elements), and a warning when most of them fell back from ``precision``."""
+    lines = []
+    for name, part in components.items():
+        share = part.get("weight_share") if isinstance(part, dict) else None
+        if not share:
+            continue
+        types = ", ".join(f"{t} {100 * v:.0f}%" for t, v in share.items())
+        lines.append(f"  {name.replace('_', ' ')} weights: {types}")
+        asked = part.get("share_as_asked")
+        if asked is not None and asked < 0.5:
+            fell = part.get("fallbacks", {})
+            lines.append(
+                f"  [yellow]! {precision}: only {100 * asked:.0f}% of the weights are of its "
+                f"types; {fell.get('count', 0)} matrices fell back ({fell.get('reason', '')})"
+                "[/yellow]"
+            )
+    return lines
 
 
 def print_train_plan(recipe_name: str, result, console: Console) -> None:

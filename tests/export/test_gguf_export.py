@@ -13,7 +13,7 @@ from edgekd.export.base import ExportConfig, ExportError
 from edgekd.export.gguf import GgufExporter
 from edgekd.runtime.llamacpp import import_llama_cpp
 
-PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m", "q4_0")
+PRECISIONS = ("f32", "f16", "q8_0", "q4_k_m", "q4_0", "iq4_nl", "bf16")
 
 
 def run_export(vlm, checkpoint, out, precision="f32", validate=True, **options):
@@ -96,7 +96,7 @@ def test_registered_with_its_precisions():
 
 def test_unknown_precision_lists_valid_ones(tiny_vlm, tmp_path):
     config = ExportConfig(checkpoint="x", target="gguf", precision="int3", output=tmp_path)
-    with pytest.raises(ExportError, match="valid: f32, f16, q8_0, q4_k_m, q4_0"):
+    with pytest.raises(ExportError, match="valid: f32, f16, q8_0, q4_k_m, q4_0, iq4_nl, bf16"):
         GgufExporter().check(tiny_vlm, config)
 
 
@@ -147,7 +147,8 @@ def test_empty_mmproj_is_caught(tiny_vlm, tmp_path):
     """The known 1 KB mmproj failure: a file whose tensors are gone fails the post-write check."""
     import gguf
 
-    from edgekd.export.gguf_write import check_written, vision_tensors
+    from edgekd.export.gguf_read import check_written
+    from edgekd.export.gguf_write import vision_tensors
 
     path = tmp_path / "mmproj.gguf"
     w = gguf.GGUFWriter(str(path), "clip")
@@ -358,7 +359,7 @@ def test_mmproj_embeddings_match_pytorch(tiny_vlm, tmp_path, layer, ffn):
 
 
 # ---- quantization ---------------------------------------------------------------------------
-@pytest.mark.parametrize("precision", ["q8_0", "q4_k_m", "q4_0"])
+@pytest.mark.parametrize("precision", ["q8_0", "q4_k_m", "q4_0", "iq4_nl", "bf16"])
 def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
     pytest.importorskip("llama_cpp")
     components, parity = run_export(wide_vlm, "wide", tmp_path / precision, precision)
@@ -368,13 +369,17 @@ def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
     }
     fallbacks = lm["fallbacks"]["tensors"]
     assert lm["unquantized_matrices"] == []  # token_embd (the tied output) included
-    if precision == "q8_0":
+    assert sum(lm["weight_share"].values()) == pytest.approx(1, abs=1e-3)
+    if precision == "bf16":
+        assert set(matrices.values()) == {"BF16"} and lm["weight_share"] == {"BF16": 1.0}
+    elif precision == "q8_0":
         assert set(matrices.values()) == {"Q8_0"} and lm["fallbacks"]["count"] == 0
-    elif precision == "q4_0":  # GPTQ's blocks, written by edgekd; the tied table Q8_0
+    elif precision in ("q4_0", "iq4_nl"):  # GPTQ's blocks, written by edgekd; the table Q8_0
         assert matrices.pop("token_embd.weight") == "Q8_0" and lm["q8_0_tables"] == [
             "token_embd.weight"
         ]
-        assert set(matrices.values()) == {"Q4_0"} and lm["fallbacks"]["count"] == 0
+        assert set(matrices.values()) == {precision.upper()} and lm["fallbacks"]["count"] == 0
+        assert lm["share_as_asked"] == 1.0 and lm["calibration"]["grid"] == f"ggml_{precision}"
         assert lm["calibration"]["method"] == "gptq" and lm["calibration"]["samples"] == 32
     else:
         # rows of 256 take K-quants; ffn_down's 384-wide rows cannot and fall back
@@ -384,6 +389,8 @@ def test_quantized_types_and_fallbacks(wide_vlm, tmp_path, precision):
             f["row_size"] == 384 and f["type"] in ("Q5_0", "Q8_0") for f in fallbacks.values()
         )
         assert lm["fallbacks"]["count"] == 2
+        share = sum(v for t, v in lm["weight_share"].items() if t in ("Q5_0", "Q8_0"))
+        assert lm["share_as_asked"] == pytest.approx(1 - share, abs=1e-3) and share > 0.1
     assert components["vision"]["precision"] == "f16"
     assert set(components["vision"]["tensor_types"].values()) <= {"F16", "F32"}
     assert parity["passed"], parity
@@ -448,3 +455,23 @@ def test_q4_0_refuses_matrices_that_are_not_whole_blocks(tiny_vlm):
     problems = config_problems(odd, "q4_0", {})
     assert any("q4_0 needs rows of whole 32-weight blocks" in p and "[40]" in p for p in problems)
     assert not any("32-weight" in p for p in config_problems(tiny_vlm, "q4_0", {}))
+
+
+def test_the_summary_says_when_most_weights_fell_back():
+    """``edgekd export`` prints the weight types written, and warns when most weights are
+    not of the asked precision's types (a "q4_k_m" of width 576 is mostly Q5_0)."""
+    from edgekd.cli.tables import type_lines
+
+    fell = {"count": 210, "reason": "row size not a multiple of 256 (the block of Q4_K/Q5_K/Q6_K)"}
+    components = {
+        "language_model": {
+            "weight_share": {"Q5_0": 0.83, "Q8_0": 0.17}, "share_as_asked": 0.0,
+            "fallbacks": fell,
+        },
+        "vision": {"precision": "f16"},
+    }  # fmt: skip
+    first, warning = type_lines(components, "q4_k_m")
+    assert first.strip() == "language model weights: Q5_0 83%, Q8_0 17%"
+    assert "q4_k_m: only 0% of the weights are of its types; 210 matrices fell back" in warning
+    components["language_model"]["share_as_asked"] = 0.9
+    assert len(type_lines(components, "q4_k_m")) == 1

@@ -149,3 +149,36 @@ def test_q4_0_rows_are_the_blocks_llama_cpp_reads():
         encode_q4_0(blocks.q, blocks.scale), gguf.GGMLQuantizationType.Q4_0
     )
     np.testing.assert_array_equal(decoded, blocks.dequantize())
+
+
+def test_iq4_nl_rows_are_the_blocks_llama_cpp_reads():
+    """GPTQ on IQ4_NL's 16 non-uniform levels: every weight is scale x a table level, the
+    block's signed absmax lands on -127 exactly, the bytes decode (gguf's reference) to GPTQ's
+    weights, and the layer's outputs beat rounding each weight to its nearest level."""
+    gguf = pytest.importorskip("gguf")
+    import torch
+
+    from edgekd.export.gguf_write import encode_q4_0
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 96)).astype(np.float32)
+    calib, held_out = _inputs(rng, 512, 96), _inputs(rng, 256, 96)
+    blocks = gptq.quantize_weight(w, calib.T @ calib, grid="ggml_iq4_nl")
+    book = np.asarray(gptq.CODEBOOKS["ggml_iq4_nl"], np.float32)
+    assert blocks.q.max() <= 15 and blocks.scale.shape == (6, 3)
+    decoded = gguf.quants.dequantize(
+        encode_q4_0(blocks.q, blocks.scale), gguf.GGMLQuantizationType.IQ4_NL
+    )
+    np.testing.assert_array_equal(decoded, blocks.dequantize())
+    scale = np.repeat(blocks.scale, 32, axis=1)
+    np.testing.assert_allclose(blocks.dequantize(), book[blocks.q] * scale)
+    peak = np.abs(w.reshape(6, 3, 32)).argmax(-1)
+    signed = np.take_along_axis(w.reshape(6, 3, 32), peak[..., None], -1)[..., 0]
+    np.testing.assert_allclose(signed / blocks.scale, -127, rtol=2e-3)  # fp16 scale
+    d = torch.from_numpy(blocks.scale).double().repeat_interleave(32, 1)
+    nearest = book[np.abs(w[..., None] / d.numpy()[..., None] - book).argmin(-1)] * d.numpy()
+
+    def err(w_hat):
+        return float(np.square(held_out @ (w - w_hat).T).mean())
+
+    assert err(blocks.dequantize()) < 0.7 * err(nearest)
