@@ -96,7 +96,7 @@ COPY plan ./plan
 # it), with CMAKE_ARGS above (GGML_CUDA); the linker flag lets its tools link against the CUDA
 # driver stub, since no driver is mounted during docker build.
 ARG LLAMA_CPP_VERSION=0.3.36
-RUN python3 -m pip download --no-cache-dir --no-deps --no-binary :all: \
+RUN python3 -m pip download --no-cache-dir --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==${LLAMA_CPP_VERSION}" -d /tmp/llama \
     && python3 runtime/llama_source.py \
         "/tmp/llama/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz" /tmp/llama \

@@ -52,7 +52,7 @@ $(BIN)/python:
 # (12-18 min on 2 cores with every CPU variant)
 $(WHEELHOUSE)/.built: | $(BIN)/python
 	rm -rf $(WHEELHOUSE)/src && mkdir -p $(WHEELHOUSE)/src
-	$(BIN)/python -m pip download -q --no-deps --no-binary :all: \
+	$(BIN)/python -m pip download -q --no-deps --no-binary llama-cpp-python \
 	  "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d $(WHEELHOUSE)/src
 	$(BIN)/python runtime/llama_source.py \
 	  $(WHEELHOUSE)/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz $(WHEELHOUSE)/src

@@ -42,7 +42,10 @@ FIX = (
 
 def order_from_rows(rows: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
     """Which order llama.cpp's ``rows`` show against PyTorch's ``ref`` (the model's visual
-    tokens, class token dropped): ``first``, ``shifted`` or ``unknown``, with both cosines."""
+    tokens, class token dropped): ``first``, ``shifted`` or ``unknown``, with both cosines
+    (``unknown`` with none when llama.cpp returns another number of rows)."""
+    if rows.shape != ref.shape:
+        return {"order": UNKNOWN, "cosine_in_place": float("nan"), "cosine_shifted": float("nan")}
     in_place = compare(rows, ref)["cosine_min"]
     shifted = compare(rows[:-1], ref[1:])["cosine_min"]
     if in_place >= SAME:

@@ -58,8 +58,8 @@ def type_lines(components: dict, precision: str) -> list[str]:
         if asked is not None and asked < 0.5:
             fell = part.get("fallbacks", {})
             lines.append(
-                f"  [yellow]! {precision}: only {100 * asked:.0f}% of the weights are of its "
-                f"types; {fell.get('count', 0)} matrices fell back ({fell.get('reason', '')})"
+                f"  [yellow]! {precision}: only {100 * asked:.0f}% of the weights quantized as "
+                f"asked; {fell.get('count', 0)} matrices fell back ({fell.get('reason', '')})"
                 "[/yellow]"
             )
     return lines

@@ -472,6 +472,6 @@ def test_the_summary_says_when_most_weights_fell_back():
     }  # fmt: skip
     first, warning = type_lines(components, "q4_k_m")
     assert first.strip() == "language model weights: Q5_0 83%, Q8_0 17%"
-    assert "q4_k_m: only 0% of the weights are of its types; 210 matrices fell back" in warning
+    assert "q4_k_m: only 0% of the weights quantized as asked; 210 matrices fell back" in warning
     components["language_model"]["share_as_asked"] = 0.9
     assert len(type_lines(components, "q4_k_m")) == 1
