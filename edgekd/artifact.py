@@ -122,9 +122,9 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def preprocessing(vlm) -> dict[str, Any]:
-    """Tokenizer, chat template and image preprocessing a runtime needs to drive the artifact."""
-    ip = vlm.processor.image_processor
+def image_size(ip) -> tuple[int, int, int | None]:
+    """``(height, width, shortest)`` of the images an image processor hands the tower;
+    ``shortest``: the edge it resizes to before a centre crop (CLIP), else None."""
     size, shortest = ip.size, None
     if "height" in size:
         height, width = size["height"], size["width"]
@@ -134,6 +134,13 @@ def preprocessing(vlm) -> dict[str, Any]:
         height, width = crop["height"], crop["width"]
     else:
         height = width = size["shortest_edge"]
+    return int(height), int(width), shortest
+
+
+def preprocessing(vlm) -> dict[str, Any]:
+    """Tokenizer, chat template and image preprocessing a runtime needs to drive the artifact."""
+    ip = vlm.processor.image_processor
+    height, width, shortest = image_size(ip)
     template = getattr(vlm.processor, "chat_template", None) or vlm.tokenizer.chat_template
     return {
         "image_size": [int(height), int(width)],

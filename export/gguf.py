@@ -48,6 +48,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from edgekd import artifact
 from edgekd.export import gptq
 from edgekd.export.base import ExportConfig, ExportError, Registered
 from edgekd.export.family import family_problems, gguf_drop_rows, text_arch, vision_arch
@@ -105,12 +106,29 @@ def config_problems(vlm, precision: str, options: dict[str, Any]) -> list[str]:
                 f"model has matrices {odd} inputs wide (use q8_0, f16 or f32)"
             )
     problems += family_problems(cfg, "gguf")
+    problems += _size_problems(vlm)
     try:
         feature_layers(vlm)
     except ExportError as e:
         problems.append(str(e))
     problems.extend(tokenizer_problems(vlm.tokenizer))
     return problems
+
+
+def _size_problems(vlm) -> list[str]:
+    """clip.cpp encodes at the mmproj's image size with the stored position table; a tower
+    whose processor feeds another size (transformers resamples the table per call) has no
+    exact mmproj."""
+    vc = vlm.config.vision_config
+    size = artifact.image_size(vlm.processor.image_processor)[:2]
+    if list(size) == [vc.image_size, vc.image_size]:
+        return []
+    return [
+        f"the processor makes {size[0]}x{size[1]} images but the vision tower's image_size is "
+        f"{vc.image_size} (transformers resamples its position table per call, clip.cpp "
+        f"cannot): re-assemble it at --image-size {size[0]} (edgekd models assemble), or "
+        "export with --target onnx"
+    ]
 
 
 def _number_problems(options: dict[str, Any], kinds: dict[str, type]) -> list[str]:

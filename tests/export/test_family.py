@@ -348,3 +348,16 @@ def test_what_clips_llava_graph_cannot_run_of_a_dinov2_is_refused(dinov2, checkp
     _, clip = checkpoint("clip", "qwen2", "full")
     assert any("'full' selection" in p for p in family_problems(clip.config, "gguf"))
     assert family_problems(clip.config, "onnx") == []
+
+
+def test_a_tower_fed_another_size_than_its_own_is_refused_for_gguf(dinov2, tmp_path):
+    """A processor at 64 px before a tower whose table is for 32 px: transformers resamples
+    the table per call, clip.cpp cannot; refused in one line, naming the fix."""
+    from edgekd.export.gguf import config_problems
+    from edgekd.models import VLM
+
+    vlm = VLM.from_pretrained(dinov2)
+    assert config_problems(vlm, "f16", {}) == []
+    vlm.config.vision_config.image_size = 64
+    (problem,) = config_problems(vlm, "f16", {})
+    assert "tower's image_size is 64" in problem and "--image-size 32" in problem

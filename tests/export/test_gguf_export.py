@@ -450,6 +450,7 @@ def test_q4_0_refuses_matrices_that_are_not_whole_blocks(tiny_vlm):
     odd = SimpleNamespace(
         config=tiny_vlm.config,
         tokenizer=tiny_vlm.tokenizer,
+        processor=tiny_vlm.processor,
         model=SimpleNamespace(model=SimpleNamespace(language_model=torch.nn.Linear(40, 8))),
     )
     problems = config_problems(odd, "q4_0", {})
