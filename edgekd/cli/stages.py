@@ -134,7 +134,7 @@ def distill(
     Multi-GPU: launch this command with torchrun or accelerate launch; the recipe's
     distributed.strategy (ddp, fsdp, deepspeed-zero3) configures the parallelism.
     """
-    from edgekd.distill.run import DistillJob, run
+    from edgekd.distill.run import DistillJob, leave_launched_process, run
 
     given = locals()
     overrides = {key: given[flag] for flag, key in RECIPE_FLAGS.items() if given[flag] is not None}
@@ -161,6 +161,7 @@ def distill(
         f"[green]✓[/green] {summary['method']}: {summary['global_step']} steps, "
         f"student saved to {summary['model']}"
     )
+    leave_launched_process()  # under torchrun/accelerate: no teardown abort after the save
 
 
 @app.command()

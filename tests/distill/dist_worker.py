@@ -87,7 +87,7 @@ def describe(trainer) -> dict:
 
 def main() -> None:
     from edgekd.distill import trainer as trainer_module
-    from edgekd.distill.run import DistillJob, run
+    from edgekd.distill.run import DistillJob, leave_launched_process, run
 
     fields, out = json.loads(sys.argv[1]), sys.argv[2]
     strategy = fields.get("overrides", {}).get("distributed.strategy")
@@ -110,6 +110,7 @@ def main() -> None:
     record["first"] = describe(trainers[-1])
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump(record, f)
+    leave_launched_process()  # as `edgekd distill` ends a launched process
 
 
 if __name__ == "__main__":

@@ -245,3 +245,27 @@ def test_the_student_keeps_no_hook_of_the_run(job_factory):
     distill_run.run()
     projector = distill_run.student.model.model.multi_modal_projector
     assert not projector._forward_pre_hooks
+
+
+@pytest.mark.parametrize("world", [None, "2"])
+def test_a_launched_process_ends_without_finalisation_once_saved(world):
+    """Under torchrun/accelerate (WORLD_SIZE > 1) `edgekd distill` ends its process with the
+    code given, its output flushed, skipping interpreter teardown (where gloo/DeepSpeed threads
+    can abort a saved run); a plain process carries on."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world:
+        env["WORLD_SIZE"] = world
+    code = (
+        "import sys; from edgekd.distill.run import leave_launched_process\n"
+        "print('saved'); sys.stdout.write('buffered'); leave_launched_process(3)\n"
+        "print(' carried on')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if world:
+        assert (run.returncode, run.stdout) == (3, "saved\nbuffered")
+    else:
+        assert (run.returncode, run.stdout) == (0, "saved\nbuffered carried on\n")
