@@ -64,10 +64,26 @@ def library() -> Path:
     return Path(mtmd._libmtmd._name).resolve()
 
 
-@functools.lru_cache(maxsize=4)
-def _measure(key: tuple[str, int, int]) -> dict[str, Any]:
+def rows_and_reference(vlm, folder: Path, image: np.ndarray, n_threads=None):
+    """``vlm`` written as f32 GGUF files in ``folder``: llama.cpp's visual rows of ``image``
+    (uint8 HxWx3, through edgekd's backend) and PyTorch's projected features of it."""
     import torch
 
+    write_lm(vlm, folder / "model.gguf", "f32")
+    write_mmproj(vlm, folder / "mmproj.gguf", "f32")
+    backend = open_backend(vlm, folder, n_threads=n_threads)
+    try:
+        rows, _ = backend.session.encode_image(image)
+    finally:
+        backend.close()
+    pixels = vlm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = vlm.project(vlm.vision_features(pixels))[0].numpy()
+    return rows, ref
+
+
+@functools.lru_cache(maxsize=4)
+def _measure(key: tuple[str, int, int]) -> dict[str, Any]:
     from edgekd.models import build_vlm, train_tokenizer
 
     vlm = build_vlm(
@@ -75,16 +91,7 @@ def _measure(key: tuple[str, int, int]) -> dict[str, Any]:
     )
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
     with tempfile.TemporaryDirectory(prefix="edgekd-probe-") as folder:
-        write_lm(vlm, Path(folder) / "model.gguf", "f32")
-        write_mmproj(vlm, Path(folder) / "mmproj.gguf", "f32")
-        backend = open_backend(vlm, Path(folder), n_threads=1)
-        try:
-            rows, _ = backend.session.encode_image(image)
-        finally:
-            backend.close()
-    pixels = vlm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        ref = vlm.project(vlm.vision_features(pixels))[0].numpy()
+        rows, ref = rows_and_reference(vlm, Path(folder), image, n_threads=1)
     return {**order_from_rows(rows, ref), "library": key[0]}
 
 

@@ -66,20 +66,7 @@ def spm_tokenizer(space_prefix: bool = True):
 def mmproj_rows_and_reference(vlm, folder: Path):
     """``vlm`` written as f32 GGUF files in ``folder``: llama.cpp's visual rows of one random
     64 px image (through edgekd's backend) and PyTorch's projected features of it."""
-    import torch
+    from edgekd.export.gguf_probe import rows_and_reference
 
-    from edgekd.export.gguf_validate import open_backend
-    from edgekd.export.gguf_write import write_lm, write_mmproj
-
-    write_lm(vlm, folder / "model.gguf", "f32")
-    write_mmproj(vlm, folder / "mmproj.gguf", "f32")
-    backend = open_backend(vlm, folder)
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
-    try:
-        rows, _ = backend.session.encode_image(image)
-    finally:
-        backend.close()
-    pixels = vlm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        ref = vlm.project(vlm.vision_features(pixels))[0].numpy()
-    return rows, ref
+    return rows_and_reference(vlm, folder, image)
