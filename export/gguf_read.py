@@ -47,6 +47,7 @@ def quant_report(table: dict[str, dict[str, Any]], precision: str) -> dict[str, 
             (fallbacks if info["shape"][0] % q.block else kept)[name] = entry
         if info["type"] in ("F32", "F16", "BF16") and "BF16" not in q.types:
             unquantized.append(name)
+    sizes = _matrix_sizes(table)
     report = {
         "tensor_types": {n: i["type"] for n, i in table.items()},
         "type_counts": counts,
@@ -61,24 +62,26 @@ def quant_report(table: dict[str, dict[str, Any]], precision: str) -> dict[str, 
         }
         report["unquantized_matrices"] = unquantized
         report["kept_higher"] = kept
+        # the weights not in a fallback (edgekd's own Q8_0 tables count as asked)
+        fell = sum(sizes[n] for n in fallbacks)
+        report["share_as_asked"] = round(1 - fell / (sum(sizes.values()) or 1), 4)
     if tables:
         report["q8_0_tables"] = [n for n in tables if n in table]
-    if q is not None:  # the weights not in a fallback (edgekd's own Q8_0 tables count as asked)
-        size = {n: int(np.prod(i["shape"])) for n, i in table.items() if len(i["shape"]) >= 2}
-        fell = sum(size[n] for n in fallbacks)
-        report["share_as_asked"] = round(1 - fell / (sum(size.values()) or 1), 4)
     return report
 
 
+def _matrix_sizes(table: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Elements of each weight matrix (tensors of 2 dimensions or more)."""
+    return {n: int(np.prod(i["shape"])) for n, i in table.items() if len(i["shape"]) >= 2}
+
+
 def weight_share(table: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The share of the weight matrices' elements (tensors of 2 dimensions or more) stored in
-    each type, largest first."""
-    sizes: dict[str, int] = {}
-    for info in table.values():
-        if len(info["shape"]) >= 2:
-            sizes[info["type"]] = sizes.get(info["type"], 0) + int(np.prod(info["shape"]))
-    total = sum(sizes.values()) or 1
-    return {t: round(n / total, 4) for t, n in sorted(sizes.items(), key=lambda kv: -kv[1])}
+    """The share of the weight matrices' elements stored in each type, largest first."""
+    by_type: dict[str, int] = {}
+    for name, n in _matrix_sizes(table).items():
+        by_type[table[name]["type"]] = by_type.get(table[name]["type"], 0) + n
+    total = sum(by_type.values()) or 1
+    return {t: round(n / total, 4) for t, n in sorted(by_type.items(), key=lambda kv: -kv[1])}
 
 
 def check_written(path: Path, expected: dict[str, np.ndarray], what: str) -> dict[str, Any]:
