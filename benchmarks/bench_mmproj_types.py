@@ -65,15 +65,12 @@ def rewrite(src: Path, dst: Path, kind: str) -> int:
         shape = [int(x) for x in reversed(t.shape)]
         a = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(shape), np.float32)
         linear = a.ndim == 2 and ("attn_" in t.name or "ffn_" in t.name or t.name.startswith("mm."))
-        if linear and a.shape[-1] % 32 == 0 and kind != "f16":
+        if linear and a.shape[-1] % 32 == 0:
             converted += 1
-            if kind == "f32":
-                writer.add_tensor(t.name, a)
-            else:
+            if kind in qtype:
                 writer.add_tensor(t.name, quantize(a, qtype[kind]), raw_dtype=qtype[kind])
-        elif linear and kind == "f16":
-            converted += 1
-            writer.add_tensor(t.name, a.astype(np.float16))
+            else:
+                writer.add_tensor(t.name, a.astype(np.float16 if kind == "f16" else np.float32))
         else:  # as it was (norms, biases, embeddings, the patch convolution)
             keep = t.tensor_type == gguf.GGMLQuantizationType.F16
             writer.add_tensor(t.name, a.astype(np.float16) if keep else a)
